@@ -1,0 +1,98 @@
+use std::path::PathBuf;
+
+use abridge_schemas::SchemaError;
+use arrow::error::ArrowError;
+use datafusion::error::DataFusionError;
+use parquet::errors::ParquetError;
+
+/// Errors of building or running an operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OperatorError {
+    /// The input's columns do not fit the job's column mapping.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The input path names nothing readable.
+    #[error("input {path}: {reason}")]
+    InputNotFound {
+        /// The path, folder or glob as given.
+        path: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A file that should be Parquet cannot be read as Parquet (truncated, corrupt, other format).
+    #[error("{}: not a readable Parquet file: {source}", path.display())]
+    CorruptParquet {
+        /// The file.
+        path: PathBuf,
+        /// What the Parquet reader said.
+        source: ParquetError,
+    },
+    /// The input files' schemas cannot be read or merged.
+    #[error("input {path}: {source}")]
+    InputSchema {
+        /// The path, folder or glob as given.
+        path: String,
+        /// What DataFusion said.
+        source: DataFusionError,
+    },
+    /// The job's `input.where` clause does not parse or does not fit the input's columns.
+    #[error("input.where `{clause}`: {source}")]
+    Where {
+        /// The clause as written.
+        clause: String,
+        /// What DataFusion said.
+        source: DataFusionError,
+    },
+    /// A filesystem operation on an output file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// Reading an input file failed part-way (corrupt pages, I/O error).
+    #[error("{}: {source}", path.display())]
+    ReadFailed {
+        /// The file.
+        path: PathBuf,
+        /// What DataFusion said.
+        source: DataFusionError,
+    },
+    /// An Arrow compute kernel failed.
+    #[error(transparent)]
+    Arrow(#[from] ArrowError),
+    /// Writing Parquet failed.
+    #[error(transparent)]
+    Parquet(#[from] ParquetError),
+    /// DataFusion failed while planning or running a scan.
+    #[error(transparent)]
+    DataFusion(DataFusionError),
+    /// A stage's worker thread went away without an answer (it panicked or was cancelled).
+    #[error("{0} worker stopped unexpectedly")]
+    WorkerGone(&'static str),
+}
+
+/// Operator errors travel through DataFusion streams wrapped as `External`; unwrap them on
+/// the way out so that callers see the original, file-naming error.
+impl From<DataFusionError> for OperatorError {
+    fn from(err: DataFusionError) -> Self {
+        match err {
+            DataFusionError::External(inner) => match inner.downcast::<OperatorError>() {
+                Ok(op) => *op,
+                Err(other) => OperatorError::DataFusion(DataFusionError::External(other)),
+            },
+            other => OperatorError::DataFusion(other),
+        }
+    }
+}
+
+impl From<OperatorError> for DataFusionError {
+    fn from(err: OperatorError) -> Self {
+        match err {
+            OperatorError::DataFusion(inner) => inner,
+            other => DataFusionError::External(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! abridge's pipeline stages, one module each (DESIGN.md): every stage is an [`Operator`]
+//! that turns a stream of Arrow `RecordBatch`es into another.
+//!
+//! Data enters through [`scan::ParquetScan`] (DataFusion reading the user's Parquet) and
+//! leaves through [`sink::ParquetSink`] (the run's output files). Operators know nothing of
+//! job files or the CLI: the pipeline crate builds them from its configuration, wires them
+//! with bounded channels and reads their [`OperatorMetrics`].
+
+pub mod dedup;
+mod error;
+mod metrics;
+pub mod normalize;
+mod operator;
+pub mod scan;
+pub mod sink;
+
+pub use error::OperatorError;
+pub use metrics::{MetricsSnapshot, OperatorMetrics};
+pub use operator::{BatchTransform, Operator, map_batches};
+
+/// DataFusion's stream of record batches: what every operator consumes and produces.
+pub use datafusion::execution::SendableRecordBatchStream;

@@ -1,0 +1,75 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Live counters of one operator, shared between the operator and whoever reports progress.
+/// Cloning gives another handle on the same counters.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorMetrics(Arc<Counters>);
+
+#[derive(Debug, Default)]
+struct Counters {
+    rows_in: AtomicU64,
+    rows_out: AtomicU64,
+    rows_failed: AtomicU64,
+    rows_dropped: AtomicU64,
+    busy_nanos: AtomicU64,
+}
+
+/// A point-in-time copy of an operator's counters, as printed in run summaries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricsSnapshot {
+    /// Rows received.
+    pub rows_in: u64,
+    /// Rows passed on (failed rows included: they flow on with their `error`).
+    pub rows_out: u64,
+    /// Rows that this operator marked as failed.
+    pub rows_failed: u64,
+    /// Rows removed from the stream on purpose (e.g. duplicates).
+    pub rows_dropped: u64,
+    /// Time spent inside the operator's own work, in milliseconds.
+    pub busy_ms: u64,
+}
+
+impl OperatorMetrics {
+    /// Counts rows received.
+    pub fn add_in(&self, rows: usize) {
+        self.0.rows_in.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Counts rows passed on.
+    pub fn add_out(&self, rows: usize) {
+        self.0.rows_out.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Counts rows marked as failed.
+    pub fn add_failed(&self, rows: usize) {
+        self.0.rows_failed.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Counts rows removed on purpose.
+    pub fn add_dropped(&self, rows: usize) {
+        self.0
+            .rows_dropped
+            .fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Adds time spent working.
+    pub fn add_busy(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.0.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            rows_in: self.0.rows_in.load(Ordering::Relaxed),
+            rows_out: self.0.rows_out.load(Ordering::Relaxed),
+            rows_failed: self.0.rows_failed.load(Ordering::Relaxed),
+            rows_dropped: self.0.rows_dropped.load(Ordering::Relaxed),
+            busy_ms: self.0.busy_nanos.load(Ordering::Relaxed) / 1_000_000,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::StreamExt;
+
+use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
+
+/// A pipeline stage: a stream of record batches in, a stream out.
+///
+/// The contract is DataFusion's: the output schema is known when the operator is built
+/// (from its input schema), no work happens before the returned stream is first polled,
+/// and failures of the whole stream travel as stream items. Failures of single rows do
+/// not: such rows flow on with the reason in their `error` column.
+pub trait Operator: Send + Sync {
+    /// A short name for logs and run summaries (`normalize`, `dedup`, ...).
+    fn name(&self) -> &'static str;
+
+    /// The schema of every batch the output stream yields.
+    fn schema(&self) -> SchemaRef;
+
+    /// Wraps `input`; `metrics` receives this operator's counts as batches pass.
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        metrics: OperatorMetrics,
+    ) -> Result<SendableRecordBatchStream, OperatorError>;
+}
+
+/// The simplest kind of stage: each output batch depends on one input batch alone.
+/// [`map_batches`] turns one into a stream; most stages should be this.
+pub trait BatchTransform: Send + Sync + 'static {
+    /// The schema of every batch [`BatchTransform::transform`] returns.
+    fn schema(&self) -> SchemaRef;
+
+    /// Transforms one batch, counting failed or dropped rows in `metrics`.
+    fn transform(
+        &self,
+        batch: RecordBatch,
+        metrics: &OperatorMetrics,
+    ) -> Result<RecordBatch, OperatorError>;
+}
+
+/// Applies `transform` to every batch of `input`, counting rows and time in `metrics`.
+pub fn map_batches<T: BatchTransform>(
+    transform: Arc<T>,
+    input: SendableRecordBatchStream,
+    metrics: OperatorMetrics,
+) -> SendableRecordBatchStream {
+    let schema = transform.schema();
+    let stream = input.map(move |batch| {
+        let batch = batch?;
+        metrics.add_in(batch.num_rows());
+        let started = Instant::now();
+        let out = transform.transform(batch, &metrics);
+        metrics.add_busy(started.elapsed());
+        let out = out?;
+        metrics.add_out(out.num_rows());
+        Ok(out)
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+}

@@ -1,0 +1,228 @@
+//! `sink`: writes a run's rows as Parquet files in the run's folder.
+//!
+//! Each file is written under a hidden temporary name, flushed to disk and only then
+//! renamed to `part-NNNNN.parquet`; a reader listing the folder sees whole files or none,
+//! and a failure part-way leaves every finished file intact. Encoding and compression are
+//! CPU work, so they run on a blocking thread fed by a bounded channel.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use abridge_schemas::output::{self, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use arrow::array::{ArrayRef, StringArray};
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use futures::StreamExt;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use tokio::sync::mpsc;
+
+use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
+
+/// Where and how to write one run's rows.
+#[derive(Debug, Clone)]
+pub struct ParquetSink {
+    /// The run's folder (created if missing).
+    pub dir: PathBuf,
+    /// Written into every row's `run_id` column.
+    pub run_id: String,
+    /// Start a new file after this many rows.
+    pub rows_per_file: usize,
+    /// Rows per Parquet row group; bounds the writer's memory.
+    pub row_group_rows: usize,
+}
+
+/// What a sink wrote.
+#[derive(Debug, Clone, Default)]
+pub struct SinkReport {
+    /// The finished files, in order.
+    pub files: Vec<PathBuf>,
+    /// Rows in them.
+    pub rows: u64,
+}
+
+impl ParquetSink {
+    /// The schema of the written files: `run_id`, then the input's columns.
+    pub fn output_schema(input: &Schema) -> SchemaRef {
+        let mut fields = vec![Arc::new(output::run_id_field())];
+        fields.extend(input.fields().iter().cloned());
+        let metadata =
+            HashMap::from([(SCHEMA_VERSION_KEY.to_string(), SCHEMA_VERSION.to_string())]);
+        Arc::new(Schema::new_with_metadata(fields, metadata))
+    }
+
+    /// Writes every batch of `input`; returns once all files are closed and renamed.
+    pub async fn write(
+        self,
+        mut input: SendableRecordBatchStream,
+        metrics: OperatorMetrics,
+    ) -> Result<SinkReport, OperatorError> {
+        let schema = Self::output_schema(&input.schema());
+        let (tx, mut rx) = mpsc::channel::<RecordBatch>(2);
+        let writer_metrics = metrics.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut files = RunFiles::new(self, schema)?;
+            while let Some(batch) = rx.blocking_recv() {
+                let started = Instant::now();
+                files.write(&batch)?;
+                writer_metrics.add_busy(started.elapsed());
+                writer_metrics.add_out(batch.num_rows());
+            }
+            files.finish()
+        });
+
+        let mut upstream_error = None;
+        while let Some(batch) = input.next().await {
+            match batch {
+                Ok(batch) => {
+                    metrics.add_in(batch.num_rows());
+                    if tx.send(batch).await.is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                }
+                Err(err) => {
+                    upstream_error = Some(err);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|_| OperatorError::WorkerGone("sink"))?;
+        match upstream_error {
+            // Finished files stay; the run's manifest says the run did not complete.
+            Some(err) => Err(err.into()),
+            None => written,
+        }
+    }
+}
+
+/// The files of one run being written, one open at a time.
+struct RunFiles {
+    sink: ParquetSink,
+    schema: SchemaRef,
+    properties: WriterProperties,
+    current: Option<OpenFile>,
+    report: SinkReport,
+}
+
+struct OpenFile {
+    writer: ArrowWriter<File>,
+    temp: PathBuf,
+    path: PathBuf,
+    rows: usize,
+}
+
+impl RunFiles {
+    fn new(sink: ParquetSink, schema: SchemaRef) -> Result<Self, OperatorError> {
+        std::fs::create_dir_all(&sink.dir).map_err(|source| OperatorError::Io {
+            path: sink.dir.clone(),
+            source,
+        })?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+            .set_max_row_group_row_count(Some(sink.row_group_rows.max(1)))
+            .set_created_by(format!("abridge {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(Self {
+            sink,
+            schema,
+            properties,
+            current: None,
+            report: SinkReport::default(),
+        })
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let file = match self.current.as_mut() {
+                Some(file) => file,
+                None => self.current.insert(self.open()?),
+            };
+            let room = self.sink.rows_per_file.max(1) - file.rows;
+            let take = room.min(batch.num_rows() - offset);
+            let slice = batch.slice(offset, take);
+            let run_id: ArrayRef =
+                Arc::new(StringArray::from(vec![self.sink.run_id.as_str(); take]));
+            let mut columns = vec![run_id];
+            columns.extend(slice.columns().iter().cloned());
+            file.writer
+                .write(&RecordBatch::try_new(Arc::clone(&self.schema), columns)?)?;
+            file.rows += take;
+            offset += take;
+            if file.rows >= self.sink.rows_per_file {
+                self.close()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open(&self) -> Result<OpenFile, OperatorError> {
+        let index = self.report.files.len();
+        let path = self.sink.dir.join(format!("part-{index:05}.parquet"));
+        let temp = self
+            .sink
+            .dir
+            .join(format!(".part-{index:05}.parquet.inprogress"));
+        let handle = File::create(&temp).map_err(|source| OperatorError::Io {
+            path: temp.clone(),
+            source,
+        })?;
+        let writer = ArrowWriter::try_new(
+            handle,
+            Arc::clone(&self.schema),
+            Some(self.properties.clone()),
+        )?;
+        Ok(OpenFile {
+            writer,
+            temp,
+            path,
+            rows: 0,
+        })
+    }
+
+    fn close(&mut self) -> Result<(), OperatorError> {
+        let Some(file) = self.current.take() else {
+            return Ok(());
+        };
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OperatorError::Io { path, source }
+        };
+        let handle = file.writer.into_inner()?;
+        handle.sync_all().map_err(io(&file.temp))?;
+        drop(handle);
+        std::fs::rename(&file.temp, &file.path).map_err(io(&file.path))?;
+        File::open(&self.sink.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.sink.dir))?;
+        self.report.rows += file.rows as u64;
+        self.report.files.push(file.path);
+        Ok(())
+    }
+
+    /// Closes the last file. A run without rows still gets one (empty) file, so that its
+    /// partition has a schema that SQL can query.
+    fn finish(mut self) -> Result<SinkReport, OperatorError> {
+        if self.current.is_none() && self.report.files.is_empty() {
+            self.current = Some(self.open()?);
+        }
+        self.close()?;
+        Ok(std::mem::take(&mut self.report))
+    }
+}
+
+impl Drop for RunFiles {
+    fn drop(&mut self) {
+        // A file still open here was abandoned by an error: remove its partial bytes.
+        if let Some(file) = self.current.take() {
+            let _ = std::fs::remove_file(&file.temp);
+        }
+    }
+}

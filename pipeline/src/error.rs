@@ -1,0 +1,92 @@
+use std::path::PathBuf;
+
+use abridge_operators::OperatorError;
+use datafusion::error::DataFusionError;
+
+use crate::job::JobError;
+
+/// Why a command failed, and whose move it is (see [`PipelineError::exit_code`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The job file or an override is wrong.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// The job does not fit its input (mapping, types, `where` clause).
+    #[error("job {job}: {source}")]
+    JobDoesNotFitInput {
+        /// The job file.
+        job: PathBuf,
+        /// What did not fit.
+        source: Box<OperatorError>,
+    },
+    /// The input cannot be read (missing, unreadable or corrupt files).
+    #[error("job {job}: {source}")]
+    Input {
+        /// The job file.
+        job: PathBuf,
+        /// What went wrong.
+        source: Box<OperatorError>,
+    },
+    /// The run started and then failed; files already finished are intact.
+    #[error("run {run_id} failed (finished files kept in {}): {source}", run_dir.display())]
+    RunFailed {
+        /// The run's id.
+        run_id: String,
+        /// The run's folder.
+        run_dir: PathBuf,
+        /// Why.
+        source: Box<OperatorError>,
+    },
+    /// The run was interrupted (Ctrl-C); finished files are intact.
+    #[error("run {run_id} interrupted (finished files kept in {})", run_dir.display())]
+    Interrupted {
+        /// The run's id.
+        run_id: String,
+        /// The run's folder.
+        run_dir: PathBuf,
+    },
+    /// A filesystem operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// An `abridge sql` statement would write or change something.
+    #[error("abridge sql is read-only: {0}")]
+    ReadOnly(String),
+    /// A `--table` argument or the default tables cannot be registered.
+    #[error("{0}")]
+    Tables(String),
+    /// DataFusion failed planning or running a query.
+    #[error(transparent)]
+    DataFusion(Box<DataFusionError>),
+    /// Formatting or writing query results failed.
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// Writing Parquet failed.
+    #[error(transparent)]
+    Parquet(#[from] parquet::errors::ParquetError),
+}
+
+impl From<DataFusionError> for PipelineError {
+    fn from(err: DataFusionError) -> Self {
+        PipelineError::DataFusion(Box::new(err))
+    }
+}
+
+impl PipelineError {
+    /// 2 for what the user must fix in how abridge was called (flags, job file, SQL),
+    /// 1 for a job that failed on its data or environment.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PipelineError::Job(_)
+            | PipelineError::JobDoesNotFitInput { .. }
+            | PipelineError::ReadOnly(_)
+            | PipelineError::Tables(_) => 2,
+            _ => 1,
+        }
+    }
+}

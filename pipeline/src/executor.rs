@@ -1,0 +1,292 @@
+//! The streaming executor: a job's stages wired with bounded channels.
+//!
+//! Each stage runs on its own task and hands batches to the next through a channel of
+//! `run.channel_capacity` batches: back-pressure from the slowest stage (the models, once
+//! they exist) is what keeps memory flat whatever the input size.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use abridge_operators::dedup::Deduplicate;
+use abridge_operators::normalize::Normalize;
+use abridge_operators::scan::{OpenScan, ParquetScan};
+use abridge_operators::sink::{ParquetSink, SinkReport};
+use abridge_operators::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
+use datafusion::physical_plan::stream::RecordBatchReceiverStream;
+use futures::StreamExt;
+
+use crate::error::PipelineError;
+use crate::job::Job;
+use crate::run::{self, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, StageSummary};
+
+/// Options of one run that are not part of the job.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Read at most this many input rows (after `input.where`).
+    pub limit: Option<usize>,
+}
+
+/// Live counters for a progress display.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Rows in the input files (before `where`), or the limit if lower: a ceiling for ETAs.
+    pub expected_rows: u64,
+    /// Rows read so far.
+    pub read: OperatorMetrics,
+    /// Rows written so far.
+    pub written: OperatorMetrics,
+}
+
+/// A run whose input is open and whose stages are built, so that every configuration
+/// error has been reported before anything is written.
+pub struct PreparedRun {
+    job: Job,
+    run_id: String,
+    run_dir: PathBuf,
+    scan: OpenScan,
+    stages: Vec<(Box<dyn Operator>, OperatorMetrics)>,
+    progress: Progress,
+}
+
+/// Opens the job's input and builds its stages.
+pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, PipelineError> {
+    let input = &job.config.input;
+    let scan = ParquetScan {
+        path: input.path.clone(),
+        where_clause: input.where_clause.clone(),
+        limit: options.limit,
+        batch_size: job.config.run.batch_size,
+    };
+    let read = OperatorMetrics::default();
+    let scan = scan
+        .open(read.clone())
+        .await
+        .map_err(|source| match source {
+            OperatorError::Where { .. } => PipelineError::JobDoesNotFitInput {
+                job: job.path.clone(),
+                source: Box::new(source),
+            },
+            source => PipelineError::Input {
+                job: job.path.clone(),
+                source: Box::new(source),
+            },
+        })?;
+    let doesnt_fit = |source| PipelineError::JobDoesNotFitInput {
+        job: job.path.clone(),
+        source: Box::new(source),
+    };
+    let normalize = Normalize::try_new(&input.columns, &scan.schema, &input.path, &input.drop)
+        .map_err(doesnt_fit)?;
+    let dedup = Deduplicate::try_new(normalize.schema()).map_err(doesnt_fit)?;
+    let stages: Vec<(Box<dyn Operator>, OperatorMetrics)> = vec![
+        (Box::new(normalize), OperatorMetrics::default()),
+        (Box::new(dedup), OperatorMetrics::default()),
+    ];
+
+    let run_id = run::new_run_id();
+    let run_dir = job
+        .config
+        .output
+        .path
+        .join(format!("{RUN_DIR_PREFIX}{run_id}"));
+    let expected_rows = match options.limit {
+        Some(limit) => scan.file_rows.min(limit as u64),
+        None => scan.file_rows,
+    };
+    Ok(PreparedRun {
+        job,
+        run_id,
+        run_dir,
+        scan,
+        stages,
+        progress: Progress {
+            expected_rows,
+            read,
+            written: OperatorMetrics::default(),
+        },
+    })
+}
+
+impl PreparedRun {
+    /// Counters to show progress from while [`PreparedRun::execute`] runs.
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
+    /// The run's id.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The folder the run writes.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Runs every stage to the end, records the job and the manifest beside the output,
+    /// and returns the manifest. Ctrl-C stops the run cleanly (finished files kept).
+    pub async fn execute(self) -> Result<RunManifest, PipelineError> {
+        let started = Instant::now();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PipelineError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.run_dir).map_err(io(&self.run_dir))?;
+        let record = self.run_dir.join(JOB_RECORD);
+        std::fs::write(&record, self.job.to_toml()).map_err(io(&record))?;
+        let mut manifest = RunManifest {
+            run_id: self.run_id.clone(),
+            job: self.job.name(),
+            status: RunStatus::Running,
+            abridge_version: env!("CARGO_PKG_VERSION").to_string(),
+            job_file: self.job.path.display().to_string(),
+            overrides: self.job.overrides.clone(),
+            started_at: now_rfc3339(),
+            finished_at: None,
+            elapsed_s: 0.0,
+            input_files: self
+                .scan
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect(),
+            rows_read: 0,
+            rows_written: 0,
+            rows_failed: 0,
+            duplicates_dropped: 0,
+            files: Vec::new(),
+            stages: Vec::new(),
+            error: None,
+        };
+        manifest.write(&self.run_dir).map_err(io(&self.run_dir))?;
+
+        let capacity = self.job.config.run.channel_capacity;
+        let chained = chain(self.scan.stream, &self.stages, capacity);
+        let sink = ParquetSink {
+            dir: self.run_dir.clone(),
+            run_id: self.run_id.clone(),
+            rows_per_file: self.job.config.output.rows_per_file,
+            row_group_rows: self.job.config.output.row_group_rows,
+        };
+        let outcome: Result<SinkReport, Option<OperatorError>> = match chained {
+            Err(err) => Err(Some(err)),
+            Ok(stream) => tokio::select! {
+                written = sink.write(stream, self.progress.written.clone()) => written.map_err(Some),
+                _ = tokio::signal::ctrl_c() => Err(None),
+            },
+        };
+
+        // Counts are final here: every stage task has finished or been dropped.
+        manifest.stages.push(StageSummary {
+            stage: "scan".into(),
+            metrics: self.progress.read.snapshot(),
+        });
+        for (stage, metrics) in &self.stages {
+            manifest.stages.push(StageSummary {
+                stage: stage.name().into(),
+                metrics: metrics.snapshot(),
+            });
+        }
+        manifest.stages.push(StageSummary {
+            stage: "sink".into(),
+            metrics: self.progress.written.snapshot(),
+        });
+        manifest.rows_read = self.progress.read.snapshot().rows_out;
+        manifest.rows_failed = self
+            .stages
+            .iter()
+            .map(|(_, m)| m.snapshot().rows_failed)
+            .sum();
+        manifest.duplicates_dropped = self
+            .stages
+            .iter()
+            .map(|(_, m)| m.snapshot().rows_dropped)
+            .sum();
+        manifest.finished_at = Some(now_rfc3339());
+        manifest.elapsed_s = started.elapsed().as_secs_f64();
+
+        let result = match outcome {
+            Ok(report) => {
+                manifest.status = RunStatus::Committed;
+                manifest.rows_written = report.rows;
+                manifest.files = report.files.iter().map(|f| file_name(f)).collect();
+                Ok(())
+            }
+            Err(cause) => {
+                manifest.status = RunStatus::Failed;
+                manifest.rows_written = self.progress.written.snapshot().rows_out;
+                manifest.files = finished_files(&self.run_dir);
+                Err(match cause {
+                    Some(source) => PipelineError::RunFailed {
+                        run_id: self.run_id.clone(),
+                        run_dir: self.run_dir.clone(),
+                        source: Box::new(source),
+                    },
+                    None => PipelineError::Interrupted {
+                        run_id: self.run_id.clone(),
+                        run_dir: self.run_dir.clone(),
+                    },
+                })
+            }
+        };
+        if let Err(err) = &result {
+            manifest.error = Some(err.to_string());
+        }
+        manifest.write(&self.run_dir).map_err(io(&self.run_dir))?;
+        result.map(|()| manifest)
+    }
+}
+
+/// Wires `stages` after `input`, each driven on its own task behind a bounded channel.
+fn chain(
+    input: SendableRecordBatchStream,
+    stages: &[(Box<dyn Operator>, OperatorMetrics)],
+    capacity: usize,
+) -> Result<SendableRecordBatchStream, OperatorError> {
+    let mut stream = bounded(input, capacity);
+    for (stage, metrics) in stages {
+        stream = bounded(stage.execute(stream, metrics.clone())?, capacity);
+    }
+    Ok(stream)
+}
+
+/// Drives `input` on its own task into a channel of `capacity` batches.
+fn bounded(mut input: SendableRecordBatchStream, capacity: usize) -> SendableRecordBatchStream {
+    let mut builder = RecordBatchReceiverStream::builder(input.schema(), capacity);
+    let tx = builder.tx();
+    builder.spawn(async move {
+        while let Some(batch) = input.next().await {
+            let failed = batch.is_err();
+            if tx.send(batch).await.is_err() || failed {
+                break; // downstream is gone, or the error has been passed on
+            }
+        }
+        Ok(())
+    });
+    builder.build()
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn finished_files(run_dir: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(run_dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| file_name(&e.path()))
+                .filter(|n| n.starts_with("part-") && n.ends_with(".parquet"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Fixed-width UTC timestamps, so that they sort as text.
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}

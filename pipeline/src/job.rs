@@ -1,0 +1,491 @@
+//! Job files: the whole truth of a run, in TOML.
+//!
+//! A job file is read, `--set key=value` overrides are applied to its TOML tree, and the
+//! result is checked against [`JobConfig`] (unknown keys and wrong types are errors that
+//! name the key). Relative paths in the file are relative to the file's folder; relative
+//! paths given with `--set` are relative to the current directory, as a user typing them
+//! expects. The resolved configuration is what gets recorded beside a run's output.
+
+use std::path::{Path, PathBuf};
+
+use abridge_schemas::ColumnMapping;
+use serde::{Deserialize, Serialize};
+
+/// Everything a run needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Name and description.
+    #[serde(default)]
+    pub job: JobMeta,
+    /// Where the tickets come from.
+    pub input: InputConfig,
+    /// Where the results go.
+    pub output: OutputConfig,
+    /// How the executor runs the stages.
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+/// `[job]`: what the job is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobMeta {
+    /// Shown in logs and recorded in run manifests. Default: the job file's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Free text for the people who maintain the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `[input]`: the Parquet tickets to read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// A Parquet file, a folder (every `*.parquet` below it) or a glob (`data/*.parquet`).
+    pub path: String,
+    /// Optional SQL condition over the input's own column names, pushed down into the
+    /// Parquet reader, e.g. `status = 'open' AND language = 'zh'`.
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
+    pub where_clause: Option<String>,
+    /// Which input column fills each ticket column (`id`, `text`, `title`, `created_at`,
+    /// `reference`, `topic`). Unset ones default to the column of the same name.
+    #[serde(default)]
+    pub columns: ColumnMapping,
+    /// Input columns not to carry into the output. Default: none (everything else is kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
+}
+
+/// `[output]`: the output table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Folder of the output table; each run writes its own `run_id=...` folder in it.
+    pub path: PathBuf,
+    /// Rows per Parquet file before a new one starts. Default: 100000.
+    #[serde(default = "default_rows_per_file")]
+    pub rows_per_file: usize,
+    /// Rows per Parquet row group; bounds the writer's memory. Default: 8192.
+    #[serde(default = "default_row_group_rows")]
+    pub row_group_rows: usize,
+}
+
+/// `[run]`: executor settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Rows per record batch read from the input. Default: 1024.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Batches buffered between two stages; with `batch_size` this bounds memory.
+    /// Default: 2.
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch_size(),
+            channel_capacity: default_channel_capacity(),
+        }
+    }
+}
+
+fn default_rows_per_file() -> usize {
+    100_000
+}
+fn default_row_group_rows() -> usize {
+    8192
+}
+fn default_batch_size() -> usize {
+    1024
+}
+fn default_channel_capacity() -> usize {
+    2
+}
+
+/// Keys whose values are filesystem paths, resolved against the job file's folder.
+const PATH_KEYS: [&str; 2] = ["input.path", "output.path"];
+
+/// Why a job file could not be used. All of these are the user's to fix (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    /// The job file cannot be read.
+    #[error("cannot read job file {}: {source}", path.display())]
+    Read {
+        /// The job file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The job file is not valid TOML.
+    #[error("job file {}: {source}", path.display())]
+    Syntax {
+        /// The job file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A `--set` argument is malformed or sets a key that cannot hold a value.
+    #[error("--set {arg}: {reason}")]
+    Override {
+        /// The argument as given.
+        arg: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key is unknown, missing, of the wrong type or out of range.
+    #[error("job file {}: key `{key}`: {message}", path.display())]
+    Invalid {
+        /// The job file.
+        path: PathBuf,
+        /// The dotted key (`input.columns.text`).
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A loaded job: its configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The resolved configuration.
+    pub config: JobConfig,
+    /// The job file.
+    pub path: PathBuf,
+    /// The `--set` overrides applied, as given.
+    pub overrides: Vec<String>,
+}
+
+impl Job {
+    /// Reads `path`, applies `overrides` (`key=value`), resolves relative paths and checks
+    /// every key.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_str(&text, path, overrides)
+    }
+
+    /// As [`Job::load`], with the file's text already read.
+    pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<Self, JobError> {
+        let mut tree: toml::Table = toml::from_str(text).map_err(|source| JobError::Syntax {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        resolve_paths(&mut tree, &base);
+
+        let cwd = std::env::current_dir().unwrap_or_default();
+        for arg in overrides {
+            let (key, value) = parse_override(arg)?;
+            let value = if PATH_KEYS.contains(&key.as_str()) {
+                match value {
+                    toml::Value::String(s) => toml::Value::String(absolute(&cwd, &s)),
+                    other => other,
+                }
+            } else {
+                value
+            };
+            set_key(&mut tree, &key, value).map_err(|reason| JobError::Override {
+                arg: arg.clone(),
+                reason,
+            })?;
+        }
+
+        let config: JobConfig = serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|err| JobError::Invalid {
+                path: path.to_path_buf(),
+                key: err.path().to_string(),
+                message: err.into_inner().to_string(),
+            })?;
+        config
+            .validate()
+            .map_err(|(key, message)| JobError::Invalid {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                message,
+            })?;
+        Ok(Self {
+            config,
+            path: path.to_path_buf(),
+            overrides: overrides.to_vec(),
+        })
+    }
+
+    /// The job's name: `[job].name`, or the job file's stem.
+    pub fn name(&self) -> String {
+        self.config.job.name.clone().unwrap_or_else(|| {
+            self.path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "job".into())
+        })
+    }
+
+    /// The resolved configuration as TOML, every default spelled out: the record of a run.
+    pub fn to_toml(&self) -> String {
+        let mut out = format!(
+            "# Resolved job for this run (defaults spelled out, paths absolute).\n# Source: {}\n",
+            self.path.display()
+        );
+        for o in &self.overrides {
+            out.push_str(&format!("# --set {o}\n"));
+        }
+        out.push_str(&toml::to_string_pretty(&self.config).unwrap_or_default());
+        out
+    }
+}
+
+impl JobConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let positive = [
+            ("output.rows_per_file", self.output.rows_per_file),
+            ("output.row_group_rows", self.output.row_group_rows),
+            ("run.batch_size", self.run.batch_size),
+            ("run.channel_capacity", self.run.channel_capacity),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        if self.input.path.trim().is_empty() {
+            return Err(("input.path", "must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+fn resolve_paths(tree: &mut toml::Table, base: &Path) {
+    for key in PATH_KEYS {
+        let mut parts = key.split('.');
+        let (Some(section), Some(field)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if let Some(toml::Value::String(value)) = tree
+            .get_mut(section)
+            .and_then(|s| s.as_table_mut())
+            .and_then(|s| s.get_mut(field))
+        {
+            *value = absolute(base, value);
+        }
+    }
+}
+
+fn absolute(base: &Path, path: &str) -> String {
+    if Path::new(path).is_absolute() {
+        return lexically_normal(Path::new(path)).display().to_string();
+    }
+    let base = if base.as_os_str().is_empty() {
+        std::env::current_dir().unwrap_or_default()
+    } else if base.is_relative() {
+        std::env::current_dir().unwrap_or_default().join(base)
+    } else {
+        base.to_path_buf()
+    };
+    lexically_normal(&base.join(path)).display().to_string()
+}
+
+/// Removes `.` and `..` components without touching the filesystem (the path may not
+/// exist yet), so that recorded and printed paths read well.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `key=value`: the value is read as TOML (`5`, `true`, `["a","b"]`, `"quoted"`) when it
+/// parses as such, and as a plain string otherwise, so `--set input.path=x.parquet` works
+/// without quotes.
+fn parse_override(arg: &str) -> Result<(String, toml::Value), JobError> {
+    let bad = |reason: &str| JobError::Override {
+        arg: arg.to_string(),
+        reason: reason.to_string(),
+    };
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| bad("expected key=value, e.g. input.path=tickets.parquet"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.trim().is_empty()) {
+        return Err(bad("the key must be dotted names, e.g. output.path"));
+    }
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    Ok((key.to_string(), value))
+}
+
+fn set_key(tree: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
+    let mut parts: Vec<&str> = key.split('.').map(str::trim).collect();
+    let last = parts.pop().unwrap_or_default();
+    let mut table = tree;
+    let mut walked = String::new();
+    for part in parts {
+        if !walked.is_empty() {
+            walked.push('.');
+        }
+        walked.push_str(part);
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{walked}` is a value, not a section"))?;
+    }
+    table.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[input]
+path = "data/t.parquet"
+[output]
+path = "/abs/out"
+"#;
+
+    fn load(text: &str, sets: &[&str]) -> Result<Job, JobError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Job::from_str(text, Path::new("/jobs/x.toml"), &sets)
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() -> Result<(), JobError> {
+        let job = load(MINIMAL, &[])?;
+        assert_eq!(job.config.input.path, "/jobs/data/t.parquet");
+        let up = load(MINIMAL, &["output.path=/a/./b/../c"])?;
+        assert_eq!(up.config.output.path, PathBuf::from("/a/c"));
+        assert_eq!(job.config.output.path, PathBuf::from("/abs/out"));
+        assert_eq!(job.config.run, RunConfig::default());
+        assert_eq!(job.config.output.rows_per_file, 100_000);
+        assert_eq!(job.name(), "x");
+        Ok(())
+    }
+
+    #[test]
+    fn overrides_set_any_key_with_typed_values() -> Result<(), JobError> {
+        let job = load(
+            MINIMAL,
+            &[
+                "input.columns.text=body",
+                "run.batch_size=64",
+                "input.where=status = 'open'",
+                "input.path=/other.parquet",
+                "job.name=\"nightly\"",
+            ],
+        )?;
+        assert_eq!(job.config.input.columns.text.as_deref(), Some("body"));
+        assert_eq!(job.config.run.batch_size, 64);
+        assert_eq!(
+            job.config.input.where_clause.as_deref(),
+            Some("status = 'open'")
+        );
+        assert_eq!(job.config.input.path, "/other.parquet");
+        assert_eq!(job.name(), "nightly");
+        Ok(())
+    }
+
+    #[test]
+    fn relative_override_paths_are_relative_to_cwd() -> Result<(), JobError> {
+        let job = load(MINIMAL, &["output.path=runs"])?;
+        let cwd = std::env::current_dir().unwrap_or_default();
+        assert_eq!(job.config.output.path, cwd.join("runs"));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load(&format!("{MINIMAL}\n[run]\nbatchsize = 3\n"), &[]).map(|_| ());
+        let msg = err.map_err(|e| e.to_string()).unwrap_err();
+        assert!(msg.contains("run.batchsize"), "{msg}");
+        assert!(msg.contains("/jobs/x.toml"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_mapping_key_from_override_is_named() {
+        let msg = load(MINIMAL, &["input.columns.txt=body"])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+        assert!(msg.contains("input.columns.txt"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let msg = load(MINIMAL, &["run.batch_size=lots"])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+        assert!(msg.contains("run.batch_size"), "{msg}");
+    }
+
+    #[test]
+    fn zero_is_rejected_where_it_makes_no_sense() {
+        let msg = load(MINIMAL, &["output.rows_per_file=0"])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+        assert!(msg.contains("output.rows_per_file"), "{msg}");
+    }
+
+    #[test]
+    fn missing_section_is_named() {
+        let msg = load("[input]\npath='x'\n", &[])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+        assert!(msg.contains("output"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let msg = load("[input\npath='x'\n", &[])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+        assert!(msg.contains("line 1"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_override_is_rejected() {
+        assert!(matches!(
+            load(MINIMAL, &["novalue"]),
+            Err(JobError::Override { .. })
+        ));
+        assert!(matches!(
+            load(MINIMAL, &["input.path.deeper=x"]),
+            Err(JobError::Override { .. })
+        ));
+    }
+
+    #[test]
+    fn resolved_job_round_trips() -> Result<(), JobError> {
+        let job = load(MINIMAL, &["input.columns.id=ticket_id"])?;
+        let text = job.to_toml();
+        let again = Job::from_str(&text, Path::new("/elsewhere/y.toml"), &[])?;
+        assert_eq!(again.config, job.config);
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! abridge's pipeline: job files, the streaming executor, and what the `abridge` CLI runs.
+//!
+//! A [`job::Job`] (TOML file plus `--set` overrides) is prepared into an
+//! [`executor::PreparedRun`]: the input is resolved and checked and every stage is built
+//! before anything is written. Executing it streams the input's record batches through
+//! the stages of `abridge-operators` into a new run folder of the output table
+//! ([`run`]). [`sql`] queries those tables; [`sample`] makes synthetic input.
+
+pub mod error;
+pub mod executor;
+pub mod job;
+pub mod progress;
+pub mod run;
+pub mod sample;
+pub mod sql;
+
+pub use error::PipelineError;

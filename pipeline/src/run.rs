@@ -1,0 +1,161 @@
+//! A run's folder and its manifest.
+//!
+//! Layout of an output table (`output.path`):
+//!
+//! ```text
+//! out/demo/
+//!   run_id=20261126T212000.123Z-3f2a/
+//!     _job.toml          the resolved job (every default spelled out)
+//!     _run.json          this manifest: status, counts, files, per-stage metrics
+//!     part-00000.parquet finished files (written as hidden temporaries, then renamed)
+//! ```
+//!
+//! Names starting with `_` or `.` are skipped by DataFusion, Spark and pyarrow readers,
+//! so pointing any of them at the table reads only data files.
+
+use std::path::{Path, PathBuf};
+
+use abridge_operators::MetricsSnapshot;
+use serde::{Deserialize, Serialize};
+
+/// The manifest's file name inside a run folder.
+pub const MANIFEST: &str = "_run.json";
+/// The recorded job's file name inside a run folder.
+pub const JOB_RECORD: &str = "_job.toml";
+/// Prefix of run folders, Hive-style so that readers can derive a `run_id` partition.
+pub const RUN_DIR_PREFIX: &str = "run_id=";
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Rows are being written (or the process died while they were).
+    Running,
+    /// Every row was written and every file is complete.
+    Committed,
+    /// The run stopped on an error; finished files are intact, the table is partial.
+    Failed,
+}
+
+/// Counts and timings of one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSummary {
+    /// The stage's name.
+    pub stage: String,
+    /// Its counters.
+    #[serde(flatten)]
+    pub metrics: MetricsSnapshot,
+}
+
+/// What a run did: written as `_run.json` and printed by `abridge run --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunManifest {
+    /// The run's id (also its folder's name after `run_id=`).
+    pub run_id: String,
+    /// The job's name.
+    pub job: String,
+    /// Where the run is in its life.
+    pub status: RunStatus,
+    /// The abridge version that wrote it.
+    pub abridge_version: String,
+    /// The job file.
+    pub job_file: String,
+    /// `--set` overrides, as given.
+    pub overrides: Vec<String>,
+    /// When it started (RFC 3339, UTC).
+    pub started_at: String,
+    /// When it ended, if it did.
+    pub finished_at: Option<String>,
+    /// Seconds from start to end.
+    pub elapsed_s: f64,
+    /// The input files read.
+    pub input_files: Vec<String>,
+    /// Rows read from the input (after `input.where`).
+    pub rows_read: u64,
+    /// Rows written to the output.
+    pub rows_written: u64,
+    /// Written rows whose `error` is set.
+    pub rows_failed: u64,
+    /// Rows dropped because their id had been seen earlier in the run.
+    pub duplicates_dropped: u64,
+    /// Data files written, relative to the run folder.
+    pub files: Vec<String>,
+    /// Per-stage counters, in pipeline order.
+    pub stages: Vec<StageSummary>,
+    /// Why the run failed, if it did.
+    pub error: Option<String>,
+}
+
+impl RunManifest {
+    /// Writes the manifest atomically (temporary file, then rename).
+    pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
+        let temp = run_dir.join(format!(".{MANIFEST}.tmp"));
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(&temp, text + "\n")?;
+        std::fs::File::open(&temp)?.sync_all()?;
+        std::fs::rename(&temp, run_dir.join(MANIFEST))
+    }
+
+    /// Reads a run folder's manifest.
+    pub fn read(run_dir: &Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(run_dir.join(MANIFEST))?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+}
+
+/// A new run id: UTC time to the millisecond (so ids sort by start time) and 16 random
+/// bits (so two runs started in the same millisecond differ).
+pub fn new_run_id() -> String {
+    let now = chrono::Utc::now();
+    let nanos = now.timestamp_subsec_nanos();
+    let noise = blake3::hash(format!("{nanos}-{}", std::process::id()).as_bytes());
+    let bytes = noise.as_bytes();
+    format!(
+        "{}-{:02x}{:02x}",
+        now.format("%Y%m%dT%H%M%S%.3fZ"),
+        bytes[0],
+        bytes[1]
+    )
+}
+
+/// The committed runs of an output table, oldest first.
+pub fn committed_runs(output: &Path) -> std::io::Result<Vec<(PathBuf, RunManifest)>> {
+    let mut runs = Vec::new();
+    let entries = match std::fs::read_dir(output) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(runs),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let is_run = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(RUN_DIR_PREFIX));
+        if !is_run || !path.is_dir() {
+            continue;
+        }
+        if let Ok(manifest) = RunManifest::read(&path)
+            && manifest.status == RunStatus::Committed
+        {
+            runs.push((path, manifest));
+        }
+    }
+    // Start times have nanoseconds; ids break the (theoretical) ties.
+    runs.sort_by(|a, b| (&a.1.started_at, &a.1.run_id).cmp(&(&b.1.started_at, &b.1.run_id)));
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_sort_by_time_and_differ() {
+        let a = new_run_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = new_run_id();
+        assert_ne!(a, b);
+        assert!(a < b, "{a} sorts before {b}");
+        assert_eq!(a.len(), "20261126T212000.123Z-3f2a".len());
+    }
+}

@@ -1,0 +1,259 @@
+//! `abridge sql`: read-only ad-hoc SQL over output tables (and any Parquet) with DataFusion.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use abridge_operators::scan::resolve_files;
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::file_format::options::ParquetReadOptions;
+use datafusion::execution::context::{SQLOptions, SessionContext};
+use parquet::arrow::ArrowWriter;
+
+use crate::error::PipelineError;
+use crate::run::committed_runs;
+
+/// How query results are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header row.
+    Csv,
+    /// A JSON array with one object per row.
+    Json,
+    /// A Parquet file (needs `--out`).
+    Parquet,
+}
+
+/// A query session with abridge's tables registered.
+pub struct SqlSession {
+    ctx: SessionContext,
+    registered: Vec<String>,
+}
+
+impl Default for SqlSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SqlSession {
+    /// An empty session.
+    pub fn new() -> Self {
+        Self {
+            ctx: SessionContext::new(),
+            registered: Vec::new(),
+        }
+    }
+
+    /// Registers the Parquet data at `path` (a file, a folder or a glob) as `name`.
+    pub async fn register_path(&mut self, name: &str, path: &str) -> Result<(), PipelineError> {
+        let files = resolve_files(path)
+            .map_err(|e| PipelineError::Tables(format!("--table {name}: {e}")))?;
+        self.register_files(name, &files).await
+    }
+
+    /// Registers an output table: `summaries` is its latest committed run, `runs` all of
+    /// its committed runs. Returns the latest run's folder, if there is one.
+    pub async fn register_output(
+        &mut self,
+        output: &Path,
+    ) -> Result<Option<PathBuf>, PipelineError> {
+        let runs = committed_runs(output).map_err(|source| PipelineError::Io {
+            path: output.to_path_buf(),
+            source,
+        })?;
+        let Some((latest, _)) = runs.last() else {
+            return Ok(None);
+        };
+        let latest = latest.clone();
+        let files_of = |dir: &Path| resolve_files(&dir.display().to_string());
+        let mut all = Vec::new();
+        for (dir, _) in &runs {
+            all.extend(files_of(dir).map_err(|e| PipelineError::Tables(e.to_string()))?);
+        }
+        let newest = files_of(&latest).map_err(|e| PipelineError::Tables(e.to_string()))?;
+        self.register_files("summaries", &newest).await?;
+        self.register_files("runs", &all).await?;
+        Ok(Some(latest))
+    }
+
+    async fn register_files(&mut self, name: &str, files: &[PathBuf]) -> Result<(), PipelineError> {
+        let paths: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        let options = ParquetReadOptions {
+            file_extension: "",
+            ..Default::default()
+        };
+        let df = self
+            .ctx
+            .read_parquet(paths, options)
+            .await
+            .map_err(|e| PipelineError::Tables(format!("table {name}: {e}")))?;
+        self.ctx.register_table(name, df.into_view())?;
+        self.registered.push(name.to_string());
+        Ok(())
+    }
+
+    /// Names of the registered tables.
+    pub fn tables(&self) -> &[String] {
+        &self.registered
+    }
+
+    /// Runs one read-only statement: anything that would create, change or write data
+    /// (DDL, DML, COPY, SET ...) is refused before it runs.
+    pub async fn query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), PipelineError> {
+        let plan = self.ctx.state().create_logical_plan(sql).await?;
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(|e| PipelineError::ReadOnly(e.strip_backtrace()))?;
+        let df = self.ctx.execute_logical_plan(plan).await?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.collect().await?;
+        Ok((schema, batches))
+    }
+}
+
+/// Writes `batches` in `format` to `out`.
+pub fn write_results(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    format: OutputFormat,
+    mut out: impl Write + Send,
+) -> Result<(), PipelineError> {
+    match format {
+        OutputFormat::Table => {
+            let table = arrow::util::pretty::pretty_format_batches_with_schema(
+                Arc::clone(schema),
+                batches,
+            )?;
+            writeln!(out, "{table}").map_err(arrow::error::ArrowError::from)?;
+        }
+        OutputFormat::Csv => {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(out);
+            if batches.is_empty() {
+                writer.write(&RecordBatch::new_empty(Arc::clone(schema)))?;
+            }
+            for batch in batches {
+                writer.write(batch)?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut writer = arrow::json::ArrayWriter::new(out);
+            for batch in batches {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
+            writeln!(writer.into_inner()).map_err(arrow::error::ArrowError::from)?;
+        }
+        OutputFormat::Parquet => {
+            let mut writer = ArrowWriter::try_new(out, Arc::clone(schema), None)?;
+            for batch in batches {
+                writer.write(batch)?;
+            }
+            writer.close()?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn write_table(dir: &Path) -> Result<String, PipelineError> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b", "c"])),
+                Arc::new(Int64Array::from(vec![1, 2, 3])),
+            ],
+        )?;
+        let path = dir.join("t.parquet");
+        let file = std::fs::File::create(&path).map_err(|source| PipelineError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mut writer = ArrowWriter::try_new(file, schema, None)?;
+        writer.write(&batch)?;
+        writer.close()?;
+        Ok(path.display().to_string())
+    }
+
+    #[tokio::test]
+    async fn queries_and_refuses_writes() -> Result<(), PipelineError> {
+        let dir = tempfile::tempdir().map_err(|source| PipelineError::Io {
+            path: "tmp".into(),
+            source,
+        })?;
+        let path = write_table(dir.path())?;
+        let mut session = SqlSession::new();
+        session.register_path("t", &path).await?;
+        let (_, batches) = session
+            .query("SELECT sum(n) AS s FROM t WHERE id <> 'a'")
+            .await?;
+        let mut json = Vec::new();
+        write_results(
+            &batches[0].schema(),
+            &batches,
+            OutputFormat::Json,
+            &mut json,
+        )?;
+        assert_eq!(String::from_utf8_lossy(&json).trim(), r#"[{"s":5}]"#);
+
+        let target = dir.path().join("copy.parquet").display().to_string();
+        for statement in [
+            "CREATE TABLE x AS SELECT 1".to_string(),
+            format!("COPY t TO '{target}'"),
+            "INSERT INTO t VALUES ('d', 4)".to_string(),
+            "DROP VIEW t".to_string(),
+            "SET datafusion.execution.batch_size = 1".to_string(),
+        ] {
+            match session.query(&statement).await {
+                Err(PipelineError::ReadOnly(_)) => {}
+                other => panic!(
+                    "{statement}: expected a read-only refusal, got {:?}",
+                    other.map(|_| ())
+                ),
+            }
+        }
+        assert!(!Path::new(&target).exists());
+        let (_, batches) = session.query("SELECT count(*) AS c FROM t").await?;
+        let mut csv = Vec::new();
+        write_results(&batches[0].schema(), &batches, OutputFormat::Csv, &mut csv)?;
+        assert_eq!(String::from_utf8_lossy(&csv), "c\n3\n");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn empty_results_still_print_their_columns() -> Result<(), PipelineError> {
+        let dir = tempfile::tempdir().map_err(|source| PipelineError::Io {
+            path: "tmp".into(),
+            source,
+        })?;
+        let mut session = SqlSession::new();
+        session
+            .register_path("t", &write_table(dir.path())?)
+            .await?;
+        let (schema, batches) = session.query("SELECT id FROM t WHERE n > 10").await?;
+        let mut text = Vec::new();
+        write_results(&schema, &batches, OutputFormat::Table, &mut text)?;
+        assert!(String::from_utf8_lossy(&text).contains("| id |"));
+        let mut json = Vec::new();
+        write_results(&schema, &batches, OutputFormat::Json, &mut json)?;
+        assert_eq!(String::from_utf8_lossy(&json).trim(), "[]");
+        Ok(())
+    }
+}

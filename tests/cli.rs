@@ -1,0 +1,497 @@
+//! End-to-end tests: the real `abridge` binary on real Parquet files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use abridge_pipeline::job::Job;
+use abridge_pipeline::run::{RunManifest, RunStatus};
+use arrow::array::{Array, RecordBatch, StringArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn abridge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_abridge"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("the abridge binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A job file in `dir` over `input`, mapped like the demo, writing to `dir/out`.
+fn job_file(dir: &Path, input: &Path, extra: &str) -> std::io::Result<PathBuf> {
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[input]
+path = "{}"
+[input.columns]
+id = "ticket_id"
+title = "subject"
+text = "body"
+created_at = "opened_at"
+reference = "resolution_summary"
+[output]
+path = "{}"
+{extra}
+"#,
+            input.display(),
+            dir.join("out").display()
+        ),
+    )?;
+    Ok(path)
+}
+
+fn sample(dir: &Path, name: &str, rows: usize, seed: u64) -> std::io::Result<PathBuf> {
+    let path = dir.join(name);
+    let out = abridge(&[
+        "sample",
+        "--rows",
+        &rows.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--out",
+        path.to_str().unwrap_or_default(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(path)
+}
+
+fn run_json(job: &Path, extra: &[&str]) -> Result<RunManifest, Box<dyn std::error::Error>> {
+    let mut args = vec!["run", job.to_str().unwrap_or_default(), "--json"];
+    args.extend_from_slice(extra);
+    let out = abridge(&args);
+    assert!(out.status.success(), "abridge run failed: {}", stderr(&out));
+    Ok(serde_json::from_str(&stdout(&out))?)
+}
+
+fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>, Box<dyn std::error::Error>> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path)?)?.build()?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn sql(job: &Path, query: &str, format: &str) -> Output {
+    abridge(&[
+        "sql",
+        query,
+        "--job",
+        job.to_str().unwrap_or_default(),
+        "--format",
+        format,
+    ])
+}
+
+#[test]
+fn demo_job_writes_a_run_that_sql_reads() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = repo().join("jobs/data/demo-tickets.parquet");
+    let job = job_file(dir.path(), &input, "")?;
+    let m = run_json(&job, &[])?;
+    assert_eq!(m.status, RunStatus::Committed);
+    assert_eq!(m.rows_read, 400);
+    assert!(m.duplicates_dropped > 0, "the sample re-sends some tickets");
+    assert!(m.rows_failed > 0, "the sample has some empty bodies");
+    assert_eq!(
+        m.rows_written + m.duplicates_dropped,
+        m.rows_read,
+        "rows conserved"
+    );
+
+    let run_dir = dir.path().join("out").join(format!("run_id={}", m.run_id));
+    assert!(run_dir.join("_job.toml").exists());
+    let recorded = Job::load(&run_dir.join("_job.toml"), &[])?;
+    assert_eq!(recorded.config.input.columns.text.as_deref(), Some("body"));
+    assert_eq!(RunManifest::read(&run_dir)?, m);
+
+    let out = sql(
+        &job,
+        "SELECT count(*) AS n, count(DISTINCT id) AS ids, count(error) AS errors, \
+         min(run_id) AS run FROM summaries",
+        "json",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    assert_eq!(rows[0]["n"], m.rows_written);
+    assert_eq!(
+        rows[0]["ids"], m.rows_written,
+        "no duplicate ids in the output"
+    );
+    assert_eq!(rows[0]["errors"], m.rows_failed);
+    assert_eq!(rows[0]["run"], m.run_id.as_str());
+
+    // Schema names, carried columns and per-row reasons.
+    let out = sql(
+        &job,
+        "SELECT DISTINCT error FROM summaries WHERE error IS NOT NULL ORDER BY error",
+        "csv",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("text is empty"), "{}", stdout(&out));
+    let out = sql(
+        &job,
+        "SELECT id, title, text, created_at, reference, topic, content_hash, category, language \
+         FROM summaries WHERE error IS NULL LIMIT 1",
+        "json",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    assert!(
+        row[0]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("INC"))
+    );
+    assert_eq!(row[0]["content_hash"].as_str().map(str::len), Some(32));
+    Ok(())
+}
+
+#[test]
+fn second_run_becomes_summaries_and_both_are_in_runs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 120, 3)?;
+    let job = job_file(dir.path(), &input, "")?;
+    let first = run_json(&job, &[])?;
+    let second = run_json(&job, &["--limit", "50"])?;
+    assert!(second.run_id > first.run_id);
+    let out = sql(&job, "SELECT count(*) AS n FROM summaries", "csv");
+    assert_eq!(stdout(&out), format!("n\n{}\n", second.rows_written));
+    let out = sql(
+        &job,
+        "SELECT count(DISTINCT run_id) AS r, count(*) AS n FROM runs",
+        "csv",
+    );
+    assert_eq!(
+        stdout(&out),
+        format!("r,n\n2,{}\n", first.rows_written + second.rows_written)
+    );
+    Ok(())
+}
+
+#[test]
+fn where_is_pushed_down_and_limit_and_overrides_apply() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 600, 11)?;
+    let job = job_file(dir.path(), &input, "")?;
+    let m = run_json(
+        &job,
+        &["--set", "input.where=language = 'zh' AND priority = 'P1'"],
+    )?;
+    assert!(m.rows_read > 0 && m.rows_read < 200, "{}", m.rows_read);
+    let out = sql(
+        &job,
+        "SELECT count(*) AS n FROM summaries WHERE language <> 'zh' OR priority <> 'P1'",
+        "csv",
+    );
+    assert_eq!(stdout(&out), "n\n0\n");
+
+    let elsewhere = dir.path().join("elsewhere");
+    let m = run_json(
+        &job,
+        &[
+            "--limit",
+            "25",
+            "--set",
+            &format!("output.path={}", elsewhere.display()),
+        ],
+    )?;
+    assert_eq!(m.rows_read, 25);
+    assert!(
+        elsewhere
+            .join(format!("run_id={}", m.run_id))
+            .join("_run.json")
+            .exists()
+    );
+    Ok(())
+}
+
+#[test]
+fn folder_and_glob_inputs_read_every_file_and_roll_output_files() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("2026-11"))?;
+    sample(&data, "a.parquet", 100, 1)?;
+    sample(&data.join("2026-11"), "b.parquet", 150, 2)?;
+    std::fs::write(data.join("_SUCCESS"), "")?;
+    let job = job_file(dir.path(), &data, "rows_per_file = 60")?;
+    let m = run_json(
+        &job,
+        &[
+            "--set",
+            "input.columns.id=subject",
+            "--set",
+            "input.columns.title=ticket_id",
+        ],
+    )?;
+    assert_eq!(m.rows_read, 250);
+    assert_eq!(m.input_files.len(), 2);
+    assert_eq!(m.files.len() as u64, m.rows_written.div_ceil(60));
+
+    let glob = format!("{}/*.parquet", data.display());
+    let m = run_json(&job, &["--set", &format!("input.path={glob}")])?;
+    assert_eq!(m.rows_read, 100);
+    Ok(())
+}
+
+#[test]
+fn bad_job_files_are_named_with_exit_code_2() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = repo().join("jobs/data/demo-tickets.parquet");
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("[run]\nbatchsize = 3", &[], "run.batchsize"),
+        ("[run]\nbatch_size = \"many\"", &[], "run.batch_size"),
+        (
+            "",
+            &["--set", "input.columns.txt=body"],
+            "input.columns.txt",
+        ),
+        ("", &["--set", "novalue"], "key=value"),
+        (
+            "",
+            &["--set", "input.columns.text=no_such_column"],
+            "no_such_column",
+        ),
+        ("", &["--set", "input.columns.text=opened_at"], "opened_at"),
+        (
+            "",
+            &["--set", "input.where=no_such_column > 3"],
+            "no_such_column",
+        ),
+        ("", &["--set", "input.where=status = "], "input.where"),
+    ];
+    for (extra, flags, needle) in cases {
+        let job = job_file(dir.path(), &input, extra)?;
+        let mut args = vec!["run", job.to_str().unwrap_or_default()];
+        args.extend_from_slice(flags);
+        let out = abridge(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(needle), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !dir.path().join("out").exists(),
+            "nothing is written for a bad job"
+        );
+    }
+    let out = abridge(&["run", "/no/such/job.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/no/such/job.toml"));
+    let out = abridge(&["run"]);
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    Ok(())
+}
+
+#[test]
+fn missing_and_corrupt_inputs_are_named_with_exit_code_1() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let good = sample(dir.path(), "good.parquet", 200, 5)?;
+    let bytes = std::fs::read(&good)?;
+    let truncated = dir.path().join("truncated.parquet");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2])?;
+    let not_parquet = dir.path().join("notes.parquet");
+    std::fs::write(&not_parquet, "ticket_id,body\n1,hello\n")?;
+    let empty_dir = dir.path().join("empty");
+    std::fs::create_dir_all(&empty_dir)?;
+    let cases = [
+        (dir.path().join("missing.parquet"), "missing.parquet"),
+        (truncated, "truncated.parquet"),
+        (not_parquet, "notes.parquet"),
+        (empty_dir, "no Parquet files"),
+    ];
+    for (input, needle) in cases {
+        let job = job_file(dir.path(), &input, "")?;
+        let out = abridge(&["run", job.to_str().unwrap_or_default()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{}: {err}", input.display());
+        assert!(err.contains(needle), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    Ok(())
+}
+
+/// A file whose footer is intact but whose pages are garbage fails mid-stream: the run is
+/// marked failed and every file finished before the failure is intact and readable.
+#[test]
+fn failure_mid_run_keeps_finished_files_and_marks_the_run_failed() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    sample(&data, "1-good.parquet", 3000, 1)?;
+    let bad = sample(&data, "2-bad.parquet", 3000, 2)?;
+    let mut bytes = std::fs::read(&bad)?;
+    let end = bytes.len() * 2 / 3;
+    for b in &mut bytes[64..end] {
+        *b = 0xA5;
+    }
+    std::fs::write(&bad, bytes)?;
+    let job = job_file(
+        dir.path(),
+        &data,
+        "rows_per_file = 500\nrow_group_rows = 100\n[run]\nbatch_size = 100",
+    )?;
+    let out = abridge(&["run", job.to_str().unwrap_or_default()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("2-bad.parquet"),
+        "the failing file is named: {err}"
+    );
+
+    let runs: Vec<_> = std::fs::read_dir(dir.path().join("out"))?.collect::<Result<_, _>>()?;
+    assert_eq!(runs.len(), 1);
+    let run_dir = runs[0].path();
+    let manifest = RunManifest::read(&run_dir)?;
+    assert_eq!(manifest.status, RunStatus::Failed);
+    assert!(manifest.error.is_some());
+    assert!(
+        !manifest.files.is_empty(),
+        "files finished before the failure are listed"
+    );
+    let mut rows = 0;
+    for entry in std::fs::read_dir(&run_dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.ends_with(".inprogress"),
+            "partial file left behind: {name}"
+        );
+    }
+    for file in &manifest.files {
+        rows += read_parquet(&run_dir.join(file))?
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>();
+    }
+    assert_eq!(rows as u64, manifest.rows_written);
+    assert!(rows >= 2500, "the good file's rows were written: {rows}");
+
+    // A failed run is not what `summaries` shows.
+    let out = sql(&job, "SELECT 1 FROM summaries", "csv");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no committed run"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
+#[test]
+fn sql_is_read_only_and_writes_every_format() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = repo().join("jobs/data/demo-tickets.parquet");
+    let table = format!("t={}", input.display());
+    let copy = dir.path().join("copy.parquet");
+    for statement in [
+        "CREATE TABLE x AS SELECT 1".to_string(),
+        format!("COPY t TO '{}'", copy.display()),
+        "INSERT INTO t SELECT * FROM t".to_string(),
+    ] {
+        let out = abridge(&["sql", &statement, "--table", &table]);
+        assert_eq!(out.status.code(), Some(2), "{statement}: {}", stderr(&out));
+        assert!(stderr(&out).contains("read-only"), "{}", stderr(&out));
+    }
+    assert!(!copy.exists());
+
+    let query = "SELECT category, count(*) AS n FROM t GROUP BY category ORDER BY category";
+    let out = abridge(&["sql", query, "--table", &table]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("| category"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("| printing"), "{}", stdout(&out));
+
+    let parquet_out = dir.path().join("r.parquet");
+    let out = abridge(&["sql", query, "--table", &table, "--format", "parquet"]);
+    assert_eq!(out.status.code(), Some(2), "parquet needs --out");
+    let out = abridge(&[
+        "sql",
+        query,
+        "--table",
+        &table,
+        "--format",
+        "parquet",
+        "--out",
+        parquet_out.to_str().unwrap_or_default(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let batches = read_parquet(&parquet_out)?;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 8);
+
+    let out = abridge(&["sql", "SELECT * FROM nowhere"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("nowhere"), "{}", stderr(&out));
+    let out = abridge(&["sql", "SELECT 1", "--table", "t=/no/such.parquet"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/no/such.parquet"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
+#[test]
+fn sample_is_deterministic_and_the_bundled_sample_is_its_output() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let a = read_parquet(&sample(dir.path(), "a.parquet", 400, 5)?)?;
+    let b = read_parquet(&sample(dir.path(), "b.parquet", 400, 5)?)?;
+    let bundled = read_parquet(&repo().join("jobs/data/demo-tickets.parquet"))?;
+    let concat = |batches: &[RecordBatch]| {
+        arrow::compute::concat_batches(&batches[0].schema(), batches).expect("same schema")
+    };
+    assert_eq!(concat(&a), concat(&b));
+    assert_eq!(
+        concat(&a),
+        concat(&bundled),
+        "regenerate with: abridge sample --rows 400 --seed 5 --out jobs/data/demo-tickets.parquet"
+    );
+    let c = concat(&read_parquet(&sample(dir.path(), "c.parquet", 400, 6)?)?);
+    let body = |b: &RecordBatch| {
+        b.column_by_name("body")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+            .map(|c| {
+                (0..c.len())
+                    .map(|i| c.is_valid(i).then(|| c.value(i).to_string()))
+                    .collect::<Vec<_>>()
+            })
+    };
+    assert_ne!(body(&concat(&a)), body(&c));
+    Ok(())
+}
+
+#[test]
+fn every_shipped_job_parses() -> TestResult {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(repo().join("jobs"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Job::load(&path, &[]).map_err(|e| format!("{}: {e}", path.display()))?;
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2);
+    Ok(())
+}
+
+#[test]
+fn help_teaches_each_command() {
+    for command in ["run", "sql", "sample"] {
+        let out = abridge(&[command, "--help"]);
+        assert!(out.status.success());
+        assert!(
+            stdout(&out).contains("Example"),
+            "{command} --help has examples"
+        );
+    }
+}
