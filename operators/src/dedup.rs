@@ -2,8 +2,9 @@
 //!
 //! Inputs exported from ticket systems often repeat a ticket (re-sent, re-opened, two
 //! exports overlapping). Summarizing it twice wastes model time and makes the output's
-//! `id` ambiguous, so later occurrences are dropped and counted. Memory is 16 bytes per
-//! distinct id (a 128-bit digest), so 100k tickets cost under 4 MB.
+//! `id` ambiguous, so later occurrences are dropped and counted. Each distinct id costs a
+//! 128-bit digest in a hash set, 17 to 35 bytes with the table's slack: ~4 MB for a 100k
+//! nightly run, ~35 MB for a million tickets (measured with scripts/bench-pipeline).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -110,7 +111,63 @@ fn digest(id: &str) -> u128 {
 mod tests {
     use super::*;
     use arrow::datatypes::{DataType, Field, Schema};
-    use futures::{StreamExt, TryStreamExt};
+    use futures::TryStreamExt;
+
+    fn stream_of(schema: &SchemaRef, batches: Vec<RecordBatch>) -> SendableRecordBatchStream {
+        let stream = futures::stream::iter(batches.into_iter().map(Ok));
+        Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                Arc::clone(schema),
+                stream,
+            ),
+        )
+    }
+
+    proptest::proptest! {
+        /// Whatever the ids and however they are split into batches, the output is the
+        /// input with every repeated non-null id after its first occurrence removed.
+        #[test]
+        fn output_is_first_occurrences_in_order(
+            ids in proptest::collection::vec(proptest::option::weighted(0.9, 0u8..20), 0..200),
+            cuts in proptest::collection::vec(1usize..50, 1..10),
+        ) {
+            let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, true)]));
+            let strings: Vec<Option<String>> = ids.iter().map(|i| i.map(|i| i.to_string())).collect();
+            let mut batches = Vec::new();
+            let mut start = 0;
+            for cut in cuts.iter().cycle() {
+                if start >= strings.len() {
+                    break;
+                }
+                let end = (start + cut).min(strings.len());
+                let array = StringArray::from(strings[start..end].to_vec());
+                batches.push(RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(array)]).unwrap());
+                start = end;
+            }
+            let mut seen = HashSet::new();
+            let expected: Vec<Option<String>> = strings
+                .iter()
+                .filter(|id| id.as_ref().is_none_or(|id| seen.insert(id.clone())))
+                .cloned()
+                .collect();
+
+            let op = Deduplicate::try_new(Arc::clone(&schema)).unwrap();
+            let metrics = OperatorMetrics::default();
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let out: Vec<RecordBatch> = runtime
+                .block_on(op.execute(stream_of(&schema, batches), metrics.clone()).unwrap().try_collect())
+                .unwrap();
+            let got: Vec<Option<String>> = out
+                .iter()
+                .flat_map(|b| {
+                    let ids = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                    ids.iter().map(|v| v.map(str::to_string)).collect::<Vec<_>>()
+                })
+                .collect();
+            proptest::prop_assert_eq!(&got, &expected);
+            proptest::prop_assert_eq!(metrics.snapshot().rows_dropped as usize, strings.len() - expected.len());
+        }
+    }
 
     #[tokio::test]
     async fn keeps_first_occurrence_across_batches() -> Result<(), OperatorError> {
@@ -134,13 +191,7 @@ mod tests {
                 vec!["4", "5", "6", "7"],
             ),
         ];
-        let stream = futures::stream::iter(input).map(|b| b.map_err(Into::into));
-        let stream: SendableRecordBatchStream = Box::pin(
-            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
-                Arc::clone(&schema),
-                stream,
-            ),
-        );
+        let stream = stream_of(&schema, input.into_iter().collect::<Result<_, _>>()?);
         let op = Deduplicate::try_new(Arc::clone(&schema))?;
         let metrics = OperatorMetrics::default();
         let out: Vec<RecordBatch> = op.execute(stream, metrics.clone())?.try_collect().await?;

@@ -56,7 +56,7 @@ impl ProgressReporter {
                     ProgressDrawTarget::stderr_with_hz(5),
                 );
                 let style = ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} read · {msg} · {per_sec} · ETA {eta}",
+                    "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} read · {msg} · ETA {eta}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar());
                 bar.set_style(style);
@@ -71,14 +71,14 @@ impl ProgressReporter {
                 }
                 let read = progress.read.snapshot().rows_out;
                 let written = progress.written.snapshot().rows_out;
+                let rate = read as f64 / started.elapsed().as_secs_f64().max(1e-3);
                 match &bar {
                     Some(bar) => {
                         bar.set_position(read);
-                        bar.set_message(format!("{written} written"));
+                        bar.set_message(format!("{written} written · {rate:.0} rows/s"));
                     }
                     None if last_log.elapsed() >= LOG_EVERY => {
                         last_log = Instant::now();
-                        let rate = read as f64 / started.elapsed().as_secs_f64().max(1e-3);
                         eprintln!(
                             "progress: {read}/{} rows read, {written} written, {rate:.0} rows/s",
                             progress.expected_rows

@@ -73,7 +73,7 @@ pub fn write_sample(options: &SampleOptions, out: &Path) -> Result<(), PipelineE
     let file = File::create(&temp).map_err(io)?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
-        .set_max_row_group_row_count(Some(BATCH_ROWS * 4))
+        .set_max_row_group_row_count(Some(BATCH_ROWS))
         .build();
     let mut writer = ArrowWriter::try_new(file, sample_schema(), Some(properties))?;
     let mut generator = Generator::new(options);

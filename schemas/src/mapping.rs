@@ -170,6 +170,63 @@ mod tests {
         )
     }
 
+    fn any_type() -> impl proptest::strategy::Strategy<Value = DataType> {
+        proptest::sample::select(vec![
+            DataType::Utf8,
+            DataType::LargeUtf8,
+            DataType::Utf8View,
+            DataType::Int64,
+            DataType::UInt32,
+            DataType::Float64,
+            DataType::Boolean,
+            DataType::Date32,
+        ])
+    }
+
+    proptest::proptest! {
+        /// For any input schema and mapping: resolving never panics, and when it succeeds
+        /// every input column is either mapped to exactly one role or carried, once.
+        #[test]
+        fn every_input_column_is_mapped_or_carried_exactly_once(
+            columns in proptest::collection::vec(
+                (proptest::sample::select(vec!["id", "text", "title", "body", "ticket", "topic", "x", "y", "created_at", "summary"]), any_type()),
+                0..8,
+            ),
+            text in proptest::option::of(proptest::sample::select(vec!["body", "text", "x"])),
+            id in proptest::option::of(proptest::sample::select(vec!["ticket", "id", "y"])),
+        ) {
+            let mut names = std::collections::HashSet::new();
+            let fields: Vec<Field> = columns
+                .into_iter()
+                .filter(|(n, _)| names.insert(*n))
+                .map(|(n, t)| Field::new(n, t, true))
+                .collect();
+            let input = Schema::new(fields);
+            let mapping = ColumnMapping {
+                id: id.map(str::to_string),
+                text: text.map(str::to_string),
+                ..Default::default()
+            };
+            if let Ok(resolved) = mapping.resolve(&input, "p", &[]) {
+                let mut uses = vec![0; input.fields().len()];
+                for role in TicketColumn::ALL {
+                    if let Some(i) = resolved.source(role) {
+                        uses[i] += 1;
+                        proptest::prop_assert!(role.accepts(input.field(i).data_type()));
+                    }
+                }
+                for &i in resolved.carried() {
+                    uses[i] += 1;
+                }
+                proptest::prop_assert!(uses.iter().all(|&u| u == 1), "{:?}", uses);
+                proptest::prop_assert!(resolved.source(TicketColumn::Id).is_some());
+                proptest::prop_assert!(resolved.source(TicketColumn::Text).is_some());
+                let out = resolved.output_schema();
+                proptest::prop_assert_eq!(out.fields().len(), TicketColumn::ALL.len() + 2 + resolved.carried().len());
+            }
+        }
+    }
+
     #[test]
     fn defaults_pick_same_named_columns_and_carry_the_rest() -> Result<(), SchemaError> {
         let input = schema(&[
