@@ -8,6 +8,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
 
 use arrow::datatypes::{Schema, SchemaRef};
 use datafusion::dataframe::DataFrame;
@@ -128,12 +130,17 @@ impl ParquetScan {
             };
             std::future::ready(Some(item))
         });
-        let counted = limited.map(move |batch| {
-            if let Ok(batch) = &batch {
+        // Busy time is the time spent inside the scan's polls: decoding and filtering.
+        let mut limited = Box::pin(limited);
+        let counted = futures::stream::poll_fn(move |cx| {
+            let started = Instant::now();
+            let polled = limited.poll_next_unpin(cx);
+            metrics.add_busy(started.elapsed());
+            if let Poll::Ready(Some(Ok(batch))) = &polled {
                 metrics.add_in(batch.num_rows());
                 metrics.add_out(batch.num_rows());
             }
-            batch
+            polled
         });
         Ok(OpenScan {
             files,

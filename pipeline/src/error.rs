@@ -57,9 +57,9 @@ pub enum PipelineError {
     /// An `abridge sql` statement would write or change something.
     #[error("abridge sql is read-only: {0}")]
     ReadOnly(String),
-    /// A `--table` argument or the default tables cannot be registered.
+    /// A flag's value is malformed or names nothing usable (`--table`, `--format`/`--out`).
     #[error("{0}")]
-    Tables(String),
+    Usage(String),
     /// DataFusion failed planning or running a query.
     #[error(transparent)]
     DataFusion(Box<DataFusionError>),
@@ -85,7 +85,7 @@ impl PipelineError {
             PipelineError::Job(_)
             | PipelineError::JobDoesNotFitInput { .. }
             | PipelineError::ReadOnly(_)
-            | PipelineError::Tables(_) => 2,
+            | PipelineError::Usage(_) => 2,
             _ => 1,
         }
     }

@@ -208,7 +208,7 @@ fn summary(m: &RunManifest) -> String {
 
 async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     if args.format == OutputFormat::Parquet && args.out.is_none() {
-        return Err(PipelineError::Tables("--format parquet needs --out FILE".into()).into());
+        return Err(PipelineError::Usage("--format parquet needs --out FILE".into()).into());
     }
     let mut session = SqlSession::new();
     let job_path = match args.job {
@@ -222,7 +222,7 @@ async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     for table in &args.tables {
         let (name, path) = table
             .split_once('=')
-            .ok_or_else(|| PipelineError::Tables(format!("--table {table}: expected NAME=PATH")))?;
+            .ok_or_else(|| PipelineError::Usage(format!("--table {table}: expected NAME=PATH")))?;
         session.register_path(name.trim(), path.trim()).await?;
     }
     let (schema, batches) = match session.query(&args.query).await {

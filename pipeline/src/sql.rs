@@ -51,7 +51,7 @@ impl SqlSession {
     /// Registers the Parquet data at `path` (a file, a folder or a glob) as `name`.
     pub async fn register_path(&mut self, name: &str, path: &str) -> Result<(), PipelineError> {
         let files = resolve_files(path)
-            .map_err(|e| PipelineError::Tables(format!("--table {name}: {e}")))?;
+            .map_err(|e| PipelineError::Usage(format!("--table {name}: {e}")))?;
         self.register_files(name, &files).await
     }
 
@@ -72,9 +72,9 @@ impl SqlSession {
         let files_of = |dir: &Path| resolve_files(&dir.display().to_string());
         let mut all = Vec::new();
         for (dir, _) in &runs {
-            all.extend(files_of(dir).map_err(|e| PipelineError::Tables(e.to_string()))?);
+            all.extend(files_of(dir).map_err(|e| PipelineError::Usage(e.to_string()))?);
         }
-        let newest = files_of(&latest).map_err(|e| PipelineError::Tables(e.to_string()))?;
+        let newest = files_of(&latest).map_err(|e| PipelineError::Usage(e.to_string()))?;
         self.register_files("summaries", &newest).await?;
         self.register_files("runs", &all).await?;
         Ok(Some(latest))
@@ -90,7 +90,7 @@ impl SqlSession {
             .ctx
             .read_parquet(paths, options)
             .await
-            .map_err(|e| PipelineError::Tables(format!("table {name}: {e}")))?;
+            .map_err(|e| PipelineError::Usage(format!("table {name}: {e}")))?;
         self.ctx.register_table(name, df.into_view())?;
         self.registered.push(name.to_string());
         Ok(())
