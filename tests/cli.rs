@@ -495,3 +495,55 @@ fn help_teaches_each_command() {
         );
     }
 }
+
+#[test]
+fn embed_stage_writes_normalized_vectors_of_the_model_dimension() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = repo().join("jobs/data/demo-tickets.parquet");
+    let model = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let job = job_file(
+        dir.path(),
+        &input,
+        &format!(
+            "[embed]\nmodel = \"{}\"\ninput = \"{{title}}\\n{{text}}\"\n",
+            model.display()
+        ),
+    )?;
+    let m = run_json(&job, &["--limit", "60"])?;
+    assert_eq!(m.status, RunStatus::Committed);
+    assert!(
+        m.stages
+            .iter()
+            .any(|s| s.stage == "embed" && s.metrics.rows_out == m.rows_written)
+    );
+    let out = sql(
+        &job,
+        "SELECT count(embedding) AS embedded, count(*) - count(error) AS ok, \
+         min(array_length(embedding)) AS dim FROM summaries",
+        "json",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    assert_eq!(
+        row[0]["embedded"], row[0]["ok"],
+        "every row without an error is embedded"
+    );
+    assert_eq!(row[0]["dim"], 384);
+
+    // A model folder that is not a model: a clear error naming it, nothing written.
+    let bad = dir.path().join("not-a-model");
+    std::fs::create_dir_all(&bad)?;
+    let out = abridge(&[
+        "run",
+        job.to_str().unwrap_or_default(),
+        "--set",
+        &format!("embed.model={}", bad.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not-a-model") && stderr(&out).contains("config.json"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}

@@ -60,6 +60,17 @@ pub enum OperatorError {
         /// What DataFusion said.
         source: DataFusionError,
     },
+    /// An `embed.input` (or other) template is malformed or names a missing column.
+    #[error("template `{template}`: {reason}")]
+    Template {
+        /// The template as written.
+        template: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The sentence encoder failed to load or run.
+    #[error(transparent)]
+    Encoder(Box<crate::encoder::EncoderError>),
     /// An Arrow compute kernel failed.
     #[error(transparent)]
     Arrow(#[from] ArrowError),

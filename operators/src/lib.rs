@@ -7,6 +7,8 @@
 //! with bounded channels and reads their [`OperatorMetrics`].
 
 pub mod dedup;
+pub mod embed;
+pub mod encoder;
 mod error;
 mod metrics;
 pub mod normalize;

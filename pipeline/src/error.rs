@@ -20,6 +20,14 @@ pub enum PipelineError {
         /// What did not fit.
         source: Box<OperatorError>,
     },
+    /// A model named by the job cannot be loaded (missing folder or file, wrong architecture).
+    #[error("job {job}: {source}")]
+    Model {
+        /// The job file.
+        job: PathBuf,
+        /// What went wrong.
+        source: Box<OperatorError>,
+    },
     /// The input cannot be read (missing, unreadable or corrupt files).
     #[error("job {job}: {source}")]
     Input {
@@ -84,6 +92,7 @@ impl PipelineError {
         match self {
             PipelineError::Job(_)
             | PipelineError::JobDoesNotFitInput { .. }
+            | PipelineError::Model { .. }
             | PipelineError::ReadOnly(_)
             | PipelineError::Usage(_) => 2,
             _ => 1,

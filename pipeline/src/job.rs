@@ -22,9 +22,31 @@ pub struct JobConfig {
     pub input: InputConfig,
     /// Where the results go.
     pub output: OutputConfig,
+    /// The sentence encoder stage; without this section no embeddings are made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed: Option<EmbedConfig>,
     /// How the executor runs the stages.
     #[serde(default)]
     pub run: RunConfig,
+}
+
+/// `[embed]`: one vector per ticket from a BERT-family sentence encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedConfig {
+    /// Model folder in Hugging Face layout (config.json, tokenizer.json,
+    /// model.safetensors, sentence-transformers files): GTE, BGE, MiniLM, e5...
+    pub model: PathBuf,
+    /// What to embed: a template over the row's columns. Default: `{text}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Texts per forward pass. Default: 32.
+    #[serde(default = "default_embed_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_embed_batch_size() -> usize {
+    32
 }
 
 /// `[job]`: what the job is.
@@ -108,7 +130,7 @@ fn default_channel_capacity() -> usize {
 }
 
 /// Keys whose values are filesystem paths, resolved against the job file's folder.
-const PATH_KEYS: [&str; 2] = ["input.path", "output.path"];
+const PATH_KEYS: [&str; 3] = ["input.path", "output.path", "embed.model"];
 
 /// Why a job file could not be used. All of these are the user's to fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +277,9 @@ impl JobConfig {
                 return Err((key, "must be at least 1".into()));
             }
         }
+        if self.embed.as_ref().is_some_and(|e| e.batch_size == 0) {
+            return Err(("embed.batch_size", "must be at least 1".into()));
+        }
         if self.input.path.trim().is_empty() {
             return Err(("input.path", "must not be empty".into()));
         }
@@ -279,6 +304,10 @@ fn resolve_paths(tree: &mut toml::Table, base: &Path) {
 }
 
 fn absolute(base: &Path, path: &str) -> String {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    if let (Some(rest), Some(home)) = (path.strip_prefix("~/"), home) {
+        return lexically_normal(&home.join(rest)).display().to_string();
+    }
     if Path::new(path).is_absolute() {
         return lexically_normal(Path::new(path)).display().to_string();
     }

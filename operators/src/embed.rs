@@ -1,0 +1,285 @@
+//! `embed`: one sentence vector per ticket, kept in the output as `embedding`
+//! (FixedSizeList<Float32, D>), so that filters, the index and later evaluations never
+//! need to embed the same text again.
+//!
+//! What is embedded is `text`, or a template over the row's columns (`{title}\n{text}`).
+//! Rows that already failed (their `error` is set) get a null embedding.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use abridge_schemas::output::ERROR;
+use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, StringArray};
+use arrow::buffer::NullBuffer;
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::StreamExt;
+
+use crate::encoder::EncoderWorker;
+use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
+
+/// Name of the column this stage adds.
+pub const EMBEDDING: &str = "embedding";
+
+/// The `embed` stage.
+pub struct Embed {
+    encoder: EncoderWorker,
+    template: Arc<Template>,
+    schema: SchemaRef,
+}
+
+impl Embed {
+    /// An `embed` stage over streams of `input`. `template` (default `{text}`) names the
+    /// columns to embed; every `{name}` must be a column of `input`.
+    pub fn try_new(
+        encoder: EncoderWorker,
+        template: Option<&str>,
+        input: &SchemaRef,
+    ) -> Result<Self, OperatorError> {
+        let template = Template::parse(template.unwrap_or("{text}"), input)?;
+        let mut fields: Vec<_> = input.fields().iter().cloned().collect();
+        fields.push(Arc::new(embedding_field(encoder.dim())));
+        Ok(Self {
+            encoder,
+            template: Arc::new(template),
+            schema: Arc::new(Schema::new_with_metadata(fields, input.metadata().clone())),
+        })
+    }
+}
+
+/// The `embedding` field for vectors of `dim` floats.
+pub fn embedding_field(dim: usize) -> Field {
+    Field::new(
+        EMBEDDING,
+        DataType::FixedSizeList(
+            Arc::new(Field::new("item", DataType::Float32, false)),
+            dim as i32,
+        ),
+        true,
+    )
+}
+
+impl Operator for Embed {
+    fn name(&self) -> &'static str {
+        "embed"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        metrics: OperatorMetrics,
+    ) -> Result<SendableRecordBatchStream, OperatorError> {
+        let encoder = self.encoder.clone();
+        let template = Arc::clone(&self.template);
+        let schema = Arc::clone(&self.schema);
+        let out_schema = Arc::clone(&schema);
+        let stream = input.then(move |batch| {
+            let encoder = encoder.clone();
+            let template = Arc::clone(&template);
+            let schema = Arc::clone(&schema);
+            let metrics = metrics.clone();
+            async move {
+                let batch = batch?;
+                metrics.add_in(batch.num_rows());
+                let started = Instant::now();
+                let out = embed_batch(&encoder, &template, &schema, batch).await;
+                metrics.add_busy(started.elapsed());
+                let out = out?;
+                metrics.add_out(out.num_rows());
+                Ok(out)
+            }
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(out_schema, stream)))
+    }
+}
+
+async fn embed_batch(
+    encoder: &EncoderWorker,
+    template: &Template,
+    schema: &SchemaRef,
+    batch: RecordBatch,
+) -> Result<RecordBatch, OperatorError> {
+    let rows = batch.num_rows();
+    let dim = encoder.dim();
+    let failed = batch
+        .column_by_name(ERROR)
+        .map(|e| e.logical_nulls().map_or(0, |n| n.len() - n.null_count()) > 0)
+        .unwrap_or(false);
+    let errors = batch.column_by_name(ERROR).map(Arc::clone);
+    let keep: Vec<bool> = (0..rows)
+        .map(|r| !failed || errors.as_ref().is_none_or(|e| e.is_null(r)))
+        .collect();
+    let texts = template.render(&batch, &keep)?;
+    let vectors = if texts.is_empty() {
+        Vec::new()
+    } else {
+        encoder
+            .encode(texts)
+            .await
+            .map_err(|e| OperatorError::Encoder(Box::new(e)))?
+    };
+    // Scatter the encoded rows back; skipped rows are null with zeroed values.
+    let mut values = vec![0f32; rows * dim];
+    let mut next = 0;
+    for (row, &k) in keep.iter().enumerate() {
+        if k {
+            values[row * dim..(row + 1) * dim]
+                .copy_from_slice(&vectors[next * dim..(next + 1) * dim]);
+            next += 1;
+        }
+    }
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let list = FixedSizeListArray::try_new(
+        item,
+        dim as i32,
+        Arc::new(Float32Array::from(values)),
+        Some(NullBuffer::from(keep)),
+    )?;
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    columns.push(Arc::new(list));
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+}
+
+/// `{column}` placeholders between literal text.
+#[derive(Debug)]
+struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug)]
+enum Part {
+    Literal(String),
+    Column(usize),
+}
+
+impl Template {
+    fn parse(text: &str, schema: &Schema) -> Result<Self, OperatorError> {
+        let bad = |reason: String| OperatorError::Template {
+            template: text.to_string(),
+            reason,
+        };
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| bad("a `{` is not closed".into()))?;
+            let name = &rest[open + 1..open + close];
+            let index = schema.index_of(name).map_err(|_| {
+                let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                bad(format!("no column `{name}`; columns: {}", names.join(", ")))
+            })?;
+            parts.push(Part::Column(index));
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Column(_))) {
+            return Err(bad("names no column, e.g. {text}".into()));
+        }
+        Ok(Self { parts })
+    }
+
+    /// The text of each kept row (nulls render as empty text).
+    fn render(&self, batch: &RecordBatch, keep: &[bool]) -> Result<Vec<String>, OperatorError> {
+        let mut columns: Vec<Option<StringArray>> = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            columns.push(match part {
+                Part::Literal(_) => None,
+                Part::Column(i) => {
+                    let strings = cast(batch.column(*i), &DataType::Utf8)?;
+                    strings.as_any().downcast_ref::<StringArray>().cloned()
+                }
+            });
+        }
+        let mut texts = Vec::new();
+        for (row, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
+            let mut text = String::new();
+            for (part, column) in self.parts.iter().zip(&columns) {
+                match (part, column) {
+                    (Part::Literal(s), _) => text.push_str(s),
+                    (Part::Column(_), Some(c)) if c.is_valid(row) => text.push_str(c.value(row)),
+                    _ => {}
+                }
+            }
+            texts.push(text);
+        }
+        Ok(texts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoder::bert::{BertEncoder, cached_model_dir};
+    use futures::TryStreamExt;
+
+    #[tokio::test]
+    async fn embeds_rows_and_skips_failed_ones() {
+        let dir = cached_model_dir("minilm-l6-v2");
+        let encoder = BertEncoder::load(&dir, &candle_core::Device::Cpu, 8)
+            .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models)"));
+        let worker = EncoderWorker::spawn(Arc::new(encoder)).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("title", DataType::Utf8, true),
+            Field::new("text", DataType::Utf8, true),
+            Field::new(ERROR, DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from(vec![Some("Printer"), None, Some("VPN")])),
+                Arc::new(StringArray::from(vec![
+                    Some("offline again"),
+                    None,
+                    Some("drops"),
+                ])),
+                Arc::new(StringArray::from(vec![None, Some("text is null"), None])),
+            ],
+        )
+        .unwrap();
+        let op = Embed::try_new(worker.clone(), Some("{title}: {text}"), &schema).unwrap();
+        let input = Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&schema),
+            futures::stream::iter(vec![Ok(batch)]),
+        ));
+        let out: Vec<RecordBatch> = op
+            .execute(input, OperatorMetrics::default())
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let list = out[0]
+            .column_by_name(EMBEDDING)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<FixedSizeListArray>()
+            .unwrap()
+            .clone();
+        assert_eq!(list.value_length(), 384);
+        assert!(list.is_valid(0) && list.is_null(1) && list.is_valid(2));
+        let direct = worker
+            .encode(vec!["Printer: offline again".into()])
+            .await
+            .unwrap();
+        let row0 = list.value(0);
+        let row0 = row0.as_any().downcast_ref::<Float32Array>().unwrap();
+        assert_eq!(
+            row0.values().to_vec(),
+            direct,
+            "template rendered as written"
+        );
+        assert!(Embed::try_new(worker.clone(), Some("{body}"), &schema).is_err());
+        assert!(Embed::try_new(worker, Some("no columns"), &schema).is_err());
+    }
+}

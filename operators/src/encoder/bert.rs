@@ -1,0 +1,362 @@
+//! BERT-family sentence encoders (BERT, GTE, BGE, MiniLM, e5) on candle, with the pooling
+//! and truncation that their sentence-transformers configuration asks for.
+//!
+//! A model folder in Hugging Face layout holds `config.json`, `tokenizer.json`,
+//! `model.safetensors` and, from sentence-transformers, `modules.json`,
+//! `sentence_bert_config.json` (`max_seq_length`) and the pooling module's `config.json`
+//! (mean or CLS). Texts are sorted by token count and batched so that each batch pads only
+//! to its own longest text: padding is wasted compute, and ticket lengths vary widely.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use serde::Deserialize;
+use tokenizers::{Tokenizer, TruncationParams};
+
+use super::{Encoder, EncoderError};
+
+/// How token vectors become one sentence vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Average of the token vectors (padding excluded).
+    Mean,
+    /// The `[CLS]` token's vector.
+    Cls,
+}
+
+/// A loaded BERT-family encoder.
+pub struct BertEncoder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    pooling: Pooling,
+    dim: usize,
+    batch_size: usize,
+    device: Device,
+}
+
+#[derive(Deserialize)]
+struct Module {
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+impl BertEncoder {
+    /// Loads the model in `dir` on `device`; `batch_size` texts go through one forward pass.
+    pub fn load(dir: &Path, device: &Device, batch_size: usize) -> Result<Self, EncoderError> {
+        let config_text = read(dir, "config.json")?;
+        let raw: serde_json::Value = json(dir, "config.json", &config_text)?;
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let architectures = raw
+            .get("architectures")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        if model_type != "bert" && !architectures.contains("Bert") {
+            return Err(EncoderError::NotBert {
+                dir: dir.to_path_buf(),
+                found: format!("model_type={model_type:?} architectures={architectures}"),
+            });
+        }
+        let config: Config = json(dir, "config.json", &config_text)?;
+
+        let (pooling, max_seq_length) = sentence_transformers_settings(dir, &config)?;
+
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+            EncoderError::MissingFile {
+                dir: dir.to_path_buf(),
+                file: "tokenizer.json".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        // tokenizer.json often carries the training setup (fixed padding, short
+        // truncation); sentence-transformers truncates to max_seq_length and pads per batch.
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_length,
+                ..Default::default()
+            }))
+            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(None);
+
+        let weights_path = dir.join("model.safetensors");
+        let weights = candle_core::safetensors::load(&weights_path, device).map_err(|e| {
+            EncoderError::MissingFile {
+                dir: dir.to_path_buf(),
+                file: "model.safetensors".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+        let model = BertModel::load(vb, &config).map_err(|e| EncoderError::BadFile {
+            dir: dir.to_path_buf(),
+            file: "model.safetensors".into(),
+            reason: format!("weights do not match config.json: {e}"),
+        })?;
+        Ok(Self {
+            model,
+            tokenizer,
+            pooling,
+            dim: config.hidden_size,
+            batch_size: batch_size.max(1),
+            device: device.clone(),
+        })
+    }
+
+    /// The pooling this model uses.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    fn forward(&self, encodings: &[&tokenizers::Encoding]) -> Result<Tensor, EncoderError> {
+        let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+        let n = encodings.len();
+        let mut ids = vec![0u32; n * len];
+        let mut types = vec![0u32; n * len];
+        let mut mask = vec![0u32; n * len];
+        for (row, encoding) in encodings.iter().enumerate() {
+            let base = row * len;
+            let k = encoding.len();
+            ids[base..base + k].copy_from_slice(encoding.get_ids());
+            types[base..base + k].copy_from_slice(encoding.get_type_ids());
+            mask[base..base + k].copy_from_slice(encoding.get_attention_mask());
+        }
+        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
+        let types = Tensor::from_vec(types, (n, len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+        let pooled = match self.pooling {
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => {
+                let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+                let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
+                summed.broadcast_div(&counts)?
+            }
+        };
+        // As torch.nn.functional.normalize: divide by max(norm, 1e-12).
+        let norms = pooled
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        Ok(pooled.broadcast_div(&norms)?)
+    }
+}
+
+impl Encoder for BertEncoder {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn encode(&self, texts: &[&str]) -> Result<Vec<f32>, EncoderError> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| encodings[i].len());
+        let mut out = vec![0f32; texts.len() * self.dim];
+        for chunk in order.chunks(self.batch_size) {
+            let batch: Vec<&tokenizers::Encoding> = chunk.iter().map(|&i| &encodings[i]).collect();
+            let vectors = self.forward(&batch)?.to_vec2::<f32>()?;
+            for (&i, vector) in chunk.iter().zip(vectors) {
+                out[i * self.dim..(i + 1) * self.dim].copy_from_slice(&vector);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Pooling and max sequence length from the sentence-transformers files, with the
+/// library's defaults where they are absent (mean pooling; the model's position limit).
+fn sentence_transformers_settings(
+    dir: &Path,
+    config: &Config,
+) -> Result<(Pooling, usize), EncoderError> {
+    let mut pooling = Pooling::Mean;
+    if let Ok(text) = std::fs::read_to_string(dir.join("modules.json")) {
+        let modules: Vec<Module> = json(dir, "modules.json", &text)?;
+        if let Some(module) = modules.iter().find(|m| m.kind.ends_with(".Pooling")) {
+            let file = Path::new(&module.path).join("config.json");
+            let name = file.display().to_string();
+            let text = read(dir, &name)?;
+            let p: PoolingConfig = json(dir, &name, &text)?;
+            pooling = match (p.pooling_mode_cls_token, p.pooling_mode_mean_tokens) {
+                (true, false) => Pooling::Cls,
+                (false, true) => Pooling::Mean,
+                _ => {
+                    return Err(EncoderError::BadFile {
+                        dir: dir.to_path_buf(),
+                        file: name,
+                        reason: "only one of mean or CLS pooling is supported".into(),
+                    });
+                }
+            };
+            if p.pooling_mode_max_tokens || p.pooling_mode_mean_sqrt_len_tokens {
+                return Err(EncoderError::BadFile {
+                    dir: dir.to_path_buf(),
+                    file: name,
+                    reason: "max and mean-sqrt-len pooling are not supported".into(),
+                });
+            }
+        }
+    }
+    let mut max_len = config.max_position_embeddings;
+    if let Ok(text) = std::fs::read_to_string(dir.join("sentence_bert_config.json")) {
+        let st: SentenceBertConfig = json(dir, "sentence_bert_config.json", &text)?;
+        if let Some(m) = st.max_seq_length {
+            max_len = max_len.min(m);
+        }
+    }
+    Ok((pooling, max_len))
+}
+
+fn read(dir: &Path, file: &str) -> Result<String, EncoderError> {
+    std::fs::read_to_string(dir.join(file)).map_err(|e| EncoderError::MissingFile {
+        dir: dir.to_path_buf(),
+        file: file.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn json<T: for<'de> Deserialize<'de>>(
+    dir: &Path,
+    file: &str,
+    text: &str,
+) -> Result<T, EncoderError> {
+    serde_json::from_str(text).map_err(|e| EncoderError::BadFile {
+        dir: dir.to_path_buf(),
+        file: file.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// The model folder a test or benchmark uses: `$ABRIDGE_MODELS/<name>`, else the cache
+/// that scripts/fetch-models fills.
+pub fn cached_model_dir(name: &str) -> PathBuf {
+    let models = std::env::var_os("ABRIDGE_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("ABRIDGE_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/abridge")
+                });
+            cache.join("models")
+        });
+    models.join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Fixture {
+        texts: Vec<String>,
+        embeddings: Vec<Vec<f32>>,
+    }
+
+    fn fixture() -> Fixture {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/minilm-l6-v2-embeddings.json");
+        let text = std::fs::read_to_string(&path).expect("fixture present");
+        serde_json::from_str(&text).expect("fixture parses")
+    }
+
+    fn model() -> BertEncoder {
+        let dir = cached_model_dir("minilm-l6-v2");
+        BertEncoder::load(&dir, &Device::Cpu, 4)
+            .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models)"))
+    }
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (na * nb)
+    }
+
+    /// Reference vectors from sentence-transformers (scripts/make-encoder-fixture.py).
+    #[test]
+    fn matches_sentence_transformers() {
+        let fixture = fixture();
+        let model = model();
+        assert_eq!(model.pooling(), Pooling::Mean);
+        let texts: Vec<&str> = fixture.texts.iter().map(String::as_str).collect();
+        let got = model.encode(&texts).unwrap();
+        for (i, expected) in fixture.embeddings.iter().enumerate() {
+            let vector = &got[i * model.dim()..(i + 1) * model.dim()];
+            let c = cosine(vector, expected);
+            assert!(
+                c >= 0.9999,
+                "text {i} ({:?}...): cosine {c}",
+                texts[i].chars().take(30).collect::<String>()
+            );
+            let norm: f32 = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn batched_equals_one_at_a_time() {
+        let fixture = fixture();
+        let model = model();
+        let texts: Vec<&str> = fixture.texts.iter().map(String::as_str).collect();
+        let batched = model.encode(&texts).unwrap();
+        for (i, text) in texts.iter().enumerate() {
+            let single = model.encode(&[text]).unwrap();
+            let c = cosine(&single, &batched[i * model.dim()..(i + 1) * model.dim()]);
+            assert!(c >= 0.99999, "text {i}: cosine {c}");
+        }
+    }
+
+    #[test]
+    fn missing_and_wrong_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = BertEncoder::load(dir.path(), &Device::Cpu, 4)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}"#,
+        )
+        .unwrap();
+        let err = BertEncoder::load(dir.path(), &Device::Cpu, 4)
+            .err()
+            .unwrap();
+        assert!(matches!(err, EncoderError::NotBert { .. }), "{err}");
+        let source = cached_model_dir("minilm-l6-v2");
+        std::fs::copy(source.join("config.json"), dir.path().join("config.json")).unwrap();
+        let err = BertEncoder::load(dir.path(), &Device::Cpu, 4)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("tokenizer.json"), "{err}");
+    }
+}

@@ -1,0 +1,110 @@
+//! Sentence encoders: text in, one vector per text out.
+//!
+//! Models sit behind the small [`Encoder`] trait, with the engine-specific code in one
+//! module each ([`bert`]: BERT-family checkpoints on candle). Encoding is blocking CPU or
+//! GPU work, so stages reach an encoder through an [`EncoderWorker`]: a dedicated thread
+//! fed by a channel, each request answered on a oneshot, as text-embeddings-inference
+//! wraps its candle backend. The async runtime never blocks on a forward pass.
+
+pub mod bert;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+/// Errors of loading or running an encoder.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncoderError {
+    /// A file the model folder must have is missing or unreadable.
+    #[error("model folder {}: cannot read {file}: {reason}", dir.display())]
+    MissingFile {
+        /// The model folder.
+        dir: PathBuf,
+        /// The file's name inside it.
+        file: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A file of the model folder is there but malformed.
+    #[error("model folder {}: {file}: {reason}", dir.display())]
+    BadFile {
+        /// The model folder.
+        dir: PathBuf,
+        /// The file's name inside it.
+        file: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The checkpoint is not an architecture this encoder implements.
+    #[error("model folder {}: architecture {found} is not a BERT-family encoder (BERT, GTE, BGE, MiniLM, e5)", dir.display())]
+    NotBert {
+        /// The model folder.
+        dir: PathBuf,
+        /// The `model_type`/`architectures` found in config.json.
+        found: String,
+    },
+    /// Tokenizing a text failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The encoder's worker thread is gone (it panicked or was shut down).
+    #[error("encoder worker stopped")]
+    WorkerGone,
+}
+
+/// A sentence encoder.
+pub trait Encoder: Send + Sync {
+    /// Length of every vector.
+    fn dim(&self) -> usize;
+
+    /// Encodes `texts` (blocking). Returns `texts.len() * dim()` floats, one L2-normalized
+    /// vector per text in input order.
+    fn encode(&self, texts: &[&str]) -> Result<Vec<f32>, EncoderError>;
+}
+
+type Request = (Vec<String>, oneshot::Sender<Result<Vec<f32>, EncoderError>>);
+
+/// A handle on an encoder running on its own thread. Cloning gives another handle on the
+/// same thread; the thread ends when the last handle is dropped.
+#[derive(Clone)]
+pub struct EncoderWorker {
+    requests: mpsc::Sender<Request>,
+    dim: usize,
+}
+
+impl EncoderWorker {
+    /// Moves `encoder` onto a new thread.
+    pub fn spawn(encoder: Arc<dyn Encoder>) -> Result<Self, EncoderError> {
+        let dim = encoder.dim();
+        let (requests, mut inbox) = mpsc::channel::<Request>(4);
+        std::thread::Builder::new()
+            .name("abridge-encoder".into())
+            .spawn(move || {
+                while let Some((texts, reply)) = inbox.blocking_recv() {
+                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    let _ = reply.send(encoder.encode(&refs));
+                }
+            })
+            .map_err(|_| EncoderError::WorkerGone)?;
+        Ok(Self { requests, dim })
+    }
+
+    /// Length of every vector.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Encodes `texts` on the worker thread.
+    pub async fn encode(&self, texts: Vec<String>) -> Result<Vec<f32>, EncoderError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send((texts, reply))
+            .await
+            .map_err(|_| EncoderError::WorkerGone)?;
+        answer.await.map_err(|_| EncoderError::WorkerGone)?
+    }
+}
