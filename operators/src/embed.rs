@@ -107,13 +107,9 @@ async fn embed_batch(
 ) -> Result<RecordBatch, OperatorError> {
     let rows = batch.num_rows();
     let dim = encoder.dim();
-    let failed = batch
-        .column_by_name(ERROR)
-        .map(|e| e.logical_nulls().map_or(0, |n| n.len() - n.null_count()) > 0)
-        .unwrap_or(false);
-    let errors = batch.column_by_name(ERROR).map(Arc::clone);
+    let errors = batch.column_by_name(ERROR);
     let keep: Vec<bool> = (0..rows)
-        .map(|r| !failed || errors.as_ref().is_none_or(|e| e.is_null(r)))
+        .map(|r| errors.is_none_or(|e| e.is_null(r)))
         .collect();
     let texts = template.render(&batch, &keep)?;
     let vectors = if texts.is_empty() {
