@@ -5,14 +5,13 @@
 //! they exist) is what keeps memory flat whatever the input size.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
-
 use std::sync::Arc;
+use std::time::Instant;
 
 use abridge_operators::dedup::Deduplicate;
 use abridge_operators::embed::Embed;
-use abridge_operators::encoder::EncoderWorker;
 use abridge_operators::encoder::bert::BertEncoder;
+use abridge_operators::encoder::{EncoderError, EncoderWorker};
 use abridge_operators::normalize::Normalize;
 use abridge_operators::scan::{OpenScan, ParquetScan};
 use abridge_operators::sink::{ParquetSink, SinkReport};
@@ -84,28 +83,25 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let normalize = Normalize::try_new(&input.columns, &scan.schema, &input.path, &input.drop)
         .map_err(doesnt_fit)?;
     let dedup = Deduplicate::try_new(normalize.schema()).map_err(doesnt_fit)?;
+    let last_schema = dedup.schema();
     let mut stages: Vec<(Box<dyn Operator>, OperatorMetrics)> = vec![
         (Box::new(normalize), OperatorMetrics::default()),
         (Box::new(dedup), OperatorMetrics::default()),
     ];
     if let Some(embed) = &job.config.embed {
-        let (dir, batch_size) = (embed.model.clone(), embed.batch_size);
-        let loaded =
-            tokio::task::spawn_blocking(move || BertEncoder::load(&dir, &Device::Cpu, batch_size))
-                .await
-                .map_err(|_| OperatorError::WorkerGone("encoder loader"))
-                .and_then(|r| r.map_err(|e| OperatorError::Encoder(Box::new(e))))
-                .map_err(|source| PipelineError::Model {
-                    job: job.path.clone(),
-                    source: Box::new(source),
-                })?;
-        let worker = EncoderWorker::spawn(Arc::new(loaded)).map_err(|e| PipelineError::Model {
+        let model_error = |e| PipelineError::Model {
             job: job.path.clone(),
             source: Box::new(OperatorError::Encoder(Box::new(e))),
-        })?;
-        let input = stages.last().map(|(s, _)| s.schema());
-        let input = input.unwrap_or_else(|| Arc::clone(&scan.schema));
-        let stage = Embed::try_new(worker, embed.input.as_deref(), &input).map_err(doesnt_fit)?;
+        };
+        let (dir, batch_size) = (embed.model.clone(), embed.batch_size);
+        let encoder =
+            tokio::task::spawn_blocking(move || BertEncoder::load(&dir, &Device::Cpu, batch_size))
+                .await
+                .map_err(|_| model_error(EncoderError::WorkerGone))?
+                .map_err(model_error)?;
+        let worker = EncoderWorker::spawn(Arc::new(encoder)).map_err(model_error)?;
+        let stage =
+            Embed::try_new(worker, embed.input.as_deref(), &last_schema).map_err(doesnt_fit)?;
         stages.push((Box::new(stage), OperatorMetrics::default()));
     }
 
