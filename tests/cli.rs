@@ -547,3 +547,264 @@ fn embed_stage_writes_normalized_vectors_of_the_model_dimension() -> TestResult 
     );
     Ok(())
 }
+
+/// `[embed]`, `[filter]` and `[index]` sections over the small test model, with the index
+/// in `dir/index`.
+fn retrieval_sections(dir: &Path) -> String {
+    let model = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    format!(
+        r#"
+[embed]
+model = "{}"
+input = "{{title}}\n{{text}}"
+[filter.similarity]
+queries = ["a device or service is down and the employee cannot work"]
+threshold = 0.1
+[filter.topics]
+allowed = ["printing", "network", "other"]
+min_score = 0.15
+[filter.topics.labels]
+printing = ["printer offline, print jobs stuck in the queue"]
+network = ["VPN, wifi or internet connection drops"]
+billing = ["invoice, refund, payment charged twice"]
+[index]
+path = "{}"
+"#,
+        model.display(),
+        dir.join("index").display()
+    )
+}
+
+fn search(args: &[&str]) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let mut all = vec!["search"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--format", "json"]);
+    let out = abridge(&all);
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(serde_json::from_str(&stdout(&out))?)
+}
+
+/// Lower-cased words (and CJK characters) of a text.
+fn words(text: &str) -> std::collections::HashSet<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+#[test]
+fn filter_marks_rows_and_index_search_finds_by_meaning() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = repo().join("jobs/data/demo-tickets.parquet");
+    let job = job_file(dir.path(), &input, &retrieval_sections(dir.path()))?;
+    let m = run_json(&job, &[])?;
+    assert_eq!(m.status, RunStatus::Committed);
+    assert!(m.rows_filtered > 0, "some tickets are filtered out");
+
+    // Every row is written; kept + filtered + failed = written, and SQL sees the same.
+    let out = sql(
+        &job,
+        "SELECT count(*) FILTER (WHERE kept) AS kept, \
+         count(*) FILTER (WHERE NOT kept AND error IS NULL) AS filtered, \
+         count(*) FILTER (WHERE error IS NOT NULL) AS failed, \
+         count(*) FILTER (WHERE NOT kept AND error IS NULL AND filter_reason IS NULL) AS unexplained, \
+         count(*) FILTER (WHERE kept AND topic NOT IN ('printing', 'network', 'other')) AS leaked, \
+         count(*) AS n FROM summaries",
+        "json",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    let n = |k: &str| row[0][k].as_u64().unwrap_or(u64::MAX);
+    assert!(n("kept") > 0);
+    assert_eq!(n("filtered"), m.rows_filtered);
+    assert_eq!(n("failed"), m.rows_failed);
+    assert_eq!(n("kept") + n("filtered") + n("failed"), n("n"));
+    assert_eq!(n("unexplained"), 0, "every filtered row says why");
+    assert_eq!(n("leaked"), 0, "kept rows have an allowed topic");
+
+    // Topics found by meaning agree with the sample's own categories for English tickets.
+    let out = sql(
+        &job,
+        "SELECT count(*) FILTER (WHERE topic = category) AS agree, count(*) AS n FROM summaries \
+         WHERE language = 'en' AND category IN ('printing', 'network', 'billing') AND error IS NULL",
+        "json",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    let (agree, total) = (row[0]["agree"].as_f64(), row[0]["n"].as_f64());
+    let share = agree.unwrap_or(0.0) / total.unwrap_or(1.0);
+    assert!(
+        share > 0.9,
+        "topic agrees with category for {share:.2} of tickets"
+    );
+
+    // A query with no word in common with its target still finds it first, by meaning.
+    let query = "spooler hangs, pages pending indefinitely";
+    let index = dir.path().join("index");
+    let hits = search(&[
+        query,
+        "--index",
+        index.to_str().unwrap_or_default(),
+        "--mode",
+        "vector",
+        "--k",
+        "3",
+    ])?;
+    let top = &hits[0];
+    let target = format!(
+        "{} {}",
+        top["title"].as_str().unwrap_or_default(),
+        top["text"].as_str().unwrap_or_default()
+    );
+    assert!(
+        target.contains("Print jobs stay in the queue"),
+        "top hit: {target}"
+    );
+    assert!(
+        words(query).is_disjoint(&words(&target)),
+        "the query shares no word with {target}"
+    );
+    // BM25 cannot find it: no word in common.
+    let lexical = search(&[
+        query,
+        "--index",
+        index.to_str().unwrap_or_default(),
+        "--mode",
+        "bm25",
+    ])?;
+    assert!(
+        lexical
+            .as_array()
+            .is_none_or(|h| h.iter().all(|h| h["id"] != top["id"]))
+    );
+
+    // Chinese queries, through the job.
+    let hits = search(&[
+        "打印机离线",
+        "--job",
+        job.to_str().unwrap_or_default(),
+        "--mode",
+        "bm25",
+        "--k",
+        "5",
+    ])?;
+    let hits = hits.as_array().cloned().unwrap_or_default();
+    assert_eq!(hits.len(), 5);
+    assert!(
+        hits.iter()
+            .all(|h| h["text"].as_str().is_some_and(|t| t.contains("打印机")))
+    );
+    let hybrid = search(&["打印机离线", "--job", job.to_str().unwrap_or_default()])?;
+    assert_eq!(hybrid.as_array().map(Vec::len), Some(10));
+
+    // Re-running re-indexes the same tickets: replaced, not duplicated.
+    let index_docs = |dir: &Path| -> Result<u64, Box<dyn std::error::Error>> {
+        Ok(abridge_operators::index::TicketIndex::open(dir)?.num_docs()?)
+    };
+    let first = index_docs(&index)?;
+    assert_eq!(
+        first,
+        m.rows_written - m.rows_failed,
+        "every ticket with a vector"
+    );
+    let again = run_json(&job, &[])?;
+    assert_eq!(index_docs(&index)?, first);
+    let newest = search(&[
+        "printer",
+        "--index",
+        index.to_str().unwrap_or_default(),
+        "--mode",
+        "bm25",
+        "--k",
+        "1",
+    ])?;
+    assert_eq!(newest[0]["run_id"], again.run_id.as_str());
+    Ok(())
+}
+
+#[test]
+fn index_is_repaired_after_a_crash_between_its_commit_and_the_runs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 60, 3)?;
+    let job = job_file(dir.path(), &input, &retrieval_sections(dir.path()))?;
+    let first = run_json(&job, &[])?;
+    // The second run's index commit lands, then "the machine dies" before its manifest
+    // says committed: simulated by marking the run failed after the fact.
+    let second = run_json(&job, &["--set", "input.where=priority = 'P1'"])?;
+    let run_dir = dir
+        .path()
+        .join("out")
+        .join(format!("run_id={}", second.run_id));
+    let mut manifest = RunManifest::read(&run_dir)?;
+    manifest.status = RunStatus::Failed;
+    manifest.write(&run_dir)?;
+
+    let out = abridge(&["run", job.to_str().unwrap_or_default(), "--limit", "10"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("rebuilt"), "{}", stderr(&out));
+    let index = abridge_operators::index::TicketIndex::open(&dir.path().join("index"))?;
+    assert_eq!(
+        index.num_docs()?,
+        first.rows_written - first.rows_failed,
+        "the index holds the committed runs' tickets, once each"
+    );
+    Ok(())
+}
+
+#[test]
+fn retrieval_config_errors_are_clear() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 20, 3)?;
+    let job = job_file(dir.path(), &input, &retrieval_sections(dir.path()))?;
+    let job_arg = job.to_str().unwrap_or_default();
+
+    let out = abridge(&["run", job_arg, "--set", "filter.similarity.queries=[]"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("filter.similarity.queries"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = abridge(&[
+        "run",
+        job_arg,
+        "--set",
+        "filter.topics.allowed=[\"hardwre\"]",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("hardwre"), "{}", stderr(&out));
+
+    // The dynamic default with these values cannot be passed by any cosine.
+    let out = abridge(&[
+        "run",
+        job_arg,
+        "--set",
+        "filter.similarity.threshold={ base = 0.9, per_token = 0.1 }",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("above 1"), "{}", stderr(&out));
+
+    // An index held by another writer.
+    let index = abridge_operators::index::TicketIndex::open_or_create(
+        &dir.path().join("index"),
+        384,
+        Path::new("m"),
+    )?;
+    let held = index.writer()?;
+    let out = abridge(&["run", job_arg]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("locked"), "{}", stderr(&out));
+    drop(held);
+
+    // Search without an index, or with no such folder.
+    let out = abridge(&[
+        "search",
+        "x",
+        "--index",
+        dir.path().join("nope").to_str().unwrap_or_default(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no index at"), "{}", stderr(&out));
+    Ok(())
+}

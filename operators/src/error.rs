@@ -71,6 +71,12 @@ pub enum OperatorError {
     /// The sentence encoder failed to load or run.
     #[error(transparent)]
     Encoder(Box<crate::encoder::EncoderError>),
+    /// A stage was wired after stages that do not produce the columns it needs.
+    #[error("{0}")]
+    StageSchema(String),
+    /// The tantivy index could not be opened or written.
+    #[error(transparent)]
+    Index(Box<crate::index::IndexError>),
     /// An Arrow compute kernel failed.
     #[error(transparent)]
     Arrow(#[from] ArrowError),
@@ -83,6 +89,12 @@ pub enum OperatorError {
     /// A stage's worker thread went away without an answer (it panicked or was cancelled).
     #[error("{0} worker stopped unexpectedly")]
     WorkerGone(&'static str),
+}
+
+impl From<crate::index::IndexError> for OperatorError {
+    fn from(err: crate::index::IndexError) -> Self {
+        OperatorError::Index(Box::new(err))
+    }
 }
 
 /// Operator errors travel through DataFusion streams wrapped as `External`; unwrap them on

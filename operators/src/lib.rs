@@ -10,6 +10,8 @@ pub mod dedup;
 pub mod embed;
 pub mod encoder;
 mod error;
+pub mod filter;
+pub mod index;
 mod metrics;
 pub mod normalize;
 mod operator;

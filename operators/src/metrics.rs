@@ -15,6 +15,7 @@ struct Counters {
     rows_out: AtomicU64,
     rows_failed: AtomicU64,
     rows_dropped: AtomicU64,
+    rows_filtered: AtomicU64,
     busy_nanos: AtomicU64,
 }
 
@@ -29,6 +30,10 @@ pub struct MetricsSnapshot {
     pub rows_failed: u64,
     /// Rows removed from the stream on purpose (e.g. duplicates).
     pub rows_dropped: u64,
+    /// Rows passed on but marked as not to be summarized (`kept = false`). Absent in
+    /// manifests of older runs.
+    #[serde(default)]
+    pub rows_filtered: u64,
     /// Time spent inside the operator's own work, in milliseconds.
     pub busy_ms: u64,
 }
@@ -56,6 +61,13 @@ impl OperatorMetrics {
             .fetch_add(rows as u64, Ordering::Relaxed);
     }
 
+    /// Counts rows passed on with `kept = false`.
+    pub fn add_filtered(&self, rows: usize) {
+        self.0
+            .rows_filtered
+            .fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
     /// Adds time spent working.
     pub fn add_busy(&self, elapsed: Duration) {
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
@@ -69,6 +81,7 @@ impl OperatorMetrics {
             rows_out: self.0.rows_out.load(Ordering::Relaxed),
             rows_failed: self.0.rows_failed.load(Ordering::Relaxed),
             rows_dropped: self.0.rows_dropped.load(Ordering::Relaxed),
+            rows_filtered: self.0.rows_filtered.load(Ordering::Relaxed),
             busy_ms: self.0.busy_nanos.load(Ordering::Relaxed) / 1_000_000,
         }
     }

@@ -36,6 +36,9 @@ pub enum PipelineError {
         /// What went wrong.
         source: Box<OperatorError>,
     },
+    /// The job's index cannot be opened, written or searched.
+    #[error(transparent)]
+    Index(Box<abridge_operators::index::IndexError>),
     /// The run started and then failed; files already finished are intact.
     #[error("run {run_id} failed (finished files kept in {}): {source}", run_dir.display())]
     RunFailed {

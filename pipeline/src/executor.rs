@@ -12,16 +12,20 @@ use abridge_operators::dedup::Deduplicate;
 use abridge_operators::embed::Embed;
 use abridge_operators::encoder::bert::BertEncoder;
 use abridge_operators::encoder::{EncoderError, EncoderWorker};
+use abridge_operators::filter::SemanticFilter;
+use abridge_operators::index::{IndexCommitter, IndexStage};
 use abridge_operators::normalize::Normalize;
 use abridge_operators::scan::{OpenScan, ParquetScan};
 use abridge_operators::sink::{ParquetSink, SinkReport};
 use abridge_operators::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
+use arrow::datatypes::{Schema, SchemaRef};
 use candle_core::Device;
 use datafusion::physical_plan::stream::RecordBatchReceiverStream;
 use futures::StreamExt;
 
 use crate::error::PipelineError;
-use crate::job::Job;
+use crate::job::{Job, JobError};
+use crate::retrieval;
 use crate::run::{self, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, StageSummary};
 
 /// Options of one run that are not part of the job.
@@ -50,7 +54,28 @@ pub struct PreparedRun {
     run_dir: PathBuf,
     scan: OpenScan,
     stages: Vec<(Box<dyn Operator>, OperatorMetrics)>,
+    /// The job's index writer, committed after the output files and before the manifest.
+    index: Option<IndexCommitter>,
+    notes: Vec<String>,
     progress: Progress,
+}
+
+/// A job that classifies topics must not silently overwrite a topic column of its input.
+fn refuse_input_topic(job: &Job, input: &SchemaRef) -> Result<(), PipelineError> {
+    let input_config = &job.config.input;
+    let name = input_config.columns.topic.as_deref().unwrap_or("topic");
+    if input.index_of(name).is_ok() && !input_config.drop.iter().any(|d| d == name) {
+        return Err(JobError::Invalid {
+            path: job.path.clone(),
+            key: "filter.topics".into(),
+            message: format!(
+                "the input's `{name}` column would be replaced by the computed topic; \
+                 drop it (input.drop = [\"{name}\"]) or remove [filter.topics]"
+            ),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Opens the job's input and builds its stages.
@@ -83,11 +108,19 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let normalize = Normalize::try_new(&input.columns, &scan.schema, &input.path, &input.drop)
         .map_err(doesnt_fit)?;
     let dedup = Deduplicate::try_new(normalize.schema()).map_err(doesnt_fit)?;
-    let last_schema = dedup.schema();
     let mut stages: Vec<(Box<dyn Operator>, OperatorMetrics)> = vec![
         (Box::new(normalize), OperatorMetrics::default()),
         (Box::new(dedup), OperatorMetrics::default()),
     ];
+    let last_schema = |stages: &[(Box<dyn Operator>, OperatorMetrics)]| {
+        stages
+            .last()
+            .map(|(s, _)| s.schema())
+            .unwrap_or_else(|| Arc::new(Schema::empty()))
+    };
+    let run_id = run::new_run_id();
+    let mut index = None;
+    let mut notes = Vec::new();
     if let Some(embed) = &job.config.embed {
         let model_error = |e| PipelineError::Model {
             job: job.path.clone(),
@@ -100,12 +133,52 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
                 .map_err(|_| model_error(EncoderError::WorkerGone))?
                 .map_err(model_error)?;
         let worker = EncoderWorker::spawn(Arc::new(encoder)).map_err(model_error)?;
-        let stage =
-            Embed::try_new(worker, embed.input.as_deref(), &last_schema).map_err(doesnt_fit)?;
+        let stage = Embed::try_new(
+            worker.clone(),
+            embed.input.as_deref(),
+            &last_schema(&stages),
+        )
+        .map_err(doesnt_fit)?;
         stages.push((Box::new(stage), OperatorMetrics::default()));
+
+        if let Some(filter) = &job.config.filter {
+            if filter.topics.is_some() {
+                refuse_input_topic(&job, &scan.schema)?;
+            }
+            let queries = match &filter.similarity {
+                Some(config) => retrieval::similarity_queries(config, &worker, &job.path).await?,
+                None => Vec::new(),
+            };
+            let topics = match &filter.topics {
+                Some(config) => Some(retrieval::topic_rule(config, &worker, &job.path).await?),
+                None => None,
+            };
+            let stage = SemanticFilter::try_new(&last_schema(&stages), queries, topics)
+                .map_err(doesnt_fit)?;
+            stages.push((Box::new(stage), OperatorMetrics::default()));
+        }
+
+        if let Some(config) = &job.config.index {
+            let (committer, rebuilt) = retrieval::open_index_for_run(
+                &config.path,
+                worker.dim(),
+                &embed.model,
+                &job.config.output.path,
+            )?;
+            if let Some(rows) = rebuilt {
+                notes.push(format!(
+                    "index {} was behind the output table (an interrupted run?): rebuilt from \
+                     the committed runs ({rows} tickets)",
+                    config.path.display()
+                ));
+            }
+            let stage = IndexStage::try_new(committer.clone(), &run_id, &last_schema(&stages))
+                .map_err(doesnt_fit)?;
+            stages.push((Box::new(stage), OperatorMetrics::default()));
+            index = Some(committer);
+        }
     }
 
-    let run_id = run::new_run_id();
     let run_dir = job
         .config
         .output
@@ -121,6 +194,8 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         run_dir,
         scan,
         stages,
+        index,
+        notes,
         progress: Progress {
             expected_rows,
             read,
@@ -138,6 +213,11 @@ impl PreparedRun {
     /// The run's id.
     pub fn run_id(&self) -> &str {
         &self.run_id
+    }
+
+    /// What the preparation did that the user should know (e.g. an index rebuilt).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The folder the run writes.
@@ -175,6 +255,7 @@ impl PreparedRun {
             rows_read: 0,
             rows_written: 0,
             rows_failed: 0,
+            rows_filtered: 0,
             duplicates_dropped: 0,
             files: Vec::new(),
             stages: Vec::new(),
@@ -190,13 +271,21 @@ impl PreparedRun {
             rows_per_file: self.job.config.output.rows_per_file,
             row_group_rows: self.job.config.output.row_group_rows,
         };
-        let outcome: Result<SinkReport, Option<OperatorError>> = match chained {
+        let mut outcome: Result<SinkReport, Option<OperatorError>> = match chained {
             Err(err) => Err(Some(err)),
             Ok(stream) => tokio::select! {
                 written = sink.write(stream, self.progress.written.clone()) => written.map_err(Some),
                 _ = tokio::signal::ctrl_c() => Err(None),
             },
         };
+        // The index commits after the output files are in place and before the manifest
+        // says committed; its commit names the run, so a crash in between is detected
+        // (and repaired) by the next run.
+        if let (Ok(_), Some(index)) = (&outcome, &self.index)
+            && let Err(err) = index.commit(&self.run_id)
+        {
+            outcome = Err(Some(err.into()));
+        }
 
         // Counts are final here: every stage task has finished or been dropped.
         manifest.stages.push(StageSummary {
@@ -218,6 +307,11 @@ impl PreparedRun {
             .stages
             .iter()
             .map(|(_, m)| m.snapshot().rows_failed)
+            .sum();
+        manifest.rows_filtered = self
+            .stages
+            .iter()
+            .map(|(_, m)| m.snapshot().rows_filtered)
             .sum();
         manifest.duplicates_dropped = self
             .stages

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use abridge_operators::filter::OTHER_TOPIC;
 use abridge_schemas::ColumnMapping;
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,12 @@ pub struct JobConfig {
     /// The sentence encoder stage; without this section no embeddings are made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embed: Option<EmbedConfig>,
+    /// Which tickets go on to be summarized, by meaning; needs `[embed]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterConfig>,
+    /// The job's tantivy index, for `abridge search`; needs `[embed]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexConfig>,
     /// How the executor runs the stages.
     #[serde(default)]
     pub run: RunConfig,
@@ -47,6 +54,101 @@ pub struct EmbedConfig {
 
 fn default_embed_batch_size() -> usize {
     32
+}
+
+/// `[index]`: a tantivy index of every ticket with its vector, kept in step with the
+/// output table (re-indexed tickets replace their old version).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexConfig {
+    /// The index folder (created on the first run).
+    pub path: PathBuf,
+}
+
+/// `[filter]`: both rules are optional; a ticket is kept when it passes every rule set.
+/// Filtered tickets are still written, with `kept = false` and `filter_reason`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Keep tickets near one of the queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<SimilarityConfig>,
+    /// Classify tickets into topics and keep the allowed ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<TopicsConfig>,
+}
+
+/// `[filter.similarity]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimilarityConfig {
+    /// What the job is looking for, in words: a ticket is kept when its cosine to any
+    /// query reaches that query's threshold.
+    pub queries: Vec<String>,
+    /// A number (`0.5`: the same for every query) or the dynamic rule
+    /// `{ base = 0.65, per_token = 0.05 }`: base + per_token × the query's token count,
+    /// stricter for longer, more specific queries. Default: the dynamic rule with 0.65 and
+    /// 0.05. Cosines depend on the model: check yours with `abridge search --mode vector`.
+    #[serde(default)]
+    pub threshold: Threshold,
+}
+
+/// A fixed or a length-dependent similarity threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Threshold {
+    /// The same threshold for every query.
+    Fixed(f32),
+    /// `base + per_token × query tokens`.
+    Dynamic(DynamicThreshold),
+}
+
+/// `base + per_token × query tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicThreshold {
+    /// Threshold of a query of no tokens. Default: 0.65.
+    pub base: f32,
+    /// Added per token of the query. Default: 0.05.
+    pub per_token: f32,
+}
+
+impl Default for Threshold {
+    fn default() -> Self {
+        Threshold::Dynamic(DynamicThreshold {
+            base: 0.65,
+            per_token: 0.05,
+        })
+    }
+}
+
+impl Threshold {
+    /// The threshold of a query of `tokens` tokens.
+    pub fn for_tokens(&self, tokens: usize) -> f32 {
+        match *self {
+            Threshold::Fixed(t) => t,
+            Threshold::Dynamic(d) => d.base + d.per_token * tokens as f32,
+        }
+    }
+}
+
+/// `[filter.topics]`: zero-shot topics by cosine to each topic's prototype (the mean
+/// vector of its label and description sentences).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Topic label → sentences that describe it (may be empty: the label alone).
+    pub labels: std::collections::BTreeMap<String, Vec<String>>,
+    /// Topics whose tickets are kept; may include `other`. Default: every label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<Vec<String>>,
+    /// A best cosine below this gives topic `other`. Default: 0.3.
+    #[serde(default = "default_min_topic_score")]
+    pub min_score: f32,
+}
+
+fn default_min_topic_score() -> f32 {
+    0.3
 }
 
 /// `[job]`: what the job is.
@@ -130,7 +232,7 @@ fn default_channel_capacity() -> usize {
 }
 
 /// Keys whose values are filesystem paths, resolved against the job file's folder.
-const PATH_KEYS: [&str; 3] = ["input.path", "output.path", "embed.model"];
+const PATH_KEYS: [&str; 4] = ["input.path", "output.path", "embed.model", "index.path"];
 
 /// Why a job file could not be used. All of these are the user's to fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +384,52 @@ impl JobConfig {
         }
         if self.input.path.trim().is_empty() {
             return Err(("input.path", "must not be empty".into()));
+        }
+        let no_embed = "needs an [embed] section: it works on the tickets' vectors";
+        if self.embed.is_none() {
+            if self.filter.is_some() {
+                return Err(("filter", no_embed.into()));
+            }
+            if self.index.is_some() {
+                return Err(("index", no_embed.into()));
+            }
+        }
+        let filter = self.filter.clone().unwrap_or_default();
+        if let Some(similarity) = &filter.similarity
+            && similarity.queries.iter().all(|q| q.trim().is_empty())
+        {
+            return Err((
+                "filter.similarity.queries",
+                "lists no query; add at least one, or remove [filter.similarity]".into(),
+            ));
+        }
+        if let Some(topics) = &filter.topics {
+            if topics.labels.is_empty() {
+                return Err((
+                    "filter.topics.labels",
+                    "names no topic; add `label = [\"description\", ...]` lines".into(),
+                ));
+            }
+            if topics.labels.contains_key(OTHER_TOPIC) {
+                return Err((
+                    "filter.topics.labels",
+                    format!(
+                        "`{OTHER_TOPIC}` is the topic of tickets near none; choose another label"
+                    ),
+                ));
+            }
+            for topic in topics.allowed.iter().flatten() {
+                if topic != OTHER_TOPIC && !topics.labels.contains_key(topic) {
+                    let labels: Vec<&str> = topics.labels.keys().map(String::as_str).collect();
+                    return Err((
+                        "filter.topics.allowed",
+                        format!(
+                            "`{topic}` is not a label; labels: {}, {OTHER_TOPIC}",
+                            labels.join(", ")
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -507,6 +655,42 @@ path = "/abs/out"
             load(MINIMAL, &["input.path.deeper=x"]),
             Err(JobError::Override { .. })
         ));
+    }
+
+    #[test]
+    fn filter_thresholds_are_fixed_or_dynamic() -> Result<(), JobError> {
+        let with = |threshold: &str| {
+            format!(
+                "{MINIMAL}[embed]\nmodel = \"m\"\n[filter.similarity]\nqueries = [\"q\"]\n{threshold}"
+            )
+        };
+        let job = load(&with(""), &[])?;
+        let similarity = job.config.filter.and_then(|f| f.similarity);
+        let threshold = similarity
+            .map(|s| s.threshold)
+            .unwrap_or(Threshold::Fixed(0.0));
+        assert!(
+            (threshold.for_tokens(2) - 0.75).abs() < 1e-6,
+            "defaults 0.65 + 0.05/token"
+        );
+        let job = load(&with("threshold = 0.4"), &[])?;
+        let similarity = job.config.filter.and_then(|f| f.similarity);
+        assert_eq!(similarity.map(|s| s.threshold), Some(Threshold::Fixed(0.4)));
+        let job = load(&with("threshold = { base = 0.5, per_token = -0.01 }"), &[])?;
+        let threshold = job
+            .config
+            .filter
+            .and_then(|f| f.similarity)
+            .map(|s| s.threshold);
+        assert!(threshold.is_some_and(|t| (t.for_tokens(10) - 0.4).abs() < 1e-6));
+        assert!(load(&with("threshold = { base = 0.5 }"), &[]).is_err());
+        // The filter works on vectors: no [embed], no filter.
+        let msg = load(&format!("{MINIMAL}[index]\npath = \"i\"\n"), &[])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+        assert!(msg.contains("`index`") && msg.contains("[embed]"), "{msg}");
+        Ok(())
     }
 
     #[test]

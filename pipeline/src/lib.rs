@@ -4,12 +4,14 @@
 //! [`executor::PreparedRun`]: the input is resolved and checked and every stage is built
 //! before anything is written. Executing it streams the input's record batches through
 //! the stages of `abridge-operators` into a new run folder of the output table
-//! ([`run`]). [`sql`] queries those tables; [`sample`] makes synthetic input.
+//! ([`run`]). [`sql`] queries those tables, [`retrieval`] searches a job's index;
+//! [`sample`] makes synthetic input.
 
 pub mod error;
 pub mod executor;
 pub mod job;
 pub mod progress;
+pub mod retrieval;
 pub mod run;
 pub mod sample;
 pub mod sql;

@@ -1,17 +1,25 @@
 //! The `abridge` command: parses flags, runs the library, maps errors to exit codes
 //! (0 ok, 1 the job failed, 2 bad usage or bad job file).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use abridge_operators::OperatorError;
+use abridge_operators::encoder::EncoderWorker;
+use abridge_operators::encoder::bert::BertEncoder;
+use abridge_operators::index::TicketIndex;
 use abridge_pipeline::PipelineError;
 use abridge_pipeline::executor::{self, RunOptions};
 use abridge_pipeline::job::Job;
 use abridge_pipeline::progress::{ProgressMode, ProgressReporter};
+use abridge_pipeline::retrieval::{self, SearchMode};
 use abridge_pipeline::run::RunManifest;
 use abridge_pipeline::sample::{SampleOptions, write_sample};
 use abridge_pipeline::sql::{OutputFormat, SqlSession, write_results};
 use anyhow::Context;
+use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 
 /// Summarize large tables of documents with small language models.
@@ -50,6 +58,19 @@ enum Command {
     ///   abridge sql "SELECT * FROM t LIMIT 5" --table t=data/tickets.parquet --format json
     ///   abridge sql "SELECT id, text FROM summaries" --format parquet --out ids.parquet
     Sql(SqlArgs),
+    /// Search a job's index: by words (BM25), by meaning (sentence vectors), or both.
+    ///
+    /// The index is the one the job's [index] section names (default job: jobs/demo.toml
+    /// when it exists) or a folder given with --index; it holds every ticket of the job's
+    /// committed runs. Hybrid mode fuses the BM25 and vector rankings by reciprocal rank;
+    /// vector and hybrid modes embed the query with the encoder that built the index.
+    /// Chinese queries work in every mode (BM25 indexes one token per CJK character).
+    ///
+    /// Examples:
+    ///   abridge search "printer prints blank pages"
+    ///   abridge search "打印机无法连接" --k 5 --format json
+    ///   abridge search "invoice charged twice" --mode bm25 --index out/demo-index
+    Search(SearchArgs),
     /// Write a synthetic ticket table (English and Chinese help-desk tickets with reference
     /// summaries), the same for the same seed.
     ///
@@ -100,6 +121,34 @@ struct SqlArgs {
 }
 
 #[derive(Args)]
+struct SearchArgs {
+    /// What to look for, in any words.
+    query: String,
+    /// The job whose index to search [default: jobs/demo.toml when it exists].
+    #[arg(long, value_name = "JOB.toml", conflicts_with = "index")]
+    job: Option<PathBuf>,
+    /// An index folder to search instead of a job's.
+    #[arg(long, value_name = "DIR")]
+    index: Option<PathBuf>,
+    /// Number of results.
+    #[arg(long, short, default_value_t = 10)]
+    k: usize,
+    /// How to rank.
+    #[arg(long, value_enum, default_value = "hybrid")]
+    mode: SearchMode,
+    /// How to print the hits: an aligned table, or a JSON array of objects with id,
+    /// score, title, text, topic and run_id.
+    #[arg(long, value_enum, default_value = "table")]
+    format: HitFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum HitFormat {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
 struct SampleArgs {
     /// Number of tickets.
     #[arg(long, default_value_t = 1000)]
@@ -133,6 +182,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Sql(args) => sql(args).await,
+            Command::Search(args) => search(args).await,
             Command::Sample(args) => sample(&args),
         }
     });
@@ -168,6 +218,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let options = RunOptions { limit: args.limit };
     let prepared = executor::prepare(job, &options).await?;
     let mode = ProgressMode::detect(args.quiet || args.json);
+    if !args.quiet {
+        for note in prepared.notes() {
+            eprintln!("note: {note}");
+        }
+    }
     if mode != ProgressMode::Off {
         eprintln!(
             "run {} → {}",
@@ -189,18 +244,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn summary(m: &RunManifest) -> String {
     let mut out = format!(
-        "run {} committed in {:.1}s: {} rows read, {} written ({} with errors), {} duplicates dropped\n",
-        m.run_id, m.elapsed_s, m.rows_read, m.rows_written, m.rows_failed, m.duplicates_dropped
+        "run {} committed in {:.1}s: {} rows read, {} written ({} with errors, {} filtered out), {} duplicates dropped\n",
+        m.run_id,
+        m.elapsed_s,
+        m.rows_read,
+        m.rows_written,
+        m.rows_failed,
+        m.rows_filtered,
+        m.duplicates_dropped
     );
     out.push_str(&format!(
-        "  {:<10} {:>10} {:>10} {:>8} {:>8} {:>9}\n",
-        "stage", "rows in", "rows out", "failed", "dropped", "busy ms"
+        "  {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}\n",
+        "stage", "rows in", "rows out", "failed", "dropped", "filtered", "busy ms"
     ));
     for s in &m.stages {
         let x = &s.metrics;
         out.push_str(&format!(
-            "  {:<10} {:>10} {:>10} {:>8} {:>8} {:>9}\n",
-            s.stage, x.rows_in, x.rows_out, x.rows_failed, x.rows_dropped, x.busy_ms
+            "  {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}\n",
+            s.stage,
+            x.rows_in,
+            x.rows_out,
+            x.rows_failed,
+            x.rows_dropped,
+            x.rows_filtered,
+            x.busy_ms
         ));
     }
     out
@@ -263,6 +330,93 @@ async fn sql(args: SqlArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn search(args: SearchArgs) -> anyhow::Result<()> {
+    let (dir, model, batch_size) = match (&args.index, &args.job) {
+        (Some(dir), _) => (dir.clone(), None, 32),
+        (None, job) => {
+            let path = match job {
+                Some(job) => job.clone(),
+                None => PathBuf::from(DEFAULT_JOB),
+            };
+            if job.is_none() && !path.exists() {
+                return Err(PipelineError::Usage(format!(
+                    "no job given and no {DEFAULT_JOB} here: pass --job or --index DIR"
+                ))
+                .into());
+            }
+            let job = Job::load(&path, &[]).map_err(PipelineError::from)?;
+            let Some(index) = &job.config.index else {
+                return Err(PipelineError::Usage(format!(
+                    "job {} has no [index] section, so there is nothing to search",
+                    path.display()
+                ))
+                .into());
+            };
+            let embed = job.config.embed.as_ref();
+            (
+                index.path.clone(),
+                embed.map(|e| e.model.clone()),
+                embed.map_or(32, |e| e.batch_size),
+            )
+        }
+    };
+    let index = TicketIndex::open(&dir).map_err(retrieval::index_error)?;
+    let encoder = if args.mode == SearchMode::Bm25 {
+        None
+    } else {
+        let model = model.unwrap_or_else(|| index.meta().model.clone());
+        let encoder = BertEncoder::load(&model, &Device::Cpu, batch_size)
+            .and_then(|e| EncoderWorker::spawn(Arc::new(e)))
+            .map_err(|e| PipelineError::Model {
+                job: dir.clone(),
+                source: Box::new(OperatorError::Encoder(Box::new(e))),
+            })
+            .context("vector search embeds the query (or use --mode bm25)")?;
+        Some(encoder)
+    };
+    let hits = retrieval::search(&index, encoder.as_ref(), &args.query, args.k, args.mode).await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    match args.format {
+        HitFormat::Json => {
+            serde_json::to_writer_pretty(&mut out, &hits)?;
+            writeln!(out)?;
+        }
+        HitFormat::Table => {
+            if hits.is_empty() {
+                eprintln!("no match in {} for {:?}", dir.display(), args.query);
+            }
+            for (rank, hit) in hits.iter().enumerate() {
+                let mut line = hit
+                    .title
+                    .clone()
+                    .map(|t| format!("{t} — "))
+                    .unwrap_or_default();
+                line.push_str(&hit.text);
+                let line: String = line.split_whitespace().collect::<Vec<_>>().join(" ");
+                writeln!(
+                    out,
+                    "{:>3}  {:>8.4}  {:<12}  {:<12}  {}",
+                    rank + 1,
+                    hit.score,
+                    hit.id,
+                    hit.topic.as_deref().unwrap_or("-"),
+                    clip(&line, 90)
+                )?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `text` cut to `chars` characters, with an ellipsis when cut.
+fn clip(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
 }
 
 fn sample(args: &SampleArgs) -> anyhow::Result<()> {

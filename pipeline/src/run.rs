@@ -76,6 +76,9 @@ pub struct RunManifest {
     pub rows_written: u64,
     /// Written rows whose `error` is set.
     pub rows_failed: u64,
+    /// Written rows that the filter did not keep (`kept = false`). Absent in older runs.
+    #[serde(default)]
+    pub rows_filtered: u64,
     /// Rows dropped because their id had been seen earlier in the run.
     pub duplicates_dropped: u64,
     /// Data files written, relative to the run folder.

@@ -187,6 +187,14 @@ impl Encoder for BertEncoder {
         }
         Ok(out)
     }
+
+    fn count_tokens(&self, text: &str) -> Result<usize, EncoderError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+        Ok(encoding.len())
+    }
 }
 
 /// Pooling and max sequence length from the sentence-transformers files, with the

@@ -64,6 +64,10 @@ pub trait Encoder: Send + Sync {
     /// Encodes `texts` (blocking). Returns `texts.len() * dim()` floats, one L2-normalized
     /// vector per text in input order.
     fn encode(&self, texts: &[&str]) -> Result<Vec<f32>, EncoderError>;
+
+    /// Number of tokens the model sees for `text`, special tokens excluded: the length
+    /// that length-dependent thresholds are measured in.
+    fn count_tokens(&self, text: &str) -> Result<usize, EncoderError>;
 }
 
 type Request = (Vec<String>, oneshot::Sender<Result<Vec<f32>, EncoderError>>);
@@ -73,13 +77,14 @@ type Request = (Vec<String>, oneshot::Sender<Result<Vec<f32>, EncoderError>>);
 #[derive(Clone)]
 pub struct EncoderWorker {
     requests: mpsc::Sender<Request>,
-    dim: usize,
+    /// For the cheap, thread-safe calls (dimensions, tokenizing) that need no queue.
+    encoder: Arc<dyn Encoder>,
 }
 
 impl EncoderWorker {
     /// Moves `encoder` onto a new thread.
     pub fn spawn(encoder: Arc<dyn Encoder>) -> Result<Self, EncoderError> {
-        let dim = encoder.dim();
+        let shared = Arc::clone(&encoder);
         let (requests, mut inbox) = mpsc::channel::<Request>(4);
         std::thread::Builder::new()
             .name("abridge-encoder".into())
@@ -90,12 +95,20 @@ impl EncoderWorker {
                 }
             })
             .map_err(|_| EncoderError::WorkerGone)?;
-        Ok(Self { requests, dim })
+        Ok(Self {
+            requests,
+            encoder: shared,
+        })
     }
 
     /// Length of every vector.
     pub fn dim(&self) -> usize {
-        self.dim
+        self.encoder.dim()
+    }
+
+    /// Tokens of `text` as [`Encoder::count_tokens`] counts them (on the caller's thread).
+    pub fn count_tokens(&self, text: &str) -> Result<usize, EncoderError> {
+        self.encoder.count_tokens(text)
     }
 
     /// Encodes `texts` on the worker thread.
