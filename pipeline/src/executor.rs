@@ -19,7 +19,6 @@ use abridge_operators::scan::{OpenScan, ParquetScan};
 use abridge_operators::sink::{ParquetSink, SinkReport};
 use abridge_operators::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
 use arrow::datatypes::{Schema, SchemaRef};
-use candle_core::Device;
 use datafusion::physical_plan::stream::RecordBatchReceiverStream;
 use futures::StreamExt;
 
@@ -126,9 +125,14 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             job: job.path.clone(),
             source: Box::new(OperatorError::Encoder(Box::new(e))),
         };
+        let device = embed.candle_device().map_err(|message| JobError::Invalid {
+            path: job.path.clone(),
+            key: "embed.device".into(),
+            message,
+        })?;
         let (dir, batch_size) = (embed.model.clone(), embed.batch_size);
         let encoder =
-            tokio::task::spawn_blocking(move || BertEncoder::load(&dir, &Device::Cpu, batch_size))
+            tokio::task::spawn_blocking(move || BertEncoder::load(&dir, &device, batch_size))
                 .await
                 .map_err(|_| model_error(EncoderError::WorkerGone))?
                 .map_err(model_error)?;

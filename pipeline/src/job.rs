@@ -50,6 +50,37 @@ pub struct EmbedConfig {
     /// Texts per forward pass. Default: 32.
     #[serde(default = "default_embed_batch_size")]
     pub batch_size: usize,
+    /// Where the encoder runs: `cpu` (default), `cuda` or `cuda:N` (a build with the
+    /// `cuda` feature and an NVIDIA GPU).
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+impl EmbedConfig {
+    /// The candle device named by `device`, or why it cannot be used.
+    pub fn candle_device(&self) -> Result<candle_core::Device, String> {
+        match self.device.trim() {
+            "cpu" => Ok(candle_core::Device::Cpu),
+            "cuda" => cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => cuda(ordinal),
+                _ => Err(format!("`{other}` is not cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+fn cuda(ordinal: usize) -> Result<candle_core::Device, String> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err("this abridge was built without the `cuda` feature; \
+             build with `cargo build --release --features cuda` or use device = \"cpu\""
+            .into());
+    }
+    candle_core::Device::new_cuda(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))
 }
 
 fn default_embed_batch_size() -> usize {

@@ -9,12 +9,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::Config;
+use rayon::prelude::*;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
+use super::bert_net::{BertNet, l2_normalize, pool};
 use super::{Encoder, EncoderError};
 
 /// How token vectors become one sentence vector.
@@ -28,11 +30,12 @@ pub enum Pooling {
 
 /// A loaded BERT-family encoder.
 pub struct BertEncoder {
-    model: BertModel,
+    model: BertNet,
     tokenizer: Tokenizer,
     pooling: Pooling,
     dim: usize,
     batch_size: usize,
+    pool: rayon::ThreadPool,
     device: Device,
 }
 
@@ -109,7 +112,7 @@ impl BertEncoder {
             }
         })?;
         let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-        let model = BertModel::load(vb, &config).map_err(|e| EncoderError::BadFile {
+        let model = BertNet::load(vb, &config).map_err(|e| EncoderError::BadFile {
             dir: dir.to_path_buf(),
             file: "model.safetensors".into(),
             reason: format!("weights do not match config.json: {e}"),
@@ -120,6 +123,11 @@ impl BertEncoder {
             pooling,
             dim: config.hidden_size,
             batch_size: batch_size.max(1),
+            pool: rayon::ThreadPoolBuilder::new()
+                .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .thread_name(|i| format!("abridge-encoder-{i}"))
+                .build()
+                .map_err(|e| EncoderError::Threads(e.to_string()))?,
             device: device.clone(),
         })
     }
@@ -142,26 +150,13 @@ impl BertEncoder {
             types[base..base + k].copy_from_slice(encoding.get_type_ids());
             mask[base..base + k].copy_from_slice(encoding.get_attention_mask());
         }
+        let padded = encodings.iter().any(|e| e.len() != len);
         let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
         let types = Tensor::from_vec(types, (n, len), &self.device)?;
         let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?;
-        let pooled = match self.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => {
-                let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-                let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
-                summed.broadcast_div(&counts)?
-            }
-        };
-        // As torch.nn.functional.normalize: divide by max(norm, 1e-12).
-        let norms = pooled
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?;
-        Ok(pooled.broadcast_div(&norms)?)
+        let hidden = self.model.forward(&ids, &types, padded.then_some(&mask))?;
+        let pooled = pool(&hidden, &mask, self.pooling == Pooling::Mean)?;
+        Ok(l2_normalize(&pooled)?)
     }
 }
 
@@ -177,10 +172,22 @@ impl Encoder for BertEncoder {
             .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| encodings[i].len());
+        // Batches run in parallel, one per core: candle parallelizes its matmuls but not
+        // its other kernels, and small batches' matmuls split poorly; whole batches keep
+        // every core busy. Nested matmul parallelism shares the same rayon pool.
+        let chunks: Vec<&[usize]> = order.chunks(self.batch_size).collect();
+        let vectors: Vec<Vec<Vec<f32>>> = self.pool.install(|| {
+            chunks
+                .par_iter()
+                .map(|chunk| {
+                    let batch: Vec<&tokenizers::Encoding> =
+                        chunk.iter().map(|&i| &encodings[i]).collect();
+                    Ok(self.forward(&batch)?.to_vec2::<f32>()?)
+                })
+                .collect::<Result<_, EncoderError>>()
+        })?;
         let mut out = vec![0f32; texts.len() * self.dim];
-        for chunk in order.chunks(self.batch_size) {
-            let batch: Vec<&tokenizers::Encoding> = chunk.iter().map(|&i| &encodings[i]).collect();
-            let vectors = self.forward(&batch)?.to_vec2::<f32>()?;
+        for (chunk, vectors) in chunks.iter().zip(vectors) {
             for (&i, vector) in chunk.iter().zip(vectors) {
                 out[i * self.dim..(i + 1) * self.dim].copy_from_slice(&vector);
             }

@@ -7,6 +7,7 @@
 //! wraps its candle backend. The async runtime never blocks on a forward pass.
 
 pub mod bert;
+mod bert_net;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +52,9 @@ pub enum EncoderError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The encoder's compute threads could not be started.
+    #[error("cannot start encoder threads: {0}")]
+    Threads(String),
     /// The encoder's worker thread is gone (it panicked or was shut down).
     #[error("encoder worker stopped")]
     WorkerGone,
