@@ -876,6 +876,16 @@ mod tests {
             TicketIndex::open(&dir.path().join("nope")),
             Err(IndexError::Missing { .. })
         ));
+        // An index written by a future layout is refused with what to do.
+        let meta = dir.path().join(META_FILE);
+        let text = std::fs::read_to_string(&meta)?.replace("\"format\": 1", "\"format\": 9");
+        std::fs::write(&meta, text)?;
+        let err = TicketIndex::open(dir.path()).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("format 9") && e.contains("rebuild")),
+            "{err:?}"
+        );
         Ok(())
     }
 
