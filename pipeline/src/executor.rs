@@ -171,8 +171,8 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             )?;
             if let Some(rows) = rebuilt {
                 notes.push(format!(
-                    "index {} was behind the output table (an interrupted run?): rebuilt from \
-                     the committed runs ({rows} tickets)",
+                    "index {} did not match the output table's committed runs (new index, or \
+                     a run interrupted between its two commits): rebuilt from them ({rows} tickets)",
                     config.path.display()
                 ));
             }
