@@ -25,10 +25,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use crate::embed::EMBEDDING;
-use crate::{
-    BatchTransform, Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
-    map_batches,
-};
+use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
 
 /// The topic of tickets near no topic, or equally near two.
 pub const OTHER_TOPIC: &str = "other";
@@ -81,10 +78,6 @@ pub struct TopicRule {
 
 /// The `filter` stage.
 pub struct SemanticFilter {
-    inner: Arc<FilterBatches>,
-}
-
-struct FilterBatches {
     queries: Vec<Query>,
     topics: Option<TopicRule>,
     dim: usize,
@@ -99,7 +92,7 @@ impl SemanticFilter {
         input: &SchemaRef,
         queries: Vec<Query>,
         topics: Option<TopicRule>,
-    ) -> Result<Self, OperatorError> {
+    ) -> Result<TransformStage<Self>, OperatorError> {
         let dim = match input
             .field_with_name(EMBEDDING)
             .map(|f| f.data_type().clone())
@@ -138,32 +131,15 @@ impl SemanticFilter {
             Arc::new(Field::new(FILTER_REASON, DataType::Utf8, true)),
         ]);
         let schema = Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
-        Ok(Self {
-            inner: Arc::new(FilterBatches {
+        Ok(TransformStage::new(
+            "filter",
+            Self {
                 queries,
                 topics,
                 dim,
                 schema,
-            }),
-        })
-    }
-}
-
-impl Operator for SemanticFilter {
-    fn name(&self) -> &'static str {
-        "filter"
-    }
-
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.inner.schema)
-    }
-
-    fn execute(
-        &self,
-        input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
-    ) -> Result<SendableRecordBatchStream, OperatorError> {
-        Ok(map_batches(Arc::clone(&self.inner), input, metrics))
+            },
+        ))
     }
 }
 
@@ -177,7 +153,7 @@ struct SimilarityVerdict<'q> {
     cosine: f32,
 }
 
-impl FilterBatches {
+impl SemanticFilter {
     fn similarity(&self, vector: &[f32]) -> Option<SimilarityVerdict<'_>> {
         self.queries
             .iter()
@@ -207,7 +183,7 @@ impl FilterBatches {
     }
 }
 
-impl BatchTransform for FilterBatches {
+impl BatchTransform for SemanticFilter {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
@@ -363,9 +339,9 @@ mod tests {
         .unwrap()
     }
 
-    fn run(filter: &SemanticFilter, batch: RecordBatch) -> RecordBatch {
+    fn run(filter: &TransformStage<SemanticFilter>, batch: RecordBatch) -> RecordBatch {
         filter
-            .inner
+            .inner()
             .transform(batch, &OperatorMetrics::default())
             .unwrap()
     }

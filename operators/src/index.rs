@@ -41,10 +41,7 @@ use tantivy::{DateTime, Index, IndexWriter, TantivyDocument, TantivyError, Term}
 
 use crate::embed::EMBEDDING;
 use crate::filter::{TOPIC, string_column};
-use crate::{
-    BatchTransform, Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
-    map_batches,
-};
+use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
 
 /// Name under which the text analyzer is registered with every opened index.
 pub const TOKENIZER: &str = "abridge_cjk";
@@ -619,10 +616,6 @@ impl IndexCommitter {
 /// The `index` stage: adds each batch's tickets to the index and passes the batch on
 /// unchanged.
 pub struct IndexStage {
-    inner: Arc<IndexBatches>,
-}
-
-struct IndexBatches {
     committer: IndexCommitter,
     run_id: String,
     schema: SchemaRef,
@@ -635,7 +628,7 @@ impl IndexStage {
         committer: IndexCommitter,
         run_id: &str,
         input: &SchemaRef,
-    ) -> Result<Self, OperatorError> {
+    ) -> Result<TransformStage<Self>, OperatorError> {
         for column in ["id", "text", EMBEDDING] {
             if input.index_of(column).is_err() {
                 return Err(OperatorError::StageSchema(format!(
@@ -643,35 +636,18 @@ impl IndexStage {
                 )));
             }
         }
-        Ok(Self {
-            inner: Arc::new(IndexBatches {
+        Ok(TransformStage::new(
+            "index",
+            Self {
                 committer,
                 run_id: run_id.to_string(),
                 schema: Arc::clone(input),
-            }),
-        })
+            },
+        ))
     }
 }
 
-impl Operator for IndexStage {
-    fn name(&self) -> &'static str {
-        "index"
-    }
-
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.inner.schema)
-    }
-
-    fn execute(
-        &self,
-        input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
-    ) -> Result<SendableRecordBatchStream, OperatorError> {
-        Ok(map_batches(Arc::clone(&self.inner), input, metrics))
-    }
-}
-
-impl BatchTransform for IndexBatches {
+impl BatchTransform for IndexStage {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }

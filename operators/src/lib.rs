@@ -20,7 +20,7 @@ pub mod sink;
 
 pub use error::OperatorError;
 pub use metrics::{MetricsSnapshot, OperatorMetrics};
-pub use operator::{BatchTransform, Operator, map_batches};
+pub use operator::{BatchTransform, Operator, TransformStage, map_batches};
 
 /// DataFusion's stream of record batches: what every operator consumes and produces.
 pub use datafusion::execution::SendableRecordBatchStream;

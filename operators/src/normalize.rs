@@ -13,23 +13,15 @@ use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
-use crate::{
-    BatchTransform, Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
-    map_batches,
-};
+use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
 
 /// Separates title and text in the hashed content, so that moving words between the two
 /// changes the hash.
 const FIELD_SEPARATOR: u8 = 0x1f;
 
 /// The `normalize` stage, built from a column mapping and the input's schema.
-#[derive(Debug, Clone)]
-pub struct Normalize {
-    inner: Arc<NormalizeBatches>,
-}
-
 #[derive(Debug)]
-struct NormalizeBatches {
+pub struct Normalize {
     mapping: ResolvedMapping,
 }
 
@@ -41,33 +33,13 @@ impl Normalize {
         input: &SchemaRef,
         source_name: &str,
         drop: &[String],
-    ) -> Result<Self, OperatorError> {
+    ) -> Result<TransformStage<Self>, OperatorError> {
         let mapping = mapping.resolve(input, source_name, drop)?;
-        Ok(Self {
-            inner: Arc::new(NormalizeBatches { mapping }),
-        })
+        Ok(TransformStage::new("normalize", Self { mapping }))
     }
 }
 
-impl Operator for Normalize {
-    fn name(&self) -> &'static str {
-        "normalize"
-    }
-
-    fn schema(&self) -> SchemaRef {
-        self.inner.schema()
-    }
-
-    fn execute(
-        &self,
-        input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
-    ) -> Result<SendableRecordBatchStream, OperatorError> {
-        Ok(map_batches(Arc::clone(&self.inner), input, metrics))
-    }
-}
-
-impl BatchTransform for NormalizeBatches {
+impl BatchTransform for Normalize {
     fn schema(&self) -> SchemaRef {
         Arc::clone(self.mapping.output_schema())
     }
@@ -205,7 +177,7 @@ mod tests {
     ) -> Result<(RecordBatch, u64), OperatorError> {
         let op = Normalize::try_new(&mapping, &batch.schema(), "test", &[])?;
         let metrics = OperatorMetrics::default();
-        let out = op.inner.transform(batch, &metrics)?;
+        let out = op.inner().transform(batch, &metrics)?;
         Ok((out, metrics.snapshot().rows_failed))
     }
 

@@ -43,6 +43,46 @@ pub trait BatchTransform: Send + Sync + 'static {
     ) -> Result<RecordBatch, OperatorError>;
 }
 
+/// An [`Operator`] that applies one [`BatchTransform`] to every batch: what the stateless
+/// stages (`normalize`, `filter`, `index`) are. Their constructors return one of these.
+pub struct TransformStage<T> {
+    name: &'static str,
+    transform: Arc<T>,
+}
+
+impl<T: BatchTransform> TransformStage<T> {
+    /// The stage `name` applying `transform`.
+    pub fn new(name: &'static str, transform: T) -> Self {
+        Self {
+            name,
+            transform: Arc::new(transform),
+        }
+    }
+
+    /// The transform itself (to apply it to a batch directly, as tests do).
+    pub fn inner(&self) -> &T {
+        &self.transform
+    }
+}
+
+impl<T: BatchTransform> Operator for TransformStage<T> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.transform.schema()
+    }
+
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        metrics: OperatorMetrics,
+    ) -> Result<SendableRecordBatchStream, OperatorError> {
+        Ok(map_batches(Arc::clone(&self.transform), input, metrics))
+    }
+}
+
 /// Applies `transform` to every batch of `input`, counting rows and time in `metrics`.
 pub fn map_batches<T: BatchTransform>(
     transform: Arc<T>,
