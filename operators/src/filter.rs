@@ -287,13 +287,6 @@ impl BatchTransform for SemanticFilter {
     }
 }
 
-/// Reads the `kept` column of an output batch (for stages after the filter).
-pub fn kept_rows(batch: &RecordBatch) -> Option<&BooleanArray> {
-    batch
-        .column_by_name(KEPT)
-        .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
-}
-
 /// Reads a string column by name, if it is one.
 pub(crate) fn string_column<'b>(batch: &'b RecordBatch, name: &str) -> Option<&'b StringArray> {
     batch
@@ -305,6 +298,12 @@ pub(crate) fn string_column<'b>(batch: &'b RecordBatch, name: &str) -> Option<&'
 mod tests {
     use super::*;
     use crate::embed::embedding_field;
+
+    fn kept_rows(batch: &RecordBatch) -> Option<&BooleanArray> {
+        batch
+            .column_by_name(KEPT)
+            .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
+    }
 
     fn unit(v: &[f32]) -> Vec<f32> {
         let n = dot(v, v).sqrt();
