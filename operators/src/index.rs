@@ -679,10 +679,10 @@ fn register_tokenizer(index: &Index) {
 /// index finds every word without a dictionary, and BM25 still rewards texts that share
 /// more of the query's characters.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CjkWordTokenizer;
+struct CjkWordTokenizer;
 
 /// The tokens of one text.
-pub struct CjkTokenStream {
+struct CjkTokenStream {
     tokens: Vec<Token>,
     next: usize,
 }
@@ -739,7 +739,7 @@ impl TokenStream for CjkTokenStream {
 }
 
 /// Han ideographs, kana and Hangul syllables.
-pub fn is_cjk(c: char) -> bool {
+fn is_cjk(c: char) -> bool {
     matches!(c as u32,
         0x3040..=0x30FF      // Hiragana, Katakana
         | 0x3400..=0x4DBF    // CJK Extension A
