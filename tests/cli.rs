@@ -808,3 +808,249 @@ fn retrieval_config_errors_are_clear() -> TestResult {
     assert!(stderr(&out).contains("no index at"), "{}", stderr(&out));
     Ok(())
 }
+
+/// Writes tickets (`id`, `title`, `text`) to a Parquet file.
+fn write_tickets(path: &Path, rows: &[(&str, &str, Option<&str>)]) -> TestResult {
+    use std::sync::Arc;
+    let ids: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    let titles: Vec<&str> = rows.iter().map(|r| r.1).collect();
+    let texts: Vec<Option<&str>> = rows.iter().map(|r| r.2).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("id", Arc::new(StringArray::from(ids)) as Arc<dyn Array>),
+        ("title", Arc::new(StringArray::from(titles))),
+        ("text", Arc::new(StringArray::from(texts))),
+    ])?;
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path)?, batch.schema(), None)?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
+}
+
+/// A job over `input` (already in abridge's column names) with a `[summarize]` section on
+/// the small test model, SmolLM2-135M-Instruct (GGUF).
+fn summarize_job(dir: &Path, input: &Path, settings: &str) -> std::io::Result<PathBuf> {
+    let model = abridge_operators::encoder::bert::cached_model_dir("smollm2-135m-instruct");
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[input]\npath = \"{}\"\n[output]\npath = \"{}\"\n\
+             [summarize]\nmodel = \"{}\"\nmax_new_tokens = 24\n{settings}\n",
+            input.display(),
+            dir.join("out").display(),
+            model.display()
+        ),
+    )?;
+    Ok(path)
+}
+
+fn run_rows(job: &Path, run_id: &str) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let out = sql(
+        job,
+        &format!(
+            "SELECT id, summary, error, model, prompt_version, prompt_tokens, \
+             completion_tokens, latency_ms, glossary_missed FROM runs WHERE run_id = '{run_id}'"
+        ),
+        "json",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(serde_json::from_str(&stdout(&out))?)
+}
+
+#[test]
+fn summarize_writes_repeatable_summaries_in_order_with_per_row_errors() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("tickets.parquet");
+    let long = "word ".repeat(9000);
+    let tickets = [
+        (
+            "T1",
+            "VPN drops",
+            Some("The VPN drops every ten minutes when I work from home. Please fix the VPN."),
+        ),
+        (
+            "T2",
+            "Printer offline",
+            Some("The printer on floor 3 is offline and print jobs are stuck in the queue."),
+        ),
+        ("T3", "Empty", None),
+        ("T4", "Too long", Some(long.as_str())),
+        (
+            "T5",
+            "邮箱已满",
+            Some("我的邮箱已满，无法接收新邮件，请帮忙扩容。"),
+        ),
+    ];
+    write_tickets(&input, &tickets)?;
+    let settings = "temperature = 0.8\nseed = 7\nmax_input_tokens = 20000\nin_flight = 3\n\
+                    glossary = [\"VPN\"]\n\
+                    rules = [{ pattern = '(?i)^summary:\\s*', replace = '' }]\n";
+    let job = summarize_job(dir.path(), &input, settings)?;
+    let first = run_json(&job, &[])?;
+    assert_eq!(first.status, RunStatus::Committed);
+    assert_eq!(first.rows_failed, 2, "the empty and the too-long ticket");
+    let summarize = first.stages.iter().find(|s| s.stage == "summarize");
+    assert_eq!(summarize.map(|s| s.metrics.rows_failed), Some(1));
+
+    // Rows leave in input order, whatever order the engine answers in.
+    let run_dir = dir
+        .path()
+        .join("out")
+        .join(format!("run_id={}", first.run_id));
+    let file = std::fs::read_dir(&run_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .ok_or("no output file")?;
+    let batches = read_parquet(&file)?;
+    let ids: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let c = b.column_by_name("id").expect("id column");
+            let c = c.as_any().downcast_ref::<StringArray>().expect("text ids");
+            (0..c.len())
+                .map(|i| c.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(ids, ["T1", "T2", "T3", "T4", "T5"]);
+
+    let rows = run_rows(&job, &first.run_id)?;
+    let row = |id: &str| {
+        rows.as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == id))
+            .cloned()
+            .unwrap_or_default()
+    };
+    for id in ["T1", "T2", "T5"] {
+        let r = row(id);
+        let summary = r["summary"].as_str().unwrap_or_default();
+        assert!(!summary.is_empty(), "{id}: {r}");
+        assert!(
+            !summary.to_lowercase().starts_with("summary:"),
+            "rule applied: {summary}"
+        );
+        assert!(r["error"].is_null(), "{id}: {r}");
+        assert!(r["prompt_tokens"].as_u64().unwrap_or(0) > 10, "{r}");
+        let completion = r["completion_tokens"].as_u64().unwrap_or(0);
+        assert!((1..=24).contains(&completion), "{r}");
+        assert!(r["latency_ms"].as_u64().is_some(), "{r}");
+        assert_eq!(r["prompt_version"].as_str().map(str::len), Some(16));
+        assert!(r["model"].as_str().is_some_and(|m| m.contains("smollm2")));
+        assert!(r["glossary_missed"].is_array(), "{r}");
+    }
+    // VPN is missed only if the summary lost it.
+    let t1 = row("T1");
+    let kept_vpn = t1["summary"].as_str().unwrap_or_default().contains("VPN");
+    assert_eq!(
+        t1["glossary_missed"].as_array().map(Vec::is_empty),
+        Some(kept_vpn)
+    );
+    assert!(row("T3")["summary"].is_null() && row("T3")["model"].is_null());
+    let t4 = row("T4");
+    assert!(t4["summary"].is_null());
+    assert!(
+        t4["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("summarize: ") && e.contains("8192")),
+        "{t4}"
+    );
+
+    // Same seed, same input: the same summaries, even sampled at temperature 0.8.
+    let second = run_json(&job, &["--set", "summarize.in_flight=1"])?;
+    let again = run_rows(&job, &second.run_id)?;
+    for id in ["T1", "T2", "T5"] {
+        let r = again
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["id"] == id))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(r["summary"], row(id)["summary"], "{id}");
+        assert_eq!(r["prompt_version"], row(id)["prompt_version"]);
+    }
+    // Another seed is another prompt version and other draws.
+    let third = run_json(&job, &["--set", "summarize.seed=8"])?;
+    let other = run_rows(&job, &third.run_id)?;
+    let summaries = |rows: &serde_json::Value| -> Vec<String> {
+        let mut s: Vec<String> = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["summary"].as_str().map(str::to_string))
+            .collect();
+        s.sort();
+        s
+    };
+    assert_ne!(summaries(&other), summaries(&rows));
+    assert_ne!(other[0]["prompt_version"], rows[0]["prompt_version"]);
+    Ok(())
+}
+
+#[test]
+fn summarize_config_errors_are_clear_before_any_row() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("tickets.parquet");
+    write_tickets(
+        &input,
+        &[("T1", "Printer", Some("The printer is offline."))],
+    )?;
+    let bloom = dir.path().join("bloom");
+    std::fs::create_dir_all(&bloom)?;
+    std::fs::write(bloom.join("config.json"), r#"{"model_type": "bloom"}"#)?;
+    let not_model = dir.path().join("empty");
+    std::fs::create_dir_all(&not_model)?;
+    let cases: [(&str, &[&str]); 8] = [
+        (
+            "prompt = \"Summarize this\"",
+            &["summarize.prompt", "neither a preset"],
+        ),
+        ("prompt = \"{text} {nope}\"", &["no column `nope`"]),
+        (
+            "rules = [{ pattern = '(', replace = '' }]",
+            &["summarize.rules", "rule `(`", "regular expression"],
+        ),
+        ("temperature = -1.0", &["summarize.temperature"]),
+        (
+            "model = \"/no/such/model.gguf\"",
+            &["/no/such/model.gguf", "allow_download"],
+        ),
+        (
+            &format!("model = \"{}\"", bloom.display()),
+            &["seqgpt backend"],
+        ),
+        (
+            &format!("model = \"{}\"", not_model.display()),
+            &["neither config.json", "gguf"],
+        ),
+        ("backend = \"vllm\"", &["summarize.backend", "mistralrs"]),
+    ];
+    for (setting, says) in cases {
+        // A later key wins in TOML only by rewriting the file: put the case's line first.
+        let job = summarize_job(dir.path(), &input, "")?;
+        let text = std::fs::read_to_string(&job)?;
+        let key = setting.split(" =").next().unwrap_or_default();
+        let text: String = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{key} =")))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            + setting
+            + "\n";
+        std::fs::write(&job, text)?;
+        let out = abridge(&["run", job.to_str().unwrap_or_default()]);
+        assert_eq!(out.status.code(), Some(2), "{setting}: {}", stderr(&out));
+        for s in says {
+            assert!(
+                stderr(&out).contains(s),
+                "{setting}: `{s}` not in {}",
+                stderr(&out)
+            );
+        }
+        assert!(
+            !dir.path().join("out").exists(),
+            "{setting}: nothing written"
+        );
+    }
+    Ok(())
+}

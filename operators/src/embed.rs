@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use abridge_schemas::output::ERROR;
-use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, StringArray};
+use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array};
 use arrow::buffer::NullBuffer;
-use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 
 use crate::encoder::EncoderWorker;
+use crate::template::Template;
 use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
 
 /// Name of the column this stage adds.
@@ -142,82 +142,11 @@ async fn embed_batch(
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
-/// `{column}` placeholders between literal text.
-#[derive(Debug)]
-struct Template {
-    parts: Vec<Part>,
-}
-
-#[derive(Debug)]
-enum Part {
-    Literal(String),
-    Column(usize),
-}
-
-impl Template {
-    fn parse(text: &str, schema: &Schema) -> Result<Self, OperatorError> {
-        let bad = |reason: String| OperatorError::Template {
-            template: text.to_string(),
-            reason,
-        };
-        let mut parts = Vec::new();
-        let mut rest = text;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Literal(rest[..open].to_string()));
-            }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| bad("a `{` is not closed".into()))?;
-            let name = &rest[open + 1..open + close];
-            let index = schema.index_of(name).map_err(|_| {
-                let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                bad(format!("no column `{name}`; columns: {}", names.join(", ")))
-            })?;
-            parts.push(Part::Column(index));
-            rest = &rest[open + close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Literal(rest.to_string()));
-        }
-        if !parts.iter().any(|p| matches!(p, Part::Column(_))) {
-            return Err(bad("names no column, e.g. {text}".into()));
-        }
-        Ok(Self { parts })
-    }
-
-    /// The text of each kept row (nulls render as empty text).
-    fn render(&self, batch: &RecordBatch, keep: &[bool]) -> Result<Vec<String>, OperatorError> {
-        let mut columns: Vec<Option<StringArray>> = Vec::with_capacity(self.parts.len());
-        for part in &self.parts {
-            columns.push(match part {
-                Part::Literal(_) => None,
-                Part::Column(i) => {
-                    let strings = cast(batch.column(*i), &DataType::Utf8)?;
-                    strings.as_any().downcast_ref::<StringArray>().cloned()
-                }
-            });
-        }
-        let mut texts = Vec::new();
-        for (row, _) in keep.iter().enumerate().filter(|(_, k)| **k) {
-            let mut text = String::new();
-            for (part, column) in self.parts.iter().zip(&columns) {
-                match (part, column) {
-                    (Part::Literal(s), _) => text.push_str(s),
-                    (Part::Column(_), Some(c)) if c.is_valid(row) => text.push_str(c.value(row)),
-                    _ => {}
-                }
-            }
-            texts.push(text);
-        }
-        Ok(texts)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::encoder::bert::{BertEncoder, cached_model_dir};
+    use arrow::array::StringArray;
     use futures::TryStreamExt;
 
     #[tokio::test]

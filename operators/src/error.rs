@@ -71,6 +71,18 @@ pub enum OperatorError {
     /// The sentence encoder failed to load or run.
     #[error(transparent)]
     Encoder(Box<crate::encoder::EncoderError>),
+
+    /// The summarizer's model failed to load.
+    #[error(transparent)]
+    Generator(Box<crate::generator::GeneratorError>),
+    /// A post-processing rule's pattern is not a regular expression.
+    #[error("rule `{pattern}`: not a valid regular expression: {reason}")]
+    Rule {
+        /// The pattern as written.
+        pattern: String,
+        /// What the regex parser said.
+        reason: String,
+    },
     /// A stage was wired after stages that do not produce the columns it needs.
     #[error("{0}")]
     StageSchema(String),

@@ -11,12 +11,15 @@ pub mod embed;
 pub mod encoder;
 mod error;
 pub mod filter;
+pub mod generator;
 pub mod index;
 mod metrics;
 pub mod normalize;
 mod operator;
 pub mod scan;
 pub mod sink;
+pub mod summarize;
+pub mod template;
 
 pub use error::OperatorError;
 pub use metrics::{MetricsSnapshot, OperatorMetrics};

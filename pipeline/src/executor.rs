@@ -26,6 +26,7 @@ use crate::error::PipelineError;
 use crate::job::{Job, JobError};
 use crate::retrieval;
 use crate::run::{self, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, StageSummary};
+use crate::summarizer;
 
 /// Options of one run that are not part of the job.
 #[derive(Debug, Clone, Default)]
@@ -181,6 +182,13 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             stages.push((Box::new(stage), OperatorMetrics::default()));
             index = Some(committer);
         }
+    }
+
+    if let Some(config) = &job.config.summarize {
+        let (stage, note) =
+            summarizer::summarize_stage(config, &last_schema(&stages), &job.path).await?;
+        notes.push(note);
+        stages.push((Box::new(stage), OperatorMetrics::default()));
     }
 
     let run_dir = job

@@ -32,6 +32,9 @@ pub struct JobConfig {
     /// The job's tantivy index, for `abridge search`; needs `[embed]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<IndexConfig>,
+    /// The summarizer; without this section no summaries are made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summarize: Option<SummarizeConfig>,
     /// How the executor runs the stages.
     #[serde(default)]
     pub run: RunConfig,
@@ -63,14 +66,19 @@ fn default_device() -> String {
 impl EmbedConfig {
     /// The candle device named by `device`, or why it cannot be used.
     pub fn candle_device(&self) -> Result<candle_core::Device, String> {
-        match self.device.trim() {
-            "cpu" => Ok(candle_core::Device::Cpu),
-            "cuda" => cuda(0),
-            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(ordinal)) => cuda(ordinal),
-                _ => Err(format!("`{other}` is not cpu, cuda or cuda:N")),
-            },
-        }
+        candle_device(&self.device)
+    }
+}
+
+/// The device `cpu`, `cuda` or `cuda:N` names, or why it cannot be used.
+pub fn candle_device(name: &str) -> Result<candle_core::Device, String> {
+    match name.trim() {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => Err(format!("`{other}` is not cpu, cuda or cuda:N")),
+        },
     }
 }
 
@@ -182,6 +190,156 @@ fn default_min_topic_score() -> f32 {
     0.3
 }
 
+/// `[summarize]`: one summary per kept ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummarizeConfig {
+    /// The engine. `mistralrs` (the default) loads every text architecture mistral.rs
+    /// knows (Llama, Qwen2/3, Gemma, Phi, Mistral ...) from GGUF or safetensors.
+    #[serde(default)]
+    pub backend: Backend,
+    /// A `.gguf` file, a folder holding one, or a Hugging Face model folder.
+    pub model: String,
+    /// Lets `model` be a Hugging Face hub id, downloaded on first use. Default: false
+    /// (a nightly job should not depend on the network).
+    #[serde(default)]
+    pub allow_download: bool,
+    /// A template over the ticket's columns that uses `{text}` (`{{`/`}}` for literal
+    /// braces), or a preset: `instruct` (default), `anchor` (`【摘要】{text}【/摘要】`),
+    /// `multi-event` (one sentence per event).
+    #[serde(default = "default_prompt")]
+    pub prompt: String,
+    /// `auto` (default: the model's chat template when it has one), `chat` or `raw`.
+    #[serde(default)]
+    pub prompt_format: PromptFormatConfig,
+    /// Most tokens a summary may have. Default: 128.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// 0 decodes greedily. Default: 0.3.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Nucleus sampling mass. Default: 0.9.
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// With the ticket id, fixes every random draw: same seed, same ticket, same summary.
+    /// Default: 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Tokens of `text` a prompt holds; longer texts are cut from their head. Default: 512.
+    #[serde(default = "default_max_input_tokens")]
+    pub max_input_tokens: usize,
+    /// Terms that must appear verbatim in a summary when the text has them; misses are
+    /// listed per row in `glossary_missed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub glossary: Vec<String>,
+    /// Ask once more, naming the missed terms, when a summary loses some. Default: true.
+    #[serde(default = "default_true")]
+    pub glossary_retry: bool,
+    /// Regex rewrites applied in order to every summary: `{ pattern = "...", replace = "..." }`
+    /// (`$1`, `${name}` for groups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleConfig>,
+    /// Requests kept open at the engine. Default: 1 on CPU, where mistral.rs runs one
+    /// sequence at a time (its batching without PagedAttention mixes sequences up, and
+    /// was slower there anyway: scripts/bench-summarize); 32 on CUDA with PagedAttention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<usize>,
+    /// `cpu` (default), `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// In-situ quantization of safetensors weights at load: `Q4K`, `Q8_0`, `4`, `8` ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isq: Option<String>,
+    /// PagedAttention's KV cache (CUDA; on by default there).
+    #[serde(default)]
+    pub paged_attention: PagedAttentionConfig,
+}
+
+/// Which engine summarizes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// mistral.rs.
+    #[default]
+    Mistralrs,
+}
+
+/// How prompts reach the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptFormatConfig {
+    /// The chat template's user turn when the model has one, else raw.
+    #[default]
+    Auto,
+    /// Always the user turn of the chat template.
+    Chat,
+    /// Always the bare text.
+    Raw,
+}
+
+/// One post-processing rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// A regular expression (Rust `regex` syntax).
+    pub pattern: String,
+    /// What each match becomes.
+    #[serde(default)]
+    pub replace: String,
+}
+
+/// `[summarize.paged_attention]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagedAttentionConfig {
+    /// Default: on with CUDA, off on CPU (where it is not available).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// KV-cache size in MiB (wins over `gpu_memory_fraction`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_mb: Option<usize>,
+    /// Share of GPU memory for the KV cache, e.g. 0.8. Default: room for 4096 tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_fraction: Option<f32>,
+    /// Tokens per block: 8, 16 or 32. Default: mistral.rs's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
+}
+
+impl SummarizeConfig {
+    /// The template `prompt` stands for.
+    pub fn template(&self) -> String {
+        abridge_operators::summarize::preset(&self.prompt)
+            .map(str::to_string)
+            .unwrap_or_else(|| self.prompt.clone())
+    }
+
+    /// `in_flight`, or the default for `device`.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+            .unwrap_or(if self.device.trim() == "cpu" { 1 } else { 32 })
+    }
+}
+
+fn default_prompt() -> String {
+    "instruct".into()
+}
+fn default_max_new_tokens() -> usize {
+    128
+}
+fn default_temperature() -> f64 {
+    0.3
+}
+fn default_top_p() -> f64 {
+    0.9
+}
+fn default_max_input_tokens() -> usize {
+    512
+}
+fn default_true() -> bool {
+    true
+}
+
 /// `[job]`: what the job is.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -263,7 +421,13 @@ fn default_channel_capacity() -> usize {
 }
 
 /// Keys whose values are filesystem paths, resolved against the job file's folder.
-const PATH_KEYS: [&str; 4] = ["input.path", "output.path", "embed.model", "index.path"];
+const PATH_KEYS: [&str; 5] = [
+    "input.path",
+    "output.path",
+    "embed.model",
+    "index.path",
+    "summarize.model",
+];
 
 /// Why a job file could not be used. All of these are the user's to fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -341,7 +505,9 @@ impl Job {
             let (key, value) = parse_override(arg)?;
             let value = if PATH_KEYS.contains(&key.as_str()) {
                 match value {
-                    toml::Value::String(s) => toml::Value::String(absolute(&cwd, &s)),
+                    toml::Value::String(s) => {
+                        toml::Value::String(resolve_path(&cwd, &s, may_download(&tree, &key)))
+                    }
                     other => other,
                 }
             } else {
@@ -425,6 +591,9 @@ impl JobConfig {
                 return Err(("index", no_embed.into()));
             }
         }
+        if let Some(summarize) = &self.summarize {
+            summarize.validate()?;
+        }
         let filter = self.filter.clone().unwrap_or_default();
         if let Some(similarity) = &filter.similarity
             && similarity.queries.iter().all(|q| q.trim().is_empty())
@@ -466,20 +635,105 @@ impl JobConfig {
     }
 }
 
+impl SummarizeConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let template = self.template();
+        if !template.contains("{text}") {
+            let presets: Vec<&str> = abridge_operators::summarize::PRESETS
+                .iter()
+                .map(|(name, _)| *name)
+                .collect();
+            return Err((
+                "summarize.prompt",
+                format!(
+                    "neither a preset ({}) nor a template that uses {{text}}",
+                    presets.join(", ")
+                ),
+            ));
+        }
+        let positive = [
+            ("summarize.max_new_tokens", self.max_new_tokens),
+            ("summarize.max_input_tokens", self.max_input_tokens),
+            ("summarize.in_flight", self.in_flight()),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(("summarize.temperature", "must be 0 (greedy) or more".into()));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(("summarize.top_p", "must be in (0, 1]".into()));
+        }
+        if self.glossary.iter().any(|t| t.trim().is_empty()) {
+            return Err(("summarize.glossary", "has an empty term".into()));
+        }
+        for rule in &self.rules {
+            abridge_operators::summarize::Rewrite::new(&rule.pattern, &rule.replace)
+                .map_err(|e| ("summarize.rules", e.to_string()))?;
+        }
+        if let Err(message) = candle_device(&self.device)
+            && !message.contains("without the `cuda` feature")
+        {
+            return Err(("summarize.device", message));
+        }
+        if let Some(size) = self.paged_attention.block_size
+            && ![8, 16, 32].contains(&size)
+        {
+            return Err((
+                "summarize.paged_attention.block_size",
+                "must be 8, 16 or 32".into(),
+            ));
+        }
+        if let Some(f) = self.paged_attention.gpu_memory_fraction
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err((
+                "summarize.paged_attention.gpu_memory_fraction",
+                "must be in (0, 1]".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn resolve_paths(tree: &mut toml::Table, base: &Path) {
     for key in PATH_KEYS {
         let mut parts = key.split('.');
         let (Some(section), Some(field)) = (parts.next(), parts.next()) else {
             continue;
         };
+        let hub_ok = may_download(tree, key);
         if let Some(toml::Value::String(value)) = tree
             .get_mut(section)
             .and_then(|s| s.as_table_mut())
             .and_then(|s| s.get_mut(field))
         {
-            *value = absolute(base, value);
+            *value = resolve_path(base, value, hub_ok);
         }
     }
+}
+
+/// Whether `key` may hold a hub model id rather than a path (`summarize.allow_download`).
+fn may_download(tree: &toml::Table, key: &str) -> bool {
+    key == "summarize.model"
+        && tree
+            .get("summarize")
+            .and_then(|s| s.get("allow_download"))
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(false)
+}
+
+/// `path` made absolute against `base`; a value that is no existing path stays as written
+/// where a hub id is allowed.
+fn resolve_path(base: &Path, path: &str, hub_ok: bool) -> String {
+    let resolved = absolute(base, path);
+    if hub_ok && !Path::new(&resolved).exists() {
+        return path.to_string();
+    }
+    resolved
 }
 
 fn absolute(base: &Path, path: &str) -> String {
@@ -620,6 +874,55 @@ path = "/abs/out"
         let job = load(MINIMAL, &["output.path=runs"])?;
         let cwd = std::env::current_dir().unwrap_or_default();
         assert_eq!(job.config.output.path, cwd.join("runs"));
+        Ok(())
+    }
+
+    #[test]
+    fn summarize_defaults_presets_and_hub_ids() -> Result<(), JobError> {
+        let job = load(
+            &format!("{MINIMAL}\n[summarize]\nmodel = \"m/x.gguf\"\n"),
+            &[],
+        )?;
+        let s = job.config.summarize.ok_or(JobError::Override {
+            arg: String::new(),
+            reason: "no [summarize]".into(),
+        })?;
+        assert_eq!(
+            s.model, "/jobs/m/x.gguf",
+            "a path, relative to the job file"
+        );
+        assert_eq!((s.max_new_tokens, s.max_input_tokens), (128, 512));
+        assert_eq!((s.temperature, s.top_p, s.seed), (0.3, 0.9, 0));
+        assert_eq!(s.in_flight(), 1, "one sequence at a time on CPU");
+        assert!(s.template().contains("{text}") && s.glossary_retry);
+        // With downloads allowed, a value that is no path stays a hub id.
+        let hub = load(
+            &format!(
+                "{MINIMAL}\n[summarize]\nmodel = \"Qwen/Qwen2.5-0.5B-Instruct\"\n\
+                 allow_download = true\n"
+            ),
+            &[],
+        )?;
+        assert_eq!(
+            hub.config.summarize.map(|s| s.model).as_deref(),
+            Some("Qwen/Qwen2.5-0.5B-Instruct")
+        );
+        for (set, key) in [
+            ("summarize.top_p=0", "summarize.top_p"),
+            ("summarize.max_new_tokens=0", "summarize.max_new_tokens"),
+            ("summarize.glossary=[\" \"]", "summarize.glossary"),
+            ("summarize.device=tpu", "summarize.device"),
+            ("summarize.paged_attention.block_size=12", "block_size"),
+        ] {
+            let msg = load(
+                &format!("{MINIMAL}\n[summarize]\nmodel = \"m.gguf\"\n"),
+                &[set],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+            assert!(msg.contains(key), "{set}: {msg}");
+        }
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 //! before anything is written. Executing it streams the input's record batches through
 //! the stages of `abridge-operators` into a new run folder of the output table
 //! ([`run`]). [`sql`] queries those tables, [`retrieval`] searches a job's index;
-//! [`sample`] makes synthetic input.
+//! [`summarizer`] loads the generator; [`sample`] makes synthetic input.
 
 pub mod error;
 pub mod executor;
@@ -15,5 +15,6 @@ pub mod retrieval;
 pub mod run;
 pub mod sample;
 pub mod sql;
+pub mod summarizer;
 
 pub use error::PipelineError;

@@ -1,0 +1,98 @@
+//! The `[summarize]` section turned into a `summarize` stage: the generator loaded, the
+//! prompt and rules resolved.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use abridge_operators::OperatorError;
+use abridge_operators::generator::mistralrs::{
+    MistralRsGenerator, MistralRsOptions, PagedAttention, PromptFormat,
+};
+use abridge_operators::generator::{GeneratorError, Sampling};
+use abridge_operators::summarize::{Rewrite, Summarize, SummarizeSettings};
+use arrow::datatypes::SchemaRef;
+
+use crate::error::PipelineError;
+use crate::job::{self, Backend, JobError, PromptFormatConfig, SummarizeConfig};
+
+/// The stage, and a note for the run summary about how prompts reach the model.
+pub async fn summarize_stage(
+    config: &SummarizeConfig,
+    input: &SchemaRef,
+    job_path: &Path,
+) -> Result<(Summarize, String), PipelineError> {
+    let device = job::candle_device(&config.device).map_err(|message| JobError::Invalid {
+        path: job_path.to_path_buf(),
+        key: "summarize.device".into(),
+        message,
+    })?;
+    let doesnt_fit = |source| PipelineError::JobDoesNotFitInput {
+        job: job_path.to_path_buf(),
+        source: Box::new(source),
+    };
+    let rules = config
+        .rules
+        .iter()
+        .map(|r| Rewrite::new(&r.pattern, &r.replace))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(doesnt_fit)?;
+    let settings = SummarizeSettings {
+        template: config.template(),
+        sampling: Sampling {
+            temperature: config.temperature,
+            top_p: config.top_p,
+            max_new_tokens: config.max_new_tokens,
+            seed: config.seed,
+        },
+        max_input_tokens: config.max_input_tokens,
+        glossary: config.glossary.clone(),
+        glossary_retry: config.glossary_retry,
+        rules,
+        in_flight: config.in_flight(),
+    };
+    // Checked before the model loads: a bad template should not cost a minute of loading.
+    abridge_operators::template::Template::parse(&settings.template, input).map_err(doesnt_fit)?;
+    let generator = match config.backend {
+        Backend::Mistralrs => {
+            let options = MistralRsOptions {
+                model: config.model.clone(),
+                allow_download: config.allow_download,
+                device,
+                isq: config.isq.clone(),
+                max_num_seqs: config.in_flight(),
+                paged_attention: PagedAttention {
+                    enabled: config.paged_attention.enabled,
+                    gpu_memory_mb: config.paged_attention.gpu_memory_mb,
+                    gpu_memory_fraction: config.paged_attention.gpu_memory_fraction,
+                    block_size: config.paged_attention.block_size,
+                },
+                prompt_format: match config.prompt_format {
+                    PromptFormatConfig::Auto => PromptFormat::Auto,
+                    PromptFormatConfig::Chat => PromptFormat::Chat,
+                    PromptFormatConfig::Raw => PromptFormat::Raw,
+                },
+            };
+            MistralRsGenerator::load(options)
+                .await
+                .map_err(|e| model_error(e, job_path))?
+        }
+    };
+    let note = format!(
+        "summarize: {} gets prompts {}",
+        config.model,
+        if generator.is_chat() {
+            "as the user turn of its chat template"
+        } else {
+            "as raw text (no chat template)"
+        }
+    );
+    let stage = Summarize::try_new(Arc::new(generator), settings, input).map_err(doesnt_fit)?;
+    Ok((stage, note))
+}
+
+fn model_error(e: GeneratorError, job_path: &Path) -> PipelineError {
+    PipelineError::Model {
+        job: job_path.to_path_buf(),
+        source: Box::new(OperatorError::Generator(Box::new(e))),
+    }
+}
