@@ -6,19 +6,16 @@
 //! Rows that already failed (their `error` is set) get a null embedding.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use abridge_schemas::output::ERROR;
 use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array};
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use futures::StreamExt;
 
 use crate::encoder::EncoderWorker;
 use crate::template::Template;
-use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
+use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream, then_batches};
 
 /// Name of the column this stage adds.
 pub const EMBEDDING: &str = "embedding";
@@ -78,24 +75,17 @@ impl Operator for Embed {
         let encoder = self.encoder.clone();
         let template = Arc::clone(&self.template);
         let schema = Arc::clone(&self.schema);
-        let out_schema = Arc::clone(&schema);
-        let stream = input.then(move |batch| {
-            let encoder = encoder.clone();
-            let template = Arc::clone(&template);
-            let schema = Arc::clone(&schema);
-            let metrics = metrics.clone();
-            async move {
-                let batch = batch?;
-                metrics.add_in(batch.num_rows());
-                let started = Instant::now();
-                let out = embed_batch(&encoder, &template, &schema, batch).await;
-                metrics.add_busy(started.elapsed());
-                let out = out?;
-                metrics.add_out(out.num_rows());
-                Ok(out)
-            }
-        });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(out_schema, stream)))
+        Ok(then_batches(
+            Arc::clone(&self.schema),
+            input,
+            metrics,
+            move |batch, _| {
+                let encoder = encoder.clone();
+                let template = Arc::clone(&template);
+                let schema = Arc::clone(&schema);
+                async move { embed_batch(&encoder, &template, &schema, batch).await }
+            },
+        ))
     }
 }
 
@@ -147,6 +137,7 @@ mod tests {
     use super::*;
     use crate::encoder::bert::{BertEncoder, cached_model_dir};
     use arrow::array::StringArray;
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
     use futures::TryStreamExt;
 
     #[tokio::test]

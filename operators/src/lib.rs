@@ -23,7 +23,7 @@ pub mod template;
 
 pub use error::OperatorError;
 pub use metrics::{MetricsSnapshot, OperatorMetrics};
-pub use operator::{BatchTransform, Operator, TransformStage, map_batches};
+pub use operator::{BatchTransform, Operator, TransformStage, map_batches, then_batches};
 
 /// DataFusion's stream of record batches: what every operator consumes and produces.
 pub use datafusion::execution::SendableRecordBatchStream;

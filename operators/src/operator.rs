@@ -1,3 +1,4 @@
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -99,6 +100,37 @@ pub fn map_batches<T: BatchTransform>(
         let out = out?;
         metrics.add_out(out.num_rows());
         Ok(out)
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+}
+
+/// [`map_batches`] for stages whose work on a batch is asynchronous (a model behind a
+/// worker thread or an engine): `work` runs on one batch at a time, in order, and receives
+/// the metrics to count its failed rows in.
+pub fn then_batches<F, Fut>(
+    schema: SchemaRef,
+    input: SendableRecordBatchStream,
+    metrics: OperatorMetrics,
+    work: F,
+) -> SendableRecordBatchStream
+where
+    F: Fn(RecordBatch, OperatorMetrics) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<RecordBatch, OperatorError>> + Send + 'static,
+{
+    let stream = input.then(move |batch| {
+        let metrics = metrics.clone();
+        let pending = batch.map(|batch| {
+            metrics.add_in(batch.num_rows());
+            work(batch, metrics.clone())
+        });
+        async move {
+            let started = Instant::now();
+            let out = pending?.await;
+            metrics.add_busy(started.elapsed());
+            let out = out?;
+            metrics.add_out(out.num_rows());
+            Ok(out)
+        }
     });
     Box::pin(RecordBatchStreamAdapter::new(schema, stream))
 }

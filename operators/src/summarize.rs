@@ -11,7 +11,7 @@
 //! the batch goes on. Rows leave in the order they came, whatever order answers arrive in.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use abridge_schemas::TicketColumn;
 use abridge_schemas::output::ERROR;
@@ -22,7 +22,6 @@ use arrow::array::{
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use regex::Regex;
@@ -30,7 +29,7 @@ use regex::Regex;
 use crate::filter::KEPT;
 use crate::generator::{Generation, GenerationRequest, GeneratorError, Sampling, SharedGenerator};
 use crate::template::Template;
-use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
+use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream, then_batches};
 
 /// Column: the cleaned summary.
 pub const SUMMARY: &str = "summary";
@@ -236,23 +235,16 @@ impl Operator for Summarize {
     ) -> Result<SendableRecordBatchStream, OperatorError> {
         let shared = Arc::clone(&self.shared);
         let schema = Arc::clone(&self.schema);
-        let out_schema = Arc::clone(&schema);
-        let stream = input.then(move |batch| {
-            let shared = Arc::clone(&shared);
-            let schema = Arc::clone(&schema);
-            let metrics = metrics.clone();
-            async move {
-                let batch = batch?;
-                metrics.add_in(batch.num_rows());
-                let started = Instant::now();
-                let out = shared.summarize_batch(&schema, batch, &metrics).await;
-                metrics.add_busy(started.elapsed());
-                let out = out?;
-                metrics.add_out(out.num_rows());
-                Ok(out)
-            }
-        });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(out_schema, stream)))
+        Ok(then_batches(
+            Arc::clone(&self.schema),
+            input,
+            metrics,
+            move |batch, metrics| {
+                let shared = Arc::clone(&shared);
+                let schema = Arc::clone(&schema);
+                async move { shared.summarize_batch(&schema, batch, &metrics).await }
+            },
+        ))
     }
 }
 
