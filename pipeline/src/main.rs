@@ -45,6 +45,7 @@ enum Command {
     ///   abridge run jobs/demo.toml
     ///   abridge run jobs/demo.toml --limit 100 --set output.path=/tmp/try
     ///   abridge run jobs/nightly.toml --set "input.where=language = 'zh'" --json
+    #[command(verbatim_doc_comment)]
     Run(RunArgs),
     /// Run read-only SQL over output tables and any Parquet files.
     ///
@@ -57,6 +58,7 @@ enum Command {
     ///   abridge sql "SELECT run_id, count(*) FROM runs GROUP BY run_id"
     ///   abridge sql "SELECT * FROM t LIMIT 5" --table t=data/tickets.parquet --format json
     ///   abridge sql "SELECT id, text FROM summaries" --format parquet --out ids.parquet
+    #[command(verbatim_doc_comment)]
     Sql(SqlArgs),
     /// Search a job's index: by words (BM25), by meaning (sentence vectors), or both.
     ///
@@ -70,6 +72,7 @@ enum Command {
     ///   abridge search "printer prints blank pages"
     ///   abridge search "打印机无法连接" --k 5 --format json
     ///   abridge search "invoice charged twice" --mode bm25 --index out/demo-index
+    #[command(verbatim_doc_comment)]
     Search(SearchArgs),
     /// Write a synthetic ticket table (English and Chinese help-desk tickets with reference
     /// summaries), the same for the same seed.
