@@ -1054,3 +1054,84 @@ fn summarize_config_errors_are_clear_before_any_row() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn metrics_columns_are_written_and_the_sql_functions_recompute_them() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "tickets.parquet", 6, 3)?;
+    let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let generator = abridge_operators::encoder::bert::cached_model_dir("smollm2-135m-instruct");
+    let job = job_file(
+        dir.path(),
+        &input,
+        &format!(
+            "[embed]\nmodel = \"{}\"\n\
+             [summarize]\nmodel = \"{}\"\nmax_new_tokens = 24\ntemperature = 0.9\n\
+             [metrics]\nstability_samples = 3\n[metrics.alerts]\ncompression_max = 0.9\n",
+            encoder.display(),
+            generator.display()
+        ),
+    )?;
+    let run = run_json(&job, &[])?;
+    assert_eq!(run.status, RunStatus::Committed);
+    let stages: Vec<&str> = run.stages.iter().map(|s| s.stage.as_str()).collect();
+    assert!(
+        stages.ends_with(&["summarize", "embed_summary", "metrics", "sink"]),
+        "{stages:?}"
+    );
+    let query = "SELECT id, rouge1, rouge2, rouge_l, drift, compression, stability, alerts, \
+                 cardinality(summary_samples) AS draws, \
+                 rouge_n(summary, reference, 1) AS rouge1_sql, \
+                 rouge_l(summary, reference) AS rouge_l_sql, \
+                 rouge_l_scores(summary, reference)['f1'] AS rouge_l_struct, \
+                 cosine(embedding, summary_embedding) AS drift_sql, \
+                 compression(summary, text) AS compression_sql \
+                 FROM summaries WHERE summary IS NOT NULL";
+    let out = sql(&job, query, "json");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    let rows = rows.as_array().ok_or("rows")?;
+    assert!(rows.len() >= 4, "most sample tickets summarized: {rows:?}");
+    let num = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    for r in rows {
+        for (column, recomputed) in [
+            ("rouge1", "rouge1_sql"),
+            ("rouge_l", "rouge_l_sql"),
+            ("rouge_l", "rouge_l_struct"),
+            ("drift", "drift_sql"),
+            ("compression", "compression_sql"),
+        ] {
+            assert!(
+                (num(r, column) - num(r, recomputed)).abs() < 1e-9,
+                "{column} vs {recomputed}: {r}"
+            );
+        }
+        for k in ["rouge1", "rouge2", "rouge_l", "stability"] {
+            assert!((0.0..=1.0).contains(&num(r, k)), "{k}: {r}");
+        }
+        assert!((0.0..=1.0).contains(&num(r, "drift")), "{r}");
+        assert!(num(r, "compression") > 0.0, "{r}");
+        assert!(r["draws"].as_u64().is_some_and(|n| n <= 2), "{r}");
+        // Every alert is one the thresholds call for.
+        let alerts: Vec<&str> = r["alerts"]
+            .as_array()
+            .ok_or("alerts list")?
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert_eq!(alerts.contains(&"drift"), num(r, "drift") < 0.45, "{r}");
+        assert_eq!(
+            alerts.contains(&"compression_high"),
+            num(r, "compression") > 0.9,
+            "{r}"
+        );
+        assert_eq!(
+            alerts.contains(&"stability"),
+            num(r, "stability") > 0.03,
+            "{r}"
+        );
+    }
+    // Sampling at temperature 0.9 moves at least one row's wording between draws.
+    assert!(rows.iter().any(|r| num(r, "stability") > 0.0), "{rows:?}");
+    Ok(())
+}

@@ -3,7 +3,9 @@
 //! need to embed the same text again.
 //!
 //! What is embedded is `text`, or a template over the row's columns (`{title}\n{text}`).
-//! Rows that already failed (their `error` is set) get a null embedding.
+//! Rows that already failed (their `error` is set), or whose template columns are all
+//! null, get a null embedding. The same stage, on `{summary}`, writes `summary_embedding`
+//! for the `drift` metric.
 
 use std::sync::Arc;
 
@@ -19,9 +21,12 @@ use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
 
 /// Name of the column this stage adds.
 pub const EMBEDDING: &str = "embedding";
+/// The column the stage adds when it embeds summaries ([`Embed::summaries`]).
+pub const SUMMARY_EMBEDDING: &str = "summary_embedding";
 
 /// The `embed` stage.
 pub struct Embed {
+    name: &'static str,
     encoder: EncoderWorker,
     template: Arc<Template>,
     schema: SchemaRef,
@@ -35,10 +40,43 @@ impl Embed {
         template: Option<&str>,
         input: &SchemaRef,
     ) -> Result<Self, OperatorError> {
-        let template = Template::parse(template.unwrap_or("{text}"), input)?;
+        Self::build(
+            "embed",
+            encoder,
+            template.unwrap_or("{text}"),
+            EMBEDDING,
+            input,
+        )
+    }
+
+    /// The stage that embeds each row's `summary` into `summary_embedding`.
+    pub fn summaries(encoder: EncoderWorker, input: &SchemaRef) -> Result<Self, OperatorError> {
+        Self::build(
+            "embed_summary",
+            encoder,
+            "{summary}",
+            SUMMARY_EMBEDDING,
+            input,
+        )
+    }
+
+    fn build(
+        name: &'static str,
+        encoder: EncoderWorker,
+        template: &str,
+        output: &str,
+        input: &SchemaRef,
+    ) -> Result<Self, OperatorError> {
+        let template = Template::parse(template, input)?;
+        if input.index_of(output).is_ok() {
+            return Err(OperatorError::StageSchema(format!(
+                "the input already has a `{output}` column"
+            )));
+        }
         let mut fields: Vec<_> = input.fields().iter().cloned().collect();
-        fields.push(Arc::new(embedding_field(encoder.dim())));
+        fields.push(Arc::new(vector_field(output, encoder.dim())));
         Ok(Self {
+            name,
             encoder,
             template: Arc::new(template),
             schema: Arc::new(Schema::new_with_metadata(fields, input.metadata().clone())),
@@ -48,8 +86,12 @@ impl Embed {
 
 /// The `embedding` field for vectors of `dim` floats.
 pub fn embedding_field(dim: usize) -> Field {
+    vector_field(EMBEDDING, dim)
+}
+
+fn vector_field(name: &str, dim: usize) -> Field {
     Field::new(
-        EMBEDDING,
+        name,
         DataType::FixedSizeList(
             Arc::new(Field::new("item", DataType::Float32, false)),
             dim as i32,
@@ -60,7 +102,7 @@ pub fn embedding_field(dim: usize) -> Field {
 
 impl Operator for Embed {
     fn name(&self) -> &'static str {
-        "embed"
+        self.name
     }
 
     fn schema(&self) -> SchemaRef {
@@ -98,8 +140,12 @@ async fn embed_batch(
     let rows = batch.num_rows();
     let dim = encoder.dim();
     let errors = batch.column_by_name(ERROR);
+    let used: Vec<&ArrayRef> = (0..batch.num_columns())
+        .filter(|&i| template.uses(i))
+        .map(|i| batch.column(i))
+        .collect();
     let keep: Vec<bool> = (0..rows)
-        .map(|r| errors.is_none_or(|e| e.is_null(r)))
+        .map(|r| errors.is_none_or(|e| e.is_null(r)) && used.iter().any(|c| c.is_valid(r)))
         .collect();
     let texts = template.render(&batch, &keep)?;
     let vectors = if texts.is_empty() {

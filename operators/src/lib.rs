@@ -16,6 +16,7 @@ pub mod index;
 mod metrics;
 pub mod normalize;
 mod operator;
+pub mod quality;
 pub mod scan;
 pub mod sink;
 pub mod summarize;

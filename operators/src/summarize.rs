@@ -45,6 +45,8 @@ pub const COMPLETION_TOKENS: &str = "completion_tokens";
 pub const LATENCY_MS: &str = "latency_ms";
 /// Column: glossary terms in the text that the summary lost.
 pub const GLOSSARY_MISSED: &str = "glossary_missed";
+/// Column (when `samples` > 1): the other sampled summaries of the row, for `stability`.
+pub const SUMMARY_SAMPLES: &str = "summary_samples";
 
 /// Prompt templates that work for short summaries, by the name a job file can use.
 pub const PRESETS: [(&str, &str); 3] = [
@@ -105,6 +107,9 @@ pub struct SummarizeSettings {
     pub rules: Vec<Rewrite>,
     /// Requests kept open at the generator.
     pub in_flight: usize,
+    /// Summaries drawn per row: the first is `summary`, the others go to
+    /// `summary_samples` (1: no such column). Each draw has its own random stream.
+    pub samples: usize,
 }
 
 /// The `summarize` stage.
@@ -147,6 +152,7 @@ impl Summarize {
             COMPLETION_TOKENS,
             LATENCY_MS,
             GLOSSARY_MISSED,
+            SUMMARY_SAMPLES,
         ] {
             if input.index_of(name).is_ok() {
                 return Err(OperatorError::StageSchema(format!(
@@ -155,7 +161,7 @@ impl Summarize {
             }
         }
         let mut fields: Vec<_> = input.fields().iter().cloned().collect();
-        fields.extend(output_fields().into_iter().map(Arc::new));
+        fields.extend(output_fields(settings.samples).into_iter().map(Arc::new));
         let schema = Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
         Ok(Self {
             shared: Arc::new(Shared {
@@ -175,20 +181,21 @@ impl Summarize {
     }
 }
 
-fn output_fields() -> Vec<Field> {
-    vec![
+fn output_fields(samples: usize) -> Vec<Field> {
+    let text_list = || DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
+    let mut fields = vec![
         Field::new(SUMMARY, DataType::Utf8, true),
         Field::new(MODEL, DataType::Utf8, true),
         Field::new(PROMPT_VERSION, DataType::Utf8, true),
         Field::new(PROMPT_TOKENS, DataType::Int32, true),
         Field::new(COMPLETION_TOKENS, DataType::Int32, true),
         Field::new(LATENCY_MS, DataType::Int64, true),
-        Field::new(
-            GLOSSARY_MISSED,
-            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            true,
-        ),
-    ]
+        Field::new(GLOSSARY_MISSED, text_list(), true),
+    ];
+    if samples > 1 {
+        fields.push(Field::new(SUMMARY_SAMPLES, text_list(), true));
+    }
+    fields
 }
 
 /// Hash of everything in the settings that changes what a summary says (not how fast).
@@ -257,6 +264,8 @@ enum Outcome {
 
 struct Summary {
     text: String,
+    /// The row's other draws (cleaned; empty ones and failed requests left out).
+    samples: Vec<String>,
     missed: Vec<String>,
     prompt_tokens: usize,
     completion_tokens: usize,
@@ -370,6 +379,21 @@ impl Shared {
         if best.text.is_empty() {
             return Outcome::Failed("summarize: the model returned an empty summary".into());
         }
+        let draws = (1..self.settings.samples).map(|draw| {
+            // Another random stream for the same row (and the same one in every run).
+            let key = key ^ (draw as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let request = GenerationRequest {
+                key,
+                ..request(prompt.clone())
+            };
+            async move { self.generator.generate(request).await }
+        });
+        for draw in futures::future::join_all(draws).await.into_iter().flatten() {
+            let text = self.finish(draw, &prompt, source).text;
+            if !text.is_empty() {
+                best.samples.push(text);
+            }
+        }
         Outcome::Done(best)
     }
 
@@ -381,6 +405,7 @@ impl Shared {
             &self.settings.rules,
         );
         Summary {
+            samples: Vec::new(),
             missed: glossary_missed(&self.settings.glossary, source, &text),
             text,
             prompt_tokens: generation.prompt_tokens,
@@ -411,6 +436,7 @@ impl Shared {
         let mut completion_tokens = Int32Builder::new();
         let mut latency = Int64Builder::new();
         let mut missed = ListBuilder::new(StringBuilder::new());
+        let mut samples = ListBuilder::new(StringBuilder::new());
         let mut failed = 0;
         for (row, outcome) in outcomes.into_iter().enumerate() {
             let old = old_errors.filter(|e| e.is_valid(row)).map(|e| e.value(row));
@@ -427,6 +453,10 @@ impl Shared {
                         missed.values().append_value(term);
                     }
                     missed.append(true);
+                    for sample in &s.samples {
+                        samples.values().append_value(sample);
+                    }
+                    samples.append(true);
                     continue;
                 }
                 Outcome::Failed(reason) => {
@@ -446,6 +476,7 @@ impl Shared {
             completion_tokens.append_null();
             latency.append_null();
             missed.append(false);
+            samples.append(false);
         }
         metrics.add_failed(failed);
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
@@ -466,6 +497,9 @@ impl Shared {
             Arc::new(latency.finish()),
             Arc::new(missed.finish()),
         ]);
+        if self.settings.samples > 1 {
+            columns.push(Arc::new(samples.finish()));
+        }
         Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
     }
 }
@@ -611,6 +645,7 @@ mod tests {
             glossary_retry: true,
             rules: vec![],
             in_flight: 4,
+            samples: 1,
         };
         let mut other = settings.clone();
         other.in_flight = 8;

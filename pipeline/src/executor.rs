@@ -15,6 +15,7 @@ use abridge_operators::encoder::{EncoderError, EncoderWorker};
 use abridge_operators::filter::SemanticFilter;
 use abridge_operators::index::{IndexCommitter, IndexStage};
 use abridge_operators::normalize::Normalize;
+use abridge_operators::quality::{QualitySettings, quality_metrics};
 use abridge_operators::scan::{OpenScan, ParquetScan};
 use abridge_operators::sink::{ParquetSink, SinkReport};
 use abridge_operators::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
@@ -121,6 +122,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let run_id = run::new_run_id();
     let mut index = None;
     let mut notes = Vec::new();
+    let mut summary_encoder = None;
     if let Some(embed) = &job.config.embed {
         let model_error = |e| PipelineError::Model {
             job: job.path.clone(),
@@ -182,12 +184,30 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             stages.push((Box::new(stage), OperatorMetrics::default()));
             index = Some(committer);
         }
+        summary_encoder = Some(worker);
     }
 
     if let Some(config) = &job.config.summarize {
-        let (stage, note) =
-            summarizer::summarize_stage(config, &last_schema(&stages), &job.path).await?;
+        let metrics = &job.config.metrics;
+        let (stage, note) = summarizer::summarize_stage(
+            config,
+            metrics.stability_samples,
+            &last_schema(&stages),
+            &job.path,
+        )
+        .await?;
         notes.push(note);
+        stages.push((Box::new(stage), OperatorMetrics::default()));
+        // The summaries' own vectors, for `drift`.
+        if let Some(worker) = summary_encoder {
+            let stage = Embed::summaries(worker, &last_schema(&stages)).map_err(doesnt_fit)?;
+            stages.push((Box::new(stage), OperatorMetrics::default()));
+        }
+        let settings = QualitySettings {
+            stem: metrics.stem,
+            thresholds: metrics.alerts,
+        };
+        let stage = quality_metrics(settings, &last_schema(&stages)).map_err(doesnt_fit)?;
         stages.push((Box::new(stage), OperatorMetrics::default()));
     }
 

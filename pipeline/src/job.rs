@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use abridge_operators::filter::OTHER_TOPIC;
+use abridge_operators::quality::AlertThresholds;
 use abridge_schemas::ColumnMapping;
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,10 @@ pub struct JobConfig {
     /// The summarizer; without this section no summaries are made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summarize: Option<SummarizeConfig>,
+    /// How summaries are measured (ROUGE, drift, compression, stability, alerts). The
+    /// measures run whenever `[summarize]` does; this section only changes their settings.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// How the executor runs the stages.
     #[serde(default)]
     pub run: RunConfig,
@@ -85,7 +90,7 @@ pub fn candle_device(name: &str) -> Result<candle_core::Device, String> {
 fn cuda(ordinal: usize) -> Result<candle_core::Device, String> {
     if !candle_core::utils::cuda_is_available() {
         return Err("this abridge was built without the `cuda` feature; \
-             build with `cargo build --release --features cuda` or use device = \"cpu\""
+             build it with `scripts/build-cuda` or use device = \"cpu\""
             .into());
     }
     candle_core::Device::new_cuda(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))
@@ -241,7 +246,8 @@ pub struct SummarizeConfig {
     pub rules: Vec<RuleConfig>,
     /// Requests kept open at the engine. Default: 1 on CPU, where mistral.rs runs one
     /// sequence at a time (its batching without PagedAttention mixes sequences up, and
-    /// was slower there anyway: scripts/bench-summarize); 32 on CUDA with PagedAttention.
+    /// was slower there anyway: scripts/bench-summarize); 8 on CUDA with PagedAttention
+    /// (on an H100, 32 concurrent requests stalled mistral.rs 0.8.1: scripts/gpu-check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<usize>,
     /// `cpu` (default), `cuda` or `cuda:N`.
@@ -253,6 +259,37 @@ pub struct SummarizeConfig {
     /// PagedAttention's KV cache (CUDA; on by default there).
     #[serde(default)]
     pub paged_attention: PagedAttentionConfig,
+}
+
+/// `[metrics]`: the health measures written beside every summary (DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Porter-stem words before ROUGE (rouge-score's `use_stemmer`). Default: false.
+    #[serde(default)]
+    pub stem: bool,
+    /// Summaries drawn per ticket to measure `stability`; 1 (the default) turns it off.
+    /// Each extra draw costs a generation, and draws differ only with temperature > 0.
+    #[serde(default = "default_stability_samples")]
+    pub stability_samples: usize,
+    /// Thresholds of the `alerts` column: `drift_min` (0.45), `compression_min` (0.12),
+    /// `compression_max` (0.35), `stability_max` (0.03).
+    #[serde(default)]
+    pub alerts: AlertThresholds,
+}
+
+fn default_stability_samples() -> usize {
+    1
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            stem: false,
+            stability_samples: default_stability_samples(),
+            alerts: AlertThresholds::default(),
+        }
+    }
 }
 
 /// Which engine summarizes.
@@ -317,7 +354,7 @@ impl SummarizeConfig {
     /// `in_flight`, or the default for `device`.
     pub fn in_flight(&self) -> usize {
         self.in_flight
-            .unwrap_or(if self.device.trim() == "cpu" { 1 } else { 32 })
+            .unwrap_or(if self.device.trim() == "cpu" { 1 } else { 8 })
     }
 }
 
@@ -594,6 +631,13 @@ impl JobConfig {
         if let Some(summarize) = &self.summarize {
             summarize.validate()?;
         }
+        if self.metrics.stability_samples == 0 {
+            return Err(("metrics.stability_samples", "must be at least 1".into()));
+        }
+        self.metrics
+            .alerts
+            .validate()
+            .map_err(|message| ("metrics.alerts", message))?;
         let filter = self.filter.clone().unwrap_or_default();
         if let Some(similarity) = &filter.similarity
             && similarity.queries.iter().all(|q| q.trim().is_empty())

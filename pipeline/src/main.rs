@@ -257,13 +257,13 @@ fn summary(m: &RunManifest) -> String {
         m.duplicates_dropped
     );
     out.push_str(&format!(
-        "  {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}\n",
+        "  {:<13} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}\n",
         "stage", "rows in", "rows out", "failed", "dropped", "filtered", "busy ms"
     ));
     for s in &m.stages {
         let x = &s.metrics;
         out.push_str(&format!(
-            "  {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}\n",
+            "  {:<13} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}\n",
             s.stage,
             x.rows_in,
             x.rows_out,

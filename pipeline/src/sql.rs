@@ -40,10 +40,15 @@ impl Default for SqlSession {
 }
 
 impl SqlSession {
-    /// An empty session.
+    /// A session with no tables, and abridge's measures as functions (`rouge_n`,
+    /// `rouge_l`, `cosine`, `compression`; see `abridge_operators::quality::functions`).
     pub fn new() -> Self {
+        let ctx = SessionContext::new();
+        for function in abridge_operators::quality::functions::all() {
+            ctx.register_udf(function);
+        }
         Self {
-            ctx: SessionContext::new(),
+            ctx,
             registered: Vec::new(),
         }
     }

@@ -16,8 +16,10 @@ use crate::error::PipelineError;
 use crate::job::{self, Backend, JobError, PromptFormatConfig, SummarizeConfig};
 
 /// The stage, and a note for the run summary about how prompts reach the model.
+/// `samples` summaries are drawn per row (`metrics.stability_samples`).
 pub async fn summarize_stage(
     config: &SummarizeConfig,
+    samples: usize,
     input: &SchemaRef,
     job_path: &Path,
 ) -> Result<(Summarize, String), PipelineError> {
@@ -49,6 +51,7 @@ pub async fn summarize_stage(
         glossary_retry: config.glossary_retry,
         rules,
         in_flight: config.in_flight(),
+        samples,
     };
     // Checked before the model loads: a bad template should not cost a minute of loading.
     abridge_operators::template::Template::parse(&settings.template, input).map_err(doesnt_fit)?;
