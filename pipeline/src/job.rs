@@ -922,6 +922,36 @@ path = "/abs/out"
     }
 
     #[test]
+    fn metrics_defaults_and_bad_values() -> Result<(), JobError> {
+        let job = load(MINIMAL, &[])?;
+        assert_eq!(job.config.metrics, MetricsConfig::default());
+        assert_eq!(job.config.metrics.stability_samples, 1, "stability off");
+        assert_eq!(job.config.metrics.alerts.drift_min, 0.45);
+        let job = load(MINIMAL, &["metrics.alerts.compression_max=0.5"])?;
+        assert_eq!(job.config.metrics.alerts.compression_max, 0.5);
+        assert_eq!(
+            job.config.metrics.alerts.compression_min, 0.12,
+            "others keep defaults"
+        );
+        for (set, key) in [
+            ("metrics.stability_samples=0", "metrics.stability_samples"),
+            (
+                "metrics.alerts.compression_min=0.9",
+                "compression_min (0.9) is above",
+            ),
+            ("metrics.alerts.drift=0.3", "drift"),
+            ("metrics.stemming=true", "stemming"),
+        ] {
+            let msg = load(MINIMAL, &[set])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+                .unwrap_err();
+            assert!(msg.contains(key), "{set}: {msg}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn summarize_defaults_presets_and_hub_ids() -> Result<(), JobError> {
         let job = load(
             &format!("{MINIMAL}\n[summarize]\nmodel = \"m/x.gguf\"\n"),

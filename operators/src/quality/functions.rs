@@ -6,6 +6,7 @@
 //! | `rouge_n(candidate, reference, n [, stem])` | ROUGE-N F1 |
 //! | `rouge_l(candidate, reference [, stem])` | ROUGE-L F1 |
 //! | `rouge_n_scores(...)`, `rouge_l_scores(...)` | `{precision, recall, f1}` |
+//! | `rouge(candidate, reference [, stem])` | `{rouge1, rouge2, rouge_l}` F1, tokenizing once |
 //! | `cosine(a, b)` | cosine of two vectors (embedding columns) |
 //! | `compression(summary, text)` | characters of summary per character of text |
 //!
@@ -13,7 +14,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, StructArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, StringArray, StructArray,
+};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Fields, Float32Type};
 use datafusion::common::exec_err;
@@ -22,6 +25,7 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
     Volatility,
 };
+use rayon::prelude::*;
 
 use super::{measures, rouge};
 
@@ -32,6 +36,7 @@ pub fn all() -> Vec<ScalarUDF> {
         Measure::RougeN { scores: true },
         Measure::RougeL { scores: false },
         Measure::RougeL { scores: true },
+        Measure::Rouge,
         Measure::Cosine,
         Measure::Compression,
     ]
@@ -39,7 +44,7 @@ pub fn all() -> Vec<ScalarUDF> {
     .map(|measure| {
         let arities: &[usize] = match measure {
             Measure::RougeN { .. } => &[3, 4],
-            Measure::RougeL { .. } => &[2, 3],
+            Measure::RougeL { .. } | Measure::Rouge => &[2, 3],
             Measure::Cosine | Measure::Compression => &[2],
         };
         let signature = Signature::one_of(
@@ -53,6 +58,7 @@ pub fn all() -> Vec<ScalarUDF> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Measure {
+    Rouge,
     RougeN { scores: bool },
     RougeL { scores: bool },
     Cosine,
@@ -72,6 +78,13 @@ fn score_fields() -> Fields {
         .collect()
 }
 
+fn rouge_fields() -> Fields {
+    [super::ROUGE1, super::ROUGE2, super::ROUGE_L]
+        .iter()
+        .map(|name| Field::new(*name, DataType::Float64, true))
+        .collect()
+}
+
 impl ScalarUDFImpl for MeasureFunction {
     fn name(&self) -> &str {
         match self.measure {
@@ -79,6 +92,7 @@ impl ScalarUDFImpl for MeasureFunction {
             Measure::RougeN { scores: true } => "rouge_n_scores",
             Measure::RougeL { scores: false } => "rouge_l",
             Measure::RougeL { scores: true } => "rouge_l_scores",
+            Measure::Rouge => "rouge",
             Measure::Cosine => "cosine",
             Measure::Compression => "compression",
         }
@@ -93,6 +107,7 @@ impl ScalarUDFImpl for MeasureFunction {
             Measure::RougeN { scores: true } | Measure::RougeL { scores: true } => {
                 DataType::Struct(score_fields())
             }
+            Measure::Rouge => DataType::Struct(rouge_fields()),
             _ => DataType::Float64,
         })
     }
@@ -106,34 +121,41 @@ impl ScalarUDFImpl for MeasureFunction {
                 let n = cast(&arrays[2], &DataType::Int64)?;
                 let n = n.as_primitive::<arrow::datatypes::Int64Type>();
                 let stem = stem_flags(arrays.get(3))?;
-                let pairs = (0..rows).map(|r| {
-                    let order = n.is_valid(r).then(|| n.value(r));
-                    match (value(&candidate, r), value(&reference, r), order) {
-                        (Some(c), Some(rf), Some(order)) if order >= 1 => {
-                            let stem = flag(&stem, r);
-                            Some(rouge::rouge_n(
-                                &rouge::tokenize(c, stem),
-                                &rouge::tokenize(rf, stem),
-                                order as usize,
-                            ))
-                        }
-                        _ => None,
-                    }
+                let pairs = score_pairs(&candidate, &reference, &stem, rows, |c, rf, r| {
+                    let order = n.is_valid(r).then(|| n.value(r)).filter(|&n| n >= 1)?;
+                    Some(rouge::rouge_n(c, rf, order as usize))
                 });
                 scores_or_f1(pairs, scores)
             }
             Measure::RougeL { scores } => {
                 let (candidate, reference) = (text(&arrays[0])?, text(&arrays[1])?);
                 let stem = stem_flags(arrays.get(2))?;
-                let pairs = (0..rows).map(|r| {
-                    let (c, rf) = (value(&candidate, r)?, value(&reference, r)?);
-                    let stem = flag(&stem, r);
-                    Some(rouge::rouge_l(
-                        &rouge::tokenize(c, stem),
-                        &rouge::tokenize(rf, stem),
-                    ))
+                let pairs = score_pairs(&candidate, &reference, &stem, rows, |c, rf, _| {
+                    Some(rouge::rouge_l(c, rf))
                 });
                 scores_or_f1(pairs, scores)
+            }
+            Measure::Rouge => {
+                let (candidate, reference) = (text(&arrays[0])?, text(&arrays[1])?);
+                let stem = stem_flags(arrays.get(2))?;
+                let all = score_pairs(&candidate, &reference, &stem, rows, |c, rf, _| {
+                    Some([
+                        rouge::rouge_n(c, rf, 1),
+                        rouge::rouge_n(c, rf, 2),
+                        rouge::rouge_l(c, rf),
+                    ])
+                });
+                let column = |i: usize| -> ArrayRef {
+                    Arc::new(Float64Array::from_iter(
+                        all.iter().map(|s| s.map(|s| s[i].f1)),
+                    ))
+                };
+                let nulls = arrow::buffer::NullBuffer::from_iter(all.iter().map(Option::is_some));
+                Arc::new(StructArray::new(
+                    rouge_fields(),
+                    vec![column(0), column(1), column(2)],
+                    Some(nulls),
+                ))
             }
             Measure::Cosine => {
                 let list = DataType::List(Arc::new(Field::new("item", DataType::Float32, true)));
@@ -162,14 +184,14 @@ impl ScalarUDFImpl for MeasureFunction {
     }
 }
 
-fn text(array: &ArrayRef) -> Result<arrow::array::StringArray> {
+fn text(array: &ArrayRef) -> Result<StringArray> {
     match cast(array, &DataType::Utf8) {
         Ok(strings) => Ok(strings.as_string::<i32>().clone()),
         Err(_) => exec_err!("expected text, got {}", array.data_type()),
     }
 }
 
-fn value(array: &arrow::array::StringArray, row: usize) -> Option<&str> {
+fn value(array: &StringArray, row: usize) -> Option<&str> {
     array.is_valid(row).then(|| array.value(row))
 }
 
@@ -185,8 +207,28 @@ fn flag(flags: &Option<BooleanArray>, row: usize) -> bool {
         .is_some_and(|f| f.is_valid(row) && f.value(row))
 }
 
-fn scores_or_f1(pairs: impl Iterator<Item = Option<rouge::Score>>, scores: bool) -> ArrayRef {
-    let pairs: Vec<Option<rouge::Score>> = pairs.collect();
+/// `score` of each row's tokenized pair, null where a text is null; rows in parallel
+/// (each thread with its own vocabulary), as they are independent.
+fn score_pairs<S: Send>(
+    candidate: &StringArray,
+    reference: &StringArray,
+    stem: &Option<BooleanArray>,
+    rows: usize,
+    score: impl Fn(&[u32], &[u32], usize) -> Option<S> + Sync,
+) -> Vec<Option<S>> {
+    (0..rows)
+        .into_par_iter()
+        .map_init(rouge::Vocabulary::default, |vocabulary, r| {
+            let (c, rf) = (value(candidate, r)?, value(reference, r)?);
+            let stem = flag(stem, r);
+            vocabulary.clear();
+            let (c, rf) = (vocabulary.tokens(c, stem), vocabulary.tokens(rf, stem));
+            score(&c, &rf, r)
+        })
+        .collect()
+}
+
+fn scores_or_f1(pairs: Vec<Option<rouge::Score>>, scores: bool) -> ArrayRef {
     if !scores {
         return Arc::new(Float64Array::from_iter(
             pairs.iter().map(|s| s.map(|s| s.f1)),
@@ -233,7 +275,8 @@ mod tests {
              rouge_l('printers running', 'printer run', true) AS stemmed, \
              rouge_n_scores('the the the', 'the cat', 1)['recall'] AS recall, \
              compression('ab', 'abcd') AS c, \
-             cosine([1.0, 0.0], [1.0, 1.0]) AS cos",
+             cosine([1.0, 0.0], [1.0, 1.0]) AS cos, \
+             rouge('the cat lay on the mat', 'the cat sat on the mat')['rouge2'] AS combined",
         )
         .await;
         for expected in ["0.6", "0.8333333333333", "| 1.0 ", "0.5", "0.7071067"] {
@@ -242,5 +285,12 @@ mod tests {
         let nulls =
             one("SELECT rouge_l(NULL, 'x') IS NULL AND compression('a', NULL) IS NULL AS n").await;
         assert!(nulls.contains("true"), "{nulls}");
+        let same = one(
+            "SELECT rouge('a b c d', 'a b d c', true) = \
+             {'rouge1': rouge_n('a b c d', 'a b d c', 1), 'rouge2': rouge_n('a b c d', 'a b d c', 2), \
+              'rouge_l': rouge_l('a b c d', 'a b d c')} AS same",
+        )
+        .await;
+        assert!(same.contains("true"), "{same}");
     }
 }

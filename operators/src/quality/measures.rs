@@ -34,10 +34,11 @@ pub fn stability(samples: &[&str], reference: &str, stem: bool) -> Option<f64> {
     if samples.len() < 2 {
         return None;
     }
-    let reference = rouge::tokenize(reference, stem);
+    let mut vocabulary = rouge::Vocabulary::default();
+    let reference = vocabulary.tokens(reference, stem);
     let scores: Vec<f64> = samples
         .iter()
-        .map(|s| rouge::rouge_l(&rouge::tokenize(s, stem), &reference).f1)
+        .map(|s| rouge::rouge_l(&vocabulary.tokens(s, stem), &reference).f1)
         .collect();
     // Deviations from the first score, so that identical draws give exactly 0.
     let n = scores.len() as f64;

@@ -12,6 +12,7 @@
 //! mean (0 when both are 0). An empty candidate or reference scores 0, as in rouge-score.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::porter;
 
@@ -56,60 +57,193 @@ pub fn is_cjk(c: char) -> bool {
     )
 }
 
-/// The tokens ROUGE compares, as described in the module documentation.
-pub fn tokenize(text: &str, stem: bool) -> Vec<String> {
-    let mut tokens = Vec::new();
+/// Calls `emit` with each token ROUGE compares, as described in the module documentation.
+fn for_each_token(text: &str, stem: bool, mut emit: impl FnMut(&str)) {
     let mut word = String::new();
-    let finish = |word: &mut String, tokens: &mut Vec<String>| {
-        if !word.is_empty() {
-            let token = std::mem::take(word);
-            tokens.push(if stem && token.len() > 3 {
-                porter::stem(&token)
-            } else {
-                token
-            });
-        }
-    };
+    let mut utf8 = [0u8; 4];
     for c in text.chars() {
-        if is_cjk(c) {
-            finish(&mut word, &mut tokens);
-            tokens.push(c.to_string());
-            continue;
-        }
-        for lower in c.to_lowercase() {
-            if lower.is_ascii_lowercase() || lower.is_ascii_digit() {
-                word.push(lower);
+        if c.is_ascii() {
+            if c.is_ascii_alphanumeric() {
+                word.push(c.to_ascii_lowercase());
             } else {
-                finish(&mut word, &mut tokens);
+                flush(&mut word, stem, &mut emit);
+            }
+        } else if is_cjk(c) {
+            flush(&mut word, stem, &mut emit);
+            emit(c.encode_utf8(&mut utf8));
+        } else {
+            // Some letters lowercase to ASCII (the Kelvin sign to `k`, `İ` to `i` + a dot).
+            for lower in c.to_lowercase() {
+                if lower.is_ascii_lowercase() || lower.is_ascii_digit() {
+                    word.push(lower);
+                } else {
+                    flush(&mut word, stem, &mut emit);
+                }
             }
         }
     }
-    finish(&mut word, &mut tokens);
+    flush(&mut word, stem, &mut emit);
+}
+
+/// Emits the word being built, if any (stemmed when asked and longer than 3 characters,
+/// as rouge-score does), and starts the next.
+fn flush(word: &mut String, stem: bool, emit: &mut impl FnMut(&str)) {
+    if word.is_empty() {
+        return;
+    }
+    if stem && word.len() > 3 {
+        emit(&porter::stem(word));
+    } else {
+        emit(word);
+    }
+    word.clear();
+}
+
+/// The tokens ROUGE compares, as described in the module documentation.
+pub fn tokenize(text: &str, stem: bool) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for_each_token(text, stem, |t| tokens.push(t.to_string()));
     tokens
 }
 
-/// ROUGE-N of `candidate` against `reference`, both already tokenized.
-pub fn rouge_n(candidate: &[String], reference: &[String], n: usize) -> Score {
-    let n = n.max(1);
-    let (theirs, ours) = (ngram_counts(reference, n), ngram_counts(candidate, n));
-    let matches = theirs
-        .iter()
-        .map(|(gram, &count)| count.min(ours.get(gram).copied().unwrap_or(0)))
-        .sum();
-    let total = |tokens: &[String]| (tokens.len() + 1).saturating_sub(n);
-    Score::new(matches, total(candidate), total(reference))
+/// Numbers for tokens (equal tokens, equal numbers), so that scoring compares integers
+/// rather than strings. One vocabulary serves the texts that are compared together; its
+/// tokens live in one buffer, so that numbering a pair allocates nothing once warm.
+#[derive(Default)]
+pub struct Vocabulary {
+    /// Token hash → number of the first token seen with that hash.
+    by_hash: HashMap<u64, u32, BuildHasherDefault<KeyIsHash>>,
+    /// Number → where the token is in `text`.
+    spans: Vec<(usize, usize)>,
+    text: String,
+    /// Tokens whose hash an earlier, different token already had (astronomically rare,
+    /// but then still told apart).
+    collisions: HashMap<String, u32>,
 }
 
-fn ngram_counts(tokens: &[String], n: usize) -> HashMap<&[String], usize> {
-    let mut counts = HashMap::new();
-    for gram in tokens.windows(n) {
-        *counts.entry(gram).or_insert(0) += 1;
+impl Vocabulary {
+    /// The tokens of `text`, as numbers.
+    pub fn tokens(&mut self, text: &str, stem: bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        for_each_token(text, stem, |token| out.push(self.number(token)));
+        out
     }
-    counts
+
+    fn number(&mut self, token: &str) -> u32 {
+        let mut hasher = FxHasher::default();
+        hasher.write(token.as_bytes());
+        let hash = hasher.finish();
+        match self.by_hash.get(&hash) {
+            None => {
+                let id = self.add(token);
+                self.by_hash.insert(hash, id);
+                id
+            }
+            Some(&id) => {
+                let (start, end) = self.spans[id as usize];
+                if &self.text[start..end] == token {
+                    id
+                } else if let Some(&id) = self.collisions.get(token) {
+                    id
+                } else {
+                    let id = self.add(token);
+                    self.collisions.insert(token.to_string(), id);
+                    id
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, token: &str) -> u32 {
+        let start = self.text.len();
+        self.text.push_str(token);
+        self.spans.push((start, self.text.len()));
+        (self.spans.len() - 1) as u32
+    }
+
+    /// Forgets every token (keeping the memory), for the next pair.
+    pub fn clear(&mut self) {
+        self.by_hash.clear();
+        self.spans.clear();
+        self.text.clear();
+        self.collisions.clear();
+    }
+}
+
+/// FxHash (rustc's hasher): tokens are short and not adversarial, and SipHash would be a
+/// third of the scoring time.
+#[derive(Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// For maps keyed by a hash already: the key is its own hash.
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// ROUGE-N of `candidate` against `reference`, both already tokenized.
+pub fn rouge_n<T: Ord>(candidate: &[T], reference: &[T], n: usize) -> Score {
+    let n = n.max(1);
+    let (ours, theirs) = (sorted_ngrams(candidate, n), sorted_ngrams(reference, n));
+    // Walk both sorted lists (no hashing: the lists are short); each n-gram matches
+    // min(its counts) times, rouge-score's clipping.
+    let (mut i, mut j, mut matches) = (0, 0, 0);
+    while i < ours.len() && j < theirs.len() {
+        match ours[i].cmp(theirs[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                let gram = ours[i];
+                let run = |list: &[&[T]], from: usize| {
+                    list[from..].iter().take_while(|g| **g == gram).count()
+                };
+                let (a, b) = (run(&ours, i), run(&theirs, j));
+                matches += a.min(b);
+                i += a;
+                j += b;
+            }
+        }
+    }
+    Score::new(matches, ours.len(), theirs.len())
+}
+
+fn sorted_ngrams<T: Ord>(tokens: &[T], n: usize) -> Vec<&[T]> {
+    let mut grams: Vec<&[T]> = tokens.windows(n).collect();
+    grams.sort_unstable();
+    grams
 }
 
 /// ROUGE-L of `candidate` against `reference`, both already tokenized.
-pub fn rouge_l(candidate: &[String], reference: &[String]) -> Score {
+pub fn rouge_l<T: Eq>(candidate: &[T], reference: &[T]) -> Score {
     if candidate.is_empty() || reference.is_empty() {
         return Score::default();
     }
@@ -122,9 +256,9 @@ pub fn rouge_l(candidate: &[String], reference: &[String]) -> Score {
 
 /// Length of the longest common subsequence, in one row of the dynamic-programming table
 /// (the shorter sequence's length), so that very long texts cost time but not memory.
-fn lcs_len(a: &[String], b: &[String]) -> usize {
+fn lcs_len<T: Eq>(a: &[T], b: &[T]) -> usize {
     let (long, short) = if a.len() >= b.len() { (a, b) } else { (b, a) };
-    let mut row = vec![0usize; short.len() + 1];
+    let mut row = vec![0u32; short.len() + 1];
     for x in long {
         let mut diagonal = 0;
         for (j, y) in short.iter().enumerate() {
@@ -137,13 +271,14 @@ fn lcs_len(a: &[String], b: &[String]) -> usize {
             diagonal = above;
         }
     }
-    row[short.len()]
+    row[short.len()] as usize
 }
 
 /// ROUGE-1, ROUGE-2 and ROUGE-L of one pair, tokenizing each text once.
 pub fn rouge_all(candidate: &str, reference: &str, stem: bool) -> [Score; 3] {
-    let candidate = tokenize(candidate, stem);
-    let reference = tokenize(reference, stem);
+    let mut vocabulary = Vocabulary::default();
+    let candidate = vocabulary.tokens(candidate, stem);
+    let reference = vocabulary.tokens(reference, stem);
     [
         rouge_n(&candidate, &reference, 1),
         rouge_n(&candidate, &reference, 2),
@@ -197,7 +332,7 @@ mod tests {
         let r = rouge_n(&toks("the the the"), &toks("the cat"), 1);
         assert_eq!((r.precision, r.recall), (1.0 / 3.0, 0.5));
         // Empty sides score 0, even against each other.
-        assert_eq!(rouge_l(&[], &[]), Score::default());
+        assert_eq!(rouge_l::<u32>(&[], &[]), Score::default());
         assert_eq!(rouge_n(&[], &toks("a b"), 1), Score::default());
     }
 
