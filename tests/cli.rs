@@ -486,7 +486,7 @@ fn every_shipped_job_parses() -> TestResult {
 
 #[test]
 fn help_teaches_each_command() {
-    for command in ["run", "sql", "sample"] {
+    for command in ["run", "sql", "search", "eval", "sample"] {
         let out = abridge(&[command, "--help"]);
         assert!(out.status.success());
         assert!(
@@ -1133,5 +1133,174 @@ fn metrics_columns_are_written_and_the_sql_functions_recompute_them() -> TestRes
     }
     // Sampling at temperature 0.9 moves at least one row's wording between draws.
     assert!(rows.iter().any(|r| num(r, "stability") > 0.0), "{rows:?}");
+    Ok(())
+}
+
+/// Writes tickets that carry a summary made elsewhere, in column `draft` (`summary` is a
+/// column abridge writes, so an input cannot have it).
+fn write_summarized(path: &Path, rows: &[(&str, &str, &str, Option<&str>)]) -> TestResult {
+    use std::sync::Arc;
+    let column = |i: usize| -> Arc<dyn Array> {
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|r| match i {
+                    0 => Some(r.0),
+                    1 => Some(r.1),
+                    2 => Some(r.2),
+                    _ => r.3,
+                })
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let batch = RecordBatch::try_from_iter([
+        ("id", column(0)),
+        ("text", column(1)),
+        ("draft", column(2)),
+        ("reference", column(3)),
+    ])?;
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path)?, batch.schema(), None)?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
+}
+
+#[test]
+fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let text = "the printer on floor two is offline and jobs are stuck";
+    let (a, b) = (dir.path().join("a.parquet"), dir.path().join("b.parquet"));
+    // Run A: one good and one poor summary; run B: the poor one improved, plus a ticket A
+    // does not have, and one without a reference.
+    write_summarized(
+        &a,
+        &[
+            (
+                "T1",
+                text,
+                "printer offline jobs stuck",
+                Some("printer offline jobs stuck"),
+            ),
+            ("T2", text, "a meeting was held", Some("printer is offline")),
+        ],
+    )?;
+    write_summarized(
+        &b,
+        &[
+            (
+                "T1",
+                text,
+                "printer offline jobs stuck",
+                Some("printer offline jobs stuck"),
+            ),
+            ("T2", text, "printer is offline", Some("printer is offline")),
+            ("T3", text, "printer", None),
+        ],
+    )?;
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[input]\npath = \"{}\"\n[output]\npath = \"{}\"\n",
+            a.display(),
+            dir.path().join("out").display()
+        ),
+    )?;
+    let run_a = run_json(&job, &[])?.run_id;
+    let run_b = run_json(&job, &["--set", &format!("input.path={}", b.display())])?.run_id;
+    let runs = dir.path().join("out");
+    let runs = runs.to_str().unwrap_or_default();
+
+    let out = abridge(&[
+        "eval",
+        "--runs",
+        runs,
+        "--summary",
+        "draft",
+        "--compare",
+        &run_a,
+        &run_b,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    let eval_dir = PathBuf::from(report["dir"].as_str().ok_or("dir")?);
+    assert!(eval_dir.starts_with(dir.path().join("out").join("_eval")));
+    for file in ["evaluation.parquet", "summary.json", "comparison.json"] {
+        assert!(eval_dir.join(file).exists(), "{file}");
+    }
+    let run = |id: &str| {
+        report["runs"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["run_id"] == id))
+            .cloned()
+            .unwrap_or_default()
+    };
+    // A: ROUGE-1 F1 1.0 and 0.0, mean 0.5. B: 1.0, 1.0 and one row without reference.
+    assert_eq!(run(&run_a)["means"]["rouge1"], 0.5);
+    assert_eq!(run(&run_b)["means"]["rouge1"], 1.0);
+    assert_eq!(run(&run_b)["summarized"], 3);
+    assert_eq!(run(&run_b)["without_reference"], 1);
+    let comparison = &report["comparison"];
+    assert_eq!(comparison["shared"], 2, "T3 is only in B");
+    let rouge_l = comparison["measures"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["measure"] == "rouge_l"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&rouge_l["a_wins"], &rouge_l["b_wins"], &rouge_l["ties"]),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        )
+    );
+    // The runs themselves are untouched: `abridge sql` still sees two runs, no eval rows.
+    let count = sql(&job, "SELECT count(*) AS n FROM runs", "json");
+    assert!(stdout(&count).contains("\"n\":5"), "{}", stdout(&count));
+
+    // A reference from another table, joined on id.
+    let gold = dir.path().join("gold.parquet");
+    write_summarized(&gold, &[("T2", "", "", Some("a meeting was held"))])?;
+    let out = abridge(&[
+        "eval",
+        "--runs",
+        runs,
+        "--run",
+        &run_a,
+        "--summary",
+        "draft",
+        "--reference-table",
+        gold.to_str().unwrap_or_default(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    assert_eq!(
+        report["runs"][0]["means"]["rouge1"], 1.0,
+        "T2 against its gold"
+    );
+    assert_eq!(report["runs"][0]["without_reference"], 1, "T1 has no gold");
+
+    // Clear errors, exit code 2.
+    for (args, expected) in [
+        (vec!["--run", "nope"], "run nope is not a committed run"),
+        (vec!["--reference", "gold"], "no `gold` column"),
+        (
+            vec!["--compare", &run_a, "nope"],
+            "run nope is not a committed run",
+        ),
+    ] {
+        let mut all = vec!["eval", "--runs", runs, "--summary", "draft"];
+        all.extend(args.iter().copied());
+        let out = abridge(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
     Ok(())
 }

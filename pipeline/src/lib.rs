@@ -8,6 +8,7 @@
 //! [`summarizer`] loads the generator; [`sample`] makes synthetic input.
 
 pub mod error;
+pub mod eval;
 pub mod executor;
 pub mod job;
 pub mod progress;

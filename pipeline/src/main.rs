@@ -1,6 +1,7 @@
 //! The `abridge` command: parses flags, runs the library, maps errors to exit codes
 //! (0 ok, 1 the job failed, 2 bad usage or bad job file).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,9 @@ use abridge_operators::OperatorError;
 use abridge_operators::encoder::EncoderWorker;
 use abridge_operators::encoder::bert::BertEncoder;
 use abridge_operators::index::TicketIndex;
+use abridge_operators::quality::AlertThresholds;
 use abridge_pipeline::PipelineError;
+use abridge_pipeline::eval::{self, EvalOptions};
 use abridge_pipeline::executor::{self, RunOptions};
 use abridge_pipeline::job::Job;
 use abridge_pipeline::progress::{ProgressMode, ProgressReporter};
@@ -74,6 +77,21 @@ enum Command {
     ///   abridge search "invoice charged twice" --mode bm25 --index out/demo-index
     #[command(verbatim_doc_comment)]
     Search(SearchArgs),
+    /// Measure historical runs again, and compare two runs on the tickets both summarized.
+    ///
+    /// Reads the committed runs of an output table (all, or those named with --run),
+    /// recomputes ROUGE against a reference (a column of the runs, or of another table
+    /// joined on id), compression, drift (from the stored vectors) and the alerts, and
+    /// writes a new evaluation table: RUNS/_eval/<id>/evaluation.parquet and summary.json.
+    /// The runs themselves are never written. With --compare, prints per measure the means
+    /// on the shared tickets and the paired wins (higher ROUGE or drift wins).
+    ///
+    /// Examples:
+    ///   abridge eval --runs out/demo
+    ///   abridge eval --runs out/demo --reference-table gold.parquet --reference summary --stem
+    ///   abridge eval --runs out/demo --compare RUN_A RUN_B --json
+    #[command(verbatim_doc_comment)]
+    Eval(EvalArgs),
     /// Write a synthetic ticket table (English and Chinese help-desk tickets with reference
     /// summaries), the same for the same seed.
     ///
@@ -121,6 +139,37 @@ struct SqlArgs {
     /// Write the result to this file instead of stdout (required for parquet).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The output table (a job's output.path) whose runs to evaluate.
+    #[arg(long, value_name = "DIR")]
+    runs: PathBuf,
+    /// A run to evaluate (repeatable) [default: every committed run].
+    #[arg(long = "run", value_name = "ID")]
+    run_ids: Vec<String>,
+    /// The reference column, in the runs or in --reference-table.
+    #[arg(long, value_name = "COLUMN", default_value = "reference")]
+    reference: String,
+    /// The column to measure (another model's output carried in the runs, say).
+    #[arg(long, value_name = "COLUMN", default_value = "summary")]
+    summary: String,
+    /// A Parquet file, folder or glob holding `id` and the reference column.
+    #[arg(long, value_name = "PATH")]
+    reference_table: Option<String>,
+    /// Porter-stem words before ROUGE (rouge-score's use_stemmer).
+    #[arg(long)]
+    stem: bool,
+    /// Compare two runs on the tickets both summarized.
+    #[arg(long, num_args = 2, value_names = ["RUN_A", "RUN_B"])]
+    compare: Vec<String>,
+    /// Where to write the evaluation [default: RUNS/_eval/<id>].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print the summary (and comparison) as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -186,6 +235,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Sql(args) => sql(args).await,
             Command::Search(args) => search(args).await,
+            Command::Eval(args) => eval(args).await,
             Command::Sample(args) => sample(&args),
         }
     });
@@ -274,6 +324,96 @@ fn summary(m: &RunManifest) -> String {
         ));
     }
     out
+}
+
+async fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    // Compared runs are evaluated (alone, unless --run names more).
+    let mut run_ids = args.run_ids.clone();
+    for id in &args.compare {
+        if !run_ids.contains(id) {
+            run_ids.push(id.clone());
+        }
+    }
+    let options = EvalOptions {
+        runs: args.runs.clone(),
+        run_ids,
+        summary: args.summary.clone(),
+        reference: args.reference.clone(),
+        reference_table: args.reference_table.clone(),
+        stem: args.stem,
+        thresholds: AlertThresholds::default(),
+        out: args.out.clone(),
+    };
+    let evaluation = eval::evaluate(&options).await?;
+    let comparison = match args.compare.as_slice() {
+        [a, b] => Some(eval::compare(&evaluation, a, b).await?),
+        _ => None,
+    };
+    if let Some(comparison) = &comparison {
+        let text = serde_json::to_string_pretty(comparison)?;
+        let path = evaluation.dir.join("comparison.json");
+        std::fs::write(&path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.json {
+        let out = serde_json::json!({
+            "dir": evaluation.dir,
+            "runs": evaluation.runs,
+            "comparison": comparison,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let mean = |m: &BTreeMap<String, Option<f64>>, k: &str| match m.get(k).copied().flatten() {
+        Some(v) => format!("{v:.3}"),
+        None => "-".into(),
+    };
+    println!("evaluation → {}", evaluation.dir.display());
+    println!(
+        "  {:<32} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "run", "rows", "no ref", "rouge1", "rouge2", "rouge_l", "drift", "compr.", "alerted"
+    );
+    for run in &evaluation.runs {
+        println!(
+            "  {:<32} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+            run.run_id,
+            run.summarized,
+            run.without_reference,
+            mean(&run.means, "rouge1"),
+            mean(&run.means, "rouge2"),
+            mean(&run.means, "rouge_l"),
+            mean(&run.means, "drift"),
+            mean(&run.means, "compression"),
+            run.alerts.values().sum::<u64>(),
+        );
+    }
+    if let Some(c) = &comparison {
+        println!(
+            "\n{} vs {} on {} shared tickets",
+            c.run_a, c.run_b, c.shared
+        );
+        println!(
+            "  {:<12} {:>8} {:>8} {:>7} {:>7} {:>7}",
+            "measure", "mean A", "mean B", "A wins", "B wins", "ties"
+        );
+        let num = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+        let count = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+        for m in &c.measures {
+            println!(
+                "  {:<12} {:>8} {:>8} {:>7} {:>7} {:>7}",
+                m.measure,
+                num(m.mean_a),
+                num(m.mean_b),
+                count(m.a_wins),
+                count(m.b_wins),
+                count(m.ties)
+            );
+        }
+        for (alert, (a, b)) in &c.alerts {
+            println!("  alert {alert:<20} A {a:>5}  B {b:>5}");
+        }
+    }
+    Ok(())
 }
 
 async fn sql(args: SqlArgs) -> anyhow::Result<()> {

@@ -85,10 +85,57 @@ impl SqlSession {
         Ok(Some(latest))
     }
 
+    /// Registers the data files of the run folders `dirs` as one table `name`.
+    pub async fn register_run_dirs(
+        &mut self,
+        name: &str,
+        dirs: &[PathBuf],
+    ) -> Result<(), PipelineError> {
+        let mut files = Vec::new();
+        for dir in dirs {
+            files.extend(
+                resolve_files(&dir.display().to_string())
+                    .map_err(|e| PipelineError::Usage(e.to_string()))?,
+            );
+        }
+        self.register_files(name, &files).await
+    }
+
+    /// Registers record batches already in memory as table `name`.
+    pub fn register_batches(
+        &mut self,
+        name: &str,
+        batches: &[RecordBatch],
+    ) -> Result<(), PipelineError> {
+        let schema = match batches.first() {
+            Some(b) => b.schema(),
+            None => Arc::new(arrow::datatypes::Schema::empty()),
+        };
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![batches.to_vec()])?;
+        self.ctx.register_table(name, Arc::new(table))?;
+        self.registered.push(name.to_string());
+        Ok(())
+    }
+
+    /// The column names of registered table `name`.
+    pub async fn columns(&self, name: &str) -> Result<Vec<String>, PipelineError> {
+        let table = self.ctx.table(name).await?;
+        Ok(table
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect())
+    }
+
     async fn register_files(&mut self, name: &str, files: &[PathBuf]) -> Result<(), PipelineError> {
         let paths: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        // Every file's columns, not the first file's: runs made before a stage existed
+        // lack its columns, which then read as null there.
+        let schema = merged_schema(name, files)?;
         let options = ParquetReadOptions {
             file_extension: "",
+            schema: schema.as_ref(),
             ..Default::default()
         };
         let df = self
@@ -121,6 +168,37 @@ impl SqlSession {
         let batches = df.collect().await?;
         Ok((schema, batches))
     }
+}
+
+/// The union of the files' columns (None for a single file), or which files disagree on
+/// a column's type.
+fn merged_schema(
+    name: &str,
+    files: &[PathBuf],
+) -> Result<Option<arrow::datatypes::Schema>, PipelineError> {
+    if files.len() < 2 {
+        return Ok(None);
+    }
+    let mut schemas = Vec::with_capacity(files.len());
+    for file in files {
+        let open = std::fs::File::open(file).map_err(|source| PipelineError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open)
+            .map_err(|e| PipelineError::Usage(format!("{}: {e}", file.display())))?;
+        // Field order and types decide; file-level metadata may differ between versions.
+        schemas.push(arrow::datatypes::Schema::new(
+            reader.schema().fields().clone(),
+        ));
+    }
+    arrow::datatypes::Schema::try_merge(schemas)
+        .map(Some)
+        .map_err(|e| {
+            PipelineError::Usage(format!(
+                "table {name}: its files disagree on a column's type ({e})"
+            ))
+        })
 }
 
 /// Writes `batches` in `format` to `out`.
@@ -195,6 +273,47 @@ mod tests {
         writer.write(&batch)?;
         writer.close()?;
         Ok(path.display().to_string())
+    }
+
+    #[tokio::test]
+    async fn files_with_more_columns_than_the_first_read_in_full() -> Result<(), PipelineError> {
+        let dir = tempfile::tempdir().map_err(|source| PipelineError::Io {
+            path: PathBuf::from("tempdir"),
+            source,
+        })?;
+        let old = write_table(dir.path())?;
+        // A later file with one more column (a run made after a stage was added).
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+            Field::new("drift", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from(vec!["d"])),
+                Arc::new(Int64Array::from(vec![4])),
+                Arc::new(arrow::array::Float64Array::from(vec![0.5])),
+            ],
+        )?;
+        let newer = dir.path().join("u.parquet");
+        let file = std::fs::File::create(&newer).map_err(|source| PipelineError::Io {
+            path: newer.clone(),
+            source,
+        })?;
+        let mut writer = ArrowWriter::try_new(file, schema, None)?;
+        writer.write(&batch)?;
+        writer.close()?;
+        let mut session = SqlSession::new();
+        session
+            .register_run_dirs("t", &[PathBuf::from(&old), newer])
+            .await?;
+        let (_, batches) = session
+            .query("SELECT count(*) AS rows, count(drift) AS with_drift FROM t")
+            .await?;
+        let text = arrow::util::pretty::pretty_format_batches(&batches)?.to_string();
+        assert!(text.contains("| 4    | 1          |"), "{text}");
+        Ok(())
     }
 
     #[tokio::test]

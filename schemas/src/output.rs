@@ -34,12 +34,14 @@ pub const RESERVED: &[&str] = &[
     "completion_tokens",
     "latency_ms",
     "glossary_missed",
+    "summary_samples",
+    "summary_embedding",
     "drift",
     "compression",
     "stability",
     "rouge1",
     "rouge2",
-    "rougeL",
+    "rouge_l",
     "alerts",
 ];
 

@@ -1,0 +1,465 @@
+//! `abridge eval`: measure historical runs again (a new reference, a changed definition,
+//! runs older than a metric), and put two runs side by side on the tickets they share.
+//!
+//! The runs are read, never written: each evaluation is a new table of its own,
+//! `RUNS/_eval/<eval_id>/evaluation.parquet`, with a `summary.json` beside it. The
+//! `_` prefix keeps it out of the output table for every Parquet reader.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use abridge_operators::quality::{
+    ALERTS, AlertThresholds, COMPRESSION, DRIFT, ROUGE_L, ROUGE1, ROUGE2, STABILITY,
+};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, ListBuilder, RecordBatch, StringBuilder,
+};
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
+use serde::Serialize;
+
+use crate::error::PipelineError;
+use crate::run::{self, committed_runs};
+use crate::sql::SqlSession;
+
+/// What to evaluate and how.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// The output table whose runs are evaluated.
+    pub runs: PathBuf,
+    /// Run ids to evaluate; empty: every committed run.
+    pub run_ids: Vec<String>,
+    /// The column holding the text to measure. Default `summary`.
+    pub summary: String,
+    /// The reference column: in the runs, or in `reference_table`. Default `reference`.
+    pub reference: String,
+    /// A Parquet file, folder or glob with `id` and the reference column, joined on `id`.
+    pub reference_table: Option<String>,
+    /// Porter-stem words before ROUGE.
+    pub stem: bool,
+    /// Thresholds of the `alerts` column.
+    pub thresholds: AlertThresholds,
+    /// Where the evaluation goes; default `RUNS/_eval/<eval_id>`.
+    pub out: Option<PathBuf>,
+}
+
+/// Means and counts of one run's evaluation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunSummary {
+    /// The run.
+    pub run_id: String,
+    /// Rows with a summary (the ones measured).
+    pub summarized: u64,
+    /// Of those, rows without a reference (null ROUGE).
+    pub without_reference: u64,
+    /// Mean of each measure over the rows that have it.
+    pub means: BTreeMap<String, Option<f64>>,
+    /// Rows raising each alert.
+    pub alerts: BTreeMap<String, u64>,
+}
+
+/// What an evaluation wrote and found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// The evaluation's folder.
+    pub dir: PathBuf,
+    /// Per run, in run order.
+    pub runs: Vec<RunSummary>,
+    /// The evaluated rows (also in `dir/evaluation.parquet`).
+    #[serde(skip)]
+    pub batches: Vec<RecordBatch>,
+}
+
+/// The measures `eval` writes, in column order.
+const MEASURES: [&str; 6] = [ROUGE1, ROUGE2, ROUGE_L, DRIFT, COMPRESSION, STABILITY];
+
+/// Evaluates the runs `options` names and writes the evaluation table and its summary.
+pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError> {
+    let dirs = selected_runs(&options.runs, &options.run_ids)?;
+    let mut session = SqlSession::new();
+    session.register_run_dirs("runs", &dirs).await?;
+    let columns = session.columns("runs").await?;
+    let has = |name: &str| columns.iter().any(|c| c == name);
+    if !has(&options.summary) {
+        return Err(PipelineError::Usage(format!(
+            "{}: the runs have no `{}` column (runs made without [summarize] have no \
+             summaries; --summary names another column)",
+            options.runs.display(),
+            options.summary
+        )));
+    }
+    let summary = format!("CAST(runs.\"{}\" AS VARCHAR)", options.summary);
+    let reference = match &options.reference_table {
+        Some(path) => {
+            session.register_path("reference_table", path).await?;
+            let theirs = session.columns("reference_table").await?;
+            for needed in ["id", options.reference.as_str()] {
+                if !theirs.iter().any(|c| c == needed) {
+                    return Err(PipelineError::Usage(format!(
+                        "--reference-table {path}: no `{needed}` column (it has: {})",
+                        theirs.join(", ")
+                    )));
+                }
+            }
+            format!("CAST(reference_table.\"{}\" AS VARCHAR)", options.reference)
+        }
+        None if has(&options.reference) => {
+            format!("CAST(runs.\"{}\" AS VARCHAR)", options.reference)
+        }
+        None => {
+            return Err(PipelineError::Usage(format!(
+                "the runs have no `{}` column to compare summaries with (columns: {}); \
+                 name one with --reference or join one with --reference-table",
+                options.reference,
+                columns.join(", ")
+            )));
+        }
+    };
+    let drift = if has("embedding") && has("summary_embedding") {
+        "cosine(runs.embedding, runs.summary_embedding)"
+    } else {
+        "CAST(NULL AS DOUBLE)"
+    };
+    let stability = if has(STABILITY) {
+        "CAST(runs.stability AS DOUBLE)"
+    } else {
+        "CAST(NULL AS DOUBLE)"
+    };
+    let optional = |name: &str| {
+        if has(name) {
+            format!("CAST(runs.\"{name}\" AS VARCHAR) AS \"{name}\"")
+        } else {
+            format!("CAST(NULL AS VARCHAR) AS \"{name}\"")
+        }
+    };
+    let join = if options.reference_table.is_some() {
+        "LEFT JOIN reference_table ON runs.id = CAST(reference_table.id AS VARCHAR)"
+    } else {
+        ""
+    };
+    let query = format!(
+        "SELECT runs.run_id, runs.id, {topic}, {model}, {version}, runs.text, \
+         {summary} AS summary, {reference} AS reference, \
+         rouge({summary}, {reference}, {stem}) AS scores, {drift} AS drift, \
+         compression({summary}, runs.text) AS compression, {stability} AS stability \
+         FROM runs {join} WHERE {summary} IS NOT NULL ORDER BY runs.run_id, runs.id",
+        topic = optional("topic"),
+        model = optional("model"),
+        version = optional("prompt_version"),
+        stem = options.stem,
+    );
+    let (_, batches) = session.query(&query).await?;
+    let batches = batches
+        .iter()
+        .map(|b| with_measures(b, &options.thresholds))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let dir = match &options.out {
+        Some(dir) => dir.clone(),
+        None => options.runs.join("_eval").join(run::new_run_id()),
+    };
+    std::fs::create_dir_all(&dir).map_err(|source| PipelineError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    write_parquet(&dir.join("evaluation.parquet"), &batches)?;
+    let runs = summarize_runs(&batches);
+    let summary = serde_json::json!({ "runs": runs, "thresholds": options.thresholds });
+    write_json(&dir.join("summary.json"), &summary)?;
+    Ok(Evaluation { dir, runs, batches })
+}
+
+/// The folders of the committed runs named (all when none is), or which name is unknown.
+fn selected_runs(output: &Path, ids: &[String]) -> Result<Vec<PathBuf>, PipelineError> {
+    let runs = committed_runs(output).map_err(|source| PipelineError::Io {
+        path: output.to_path_buf(),
+        source,
+    })?;
+    if runs.is_empty() {
+        return Err(PipelineError::Usage(format!(
+            "{}: no committed run (is it a job's output.path?)",
+            output.display()
+        )));
+    }
+    if ids.is_empty() {
+        return Ok(runs.into_iter().map(|(dir, _)| dir).collect());
+    }
+    ids.iter()
+        .map(|id| {
+            runs.iter()
+                .find(|(_, m)| &m.run_id == id)
+                .map(|(dir, _)| dir.clone())
+                .ok_or_else(|| {
+                    let known: Vec<&str> = runs.iter().map(|(_, m)| m.run_id.as_str()).collect();
+                    PipelineError::Usage(format!(
+                        "run {id} is not a committed run of {} (runs: {})",
+                        output.display(),
+                        known.join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// `batch` with the `scores` struct spread into `rouge1`, `rouge2`, `rouge_l`, and the
+/// `alerts` the measures raise.
+fn with_measures(
+    batch: &RecordBatch,
+    thresholds: &AlertThresholds,
+) -> Result<RecordBatch, PipelineError> {
+    let column = |name: &str| {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| PipelineError::Usage(format!("evaluation lost its `{name}` column")))
+    };
+    let scores = column("scores")?.as_struct().clone();
+    let measure = |name: &str| -> Result<Float64Array, PipelineError> {
+        Ok(column(name)?.as_primitive::<Float64Type>().clone())
+    };
+    let (drift, compression, stability) =
+        (measure(DRIFT)?, measure(COMPRESSION)?, measure(STABILITY)?);
+    let mut alerts = ListBuilder::new(StringBuilder::new());
+    let get = |a: &Float64Array, r: usize| a.is_valid(r).then(|| a.value(r));
+    for r in 0..batch.num_rows() {
+        let fired = thresholds.alerts(get(&drift, r), get(&compression, r), get(&stability, r));
+        alerts.append_value(fired.into_iter().map(Some));
+    }
+    let mut fields: Vec<Field> = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (field, array) in batch.schema().fields().iter().zip(batch.columns()) {
+        if field.name() == "scores" {
+            for (i, name) in [ROUGE1, ROUGE2, ROUGE_L].iter().enumerate() {
+                fields.push(Field::new(*name, DataType::Float64, true));
+                let values = scores.column(i).as_primitive::<Float64Type>();
+                // A null struct (no reference) is null in each of its fields.
+                let values: Float64Array = (0..values.len())
+                    .map(|r| (scores.is_valid(r) && values.is_valid(r)).then(|| values.value(r)))
+                    .collect();
+                columns.push(Arc::new(values));
+            }
+        } else {
+            fields.push(field.as_ref().clone());
+            columns.push(Arc::clone(array));
+        }
+    }
+    let alerts = alerts.finish();
+    fields.push(Field::new(ALERTS, alerts.data_type().clone(), true));
+    columns.push(Arc::new(alerts));
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
+}
+
+/// Per-run means and alert counts.
+fn summarize_runs(batches: &[RecordBatch]) -> Vec<RunSummary> {
+    let mut runs: Vec<RunSummary> = Vec::new();
+    let mut sums: Vec<BTreeMap<&str, (f64, u64)>> = Vec::new();
+    for batch in batches {
+        let (Some(ids), Some(rouge_l), Some(alerts)) = (
+            batch.column_by_name("run_id"),
+            batch.column_by_name(ROUGE_L),
+            batch.column_by_name(ALERTS),
+        ) else {
+            continue;
+        };
+        let ids = arrow::compute::cast(ids, &DataType::Utf8).ok();
+        let Some(ids) = ids.as_ref().map(|a| a.as_string::<i32>()) else {
+            continue;
+        };
+        let rouge_l = rouge_l.as_primitive::<Float64Type>();
+        let alerts = alerts.as_list::<i32>();
+        for r in 0..batch.num_rows() {
+            let id = ids.value(r);
+            if runs.last().is_none_or(|s| s.run_id != id) {
+                runs.push(RunSummary {
+                    run_id: id.to_string(),
+                    summarized: 0,
+                    without_reference: 0,
+                    means: BTreeMap::new(),
+                    alerts: BTreeMap::new(),
+                });
+                sums.push(BTreeMap::new());
+            }
+            let (Some(run), Some(sum)) = (runs.last_mut(), sums.last_mut()) else {
+                continue;
+            };
+            run.summarized += 1;
+            run.without_reference += u64::from(rouge_l.is_null(r));
+            for name in MEASURES {
+                if let Some(values) = batch.column_by_name(name) {
+                    let values = values.as_primitive::<Float64Type>();
+                    if values.is_valid(r) {
+                        let entry = sum.entry(name).or_insert((0.0, 0));
+                        entry.0 += values.value(r);
+                        entry.1 += 1;
+                    }
+                }
+            }
+            if alerts.is_valid(r) {
+                for alert in alerts.value(r).as_string::<i32>().iter().flatten() {
+                    *run.alerts.entry(alert.to_string()).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    for (run, sum) in runs.iter_mut().zip(sums) {
+        for name in MEASURES {
+            let mean = sum.get(name).map(|(total, n)| total / *n as f64);
+            run.means.insert(name.to_string(), mean);
+        }
+    }
+    runs
+}
+
+fn write_parquet(path: &Path, batches: &[RecordBatch]) -> Result<(), PipelineError> {
+    let file = std::fs::File::create(path).map_err(|source| PipelineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let schema: SchemaRef = match batches.first() {
+        Some(b) => b.schema(),
+        None => Arc::new(Schema::empty()),
+    };
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None)?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.close()?;
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), PipelineError> {
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    std::fs::write(path, text + "\n").map_err(|source| PipelineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// How two runs compare on the tickets both summarized.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// The runs, as given.
+    pub run_a: String,
+    /// The second run.
+    pub run_b: String,
+    /// Tickets with a summary in both.
+    pub shared: u64,
+    /// Per measure: means on the shared tickets, and paired wins (higher is better for
+    /// ROUGE and drift; compression and stability have no better side and get no count).
+    pub measures: Vec<MeasureComparison>,
+    /// Alerts raised on the shared tickets: (run A, run B).
+    pub alerts: BTreeMap<String, (u64, u64)>,
+}
+
+/// One measure of a [`Comparison`].
+#[derive(Debug, Clone, Serialize)]
+pub struct MeasureComparison {
+    /// The measure.
+    pub measure: String,
+    /// Mean in run A over the shared tickets that have it in both runs.
+    pub mean_a: Option<f64>,
+    /// Mean in run B, same tickets.
+    pub mean_b: Option<f64>,
+    /// Tickets where A scores higher, lower, the same (None where no side is better).
+    pub a_wins: Option<u64>,
+    /// Tickets where B scores higher.
+    pub b_wins: Option<u64>,
+    /// Tickets where both score the same.
+    pub ties: Option<u64>,
+}
+
+/// Compares two runs of an evaluation, on the tickets both summarized.
+pub async fn compare(
+    evaluation: &Evaluation,
+    run_a: &str,
+    run_b: &str,
+) -> Result<Comparison, PipelineError> {
+    for run in [run_a, run_b] {
+        if !evaluation.runs.iter().any(|r| r.run_id == run) {
+            return Err(PipelineError::Usage(format!(
+                "run {run} has no summarized rows in this evaluation"
+            )));
+        }
+    }
+    let mut session = SqlSession::new();
+    session.register_batches("evaluation", &evaluation.batches)?;
+    let mut measures = Vec::new();
+    let mut shared = 0;
+    for name in MEASURES {
+        let paired = matches!(name, ROUGE1 | ROUGE2 | ROUGE_L | DRIFT);
+        let query = format!(
+            "SELECT count(*) AS shared, avg(a.\"{name}\") FILTER (WHERE b.\"{name}\" IS NOT NULL) AS mean_a, \
+             avg(b.\"{name}\") FILTER (WHERE a.\"{name}\" IS NOT NULL) AS mean_b, \
+             count(*) FILTER (WHERE a.\"{name}\" > b.\"{name}\") AS a_wins, \
+             count(*) FILTER (WHERE a.\"{name}\" < b.\"{name}\") AS b_wins, \
+             count(*) FILTER (WHERE a.\"{name}\" = b.\"{name}\") AS ties \
+             FROM (SELECT * FROM evaluation WHERE run_id = '{a}') a \
+             JOIN (SELECT * FROM evaluation WHERE run_id = '{b}') b ON a.id = b.id",
+            a = run_a.replace('\'', "''"),
+            b = run_b.replace('\'', "''"),
+        );
+        let (_, batches) = session.query(&query).await?;
+        let Some(row) = batches.first().filter(|b| b.num_rows() == 1) else {
+            continue;
+        };
+        let int = |c: &str| {
+            row.column_by_name(c)
+                .and_then(|a| arrow::compute::cast(a, &DataType::UInt64).ok())
+                .map(|a| a.as_primitive::<arrow::datatypes::UInt64Type>().value(0))
+        };
+        let float = |c: &str| {
+            row.column_by_name(c)
+                .map(|a| a.as_primitive::<Float64Type>().clone())
+                .filter(|a| a.is_valid(0))
+                .map(|a| a.value(0))
+        };
+        shared = int("shared").unwrap_or(0);
+        measures.push(MeasureComparison {
+            measure: name.to_string(),
+            mean_a: float("mean_a"),
+            mean_b: float("mean_b"),
+            a_wins: int("a_wins").filter(|_| paired),
+            b_wins: int("b_wins").filter(|_| paired),
+            ties: int("ties").filter(|_| paired),
+        });
+    }
+    let query = format!(
+        "SELECT side, alert, count(*) AS n FROM ( \
+           SELECT 'a' AS side, unnest(a.alerts) AS alert FROM \
+             (SELECT * FROM evaluation WHERE run_id = '{a}') a \
+             JOIN (SELECT id FROM evaluation WHERE run_id = '{b}') b ON a.id = b.id \
+           UNION ALL \
+           SELECT 'b' AS side, unnest(b.alerts) AS alert FROM \
+             (SELECT * FROM evaluation WHERE run_id = '{b}') b \
+             JOIN (SELECT id FROM evaluation WHERE run_id = '{a}') a ON a.id = b.id) \
+         GROUP BY side, alert",
+        a = run_a.replace('\'', "''"),
+        b = run_b.replace('\'', "''"),
+    );
+    let (_, batches) = session.query(&query).await?;
+    let mut alerts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for batch in &batches {
+        let side = arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
+        let alert = arrow::compute::cast(batch.column(1), &DataType::Utf8)?;
+        let n = arrow::compute::cast(batch.column(2), &DataType::UInt64)?;
+        let (side, alert) = (side.as_string::<i32>(), alert.as_string::<i32>());
+        let n = n.as_primitive::<arrow::datatypes::UInt64Type>();
+        for r in 0..batch.num_rows() {
+            let entry = alerts.entry(alert.value(r).to_string()).or_insert((0, 0));
+            if side.value(r) == "a" {
+                entry.0 += n.value(r);
+            } else {
+                entry.1 += n.value(r);
+            }
+        }
+    }
+    Ok(Comparison {
+        run_a: run_a.to_string(),
+        run_b: run_b.to_string(),
+        shared,
+        measures,
+        alerts,
+    })
+}
