@@ -1181,7 +1181,12 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
                 "printer offline jobs stuck",
                 Some("printer offline jobs stuck"),
             ),
-            ("T2", text, "a meeting was held", Some("printer is offline")),
+            (
+                "T2",
+                text,
+                "a meeting & <was> held",
+                Some("printer is offline"),
+            ),
         ],
     )?;
     write_summarized(
@@ -1226,9 +1231,26 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
     let report: serde_json::Value = serde_json::from_str(&stdout(&out))?;
     let eval_dir = PathBuf::from(report["dir"].as_str().ok_or("dir")?);
     assert!(eval_dir.starts_with(dir.path().join("out").join("_eval")));
-    for file in ["evaluation.parquet", "summary.json", "comparison.json"] {
+    for file in [
+        "evaluation.parquet",
+        "summary.json",
+        "comparison.json",
+        "report.html",
+    ] {
         assert!(eval_dir.join(file).exists(), "{file}");
     }
+    // The report stands alone: no script, nothing fetched; text is escaped.
+    let html = std::fs::read_to_string(eval_dir.join("report.html"))?;
+    assert!(html.contains(&run_a) && html.contains(&run_b));
+    assert!(
+        html.matches("<svg").count() >= 5,
+        "four histograms and the topic chart"
+    );
+    assert!(
+        html.contains("a meeting &amp; &lt;was&gt; held"),
+        "escaped worst example"
+    );
+    assert!(!html.contains("<script") && !html.contains(" src="));
     let run = |id: &str| {
         report["runs"]
             .as_array()
@@ -1282,6 +1304,40 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
         "T2 against its gold"
     );
     assert_eq!(report["runs"][0]["without_reference"], 1, "T1 has no gold");
+
+    // Only what is asked is computed again; drift from vectors made now, with --encoder.
+    let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let out = abridge(&[
+        "eval",
+        "--runs",
+        runs,
+        "--run",
+        &run_b,
+        "--summary",
+        "draft",
+        "--recompute",
+        "compression,drift",
+        "--encoder",
+        encoder.to_str().unwrap_or_default(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    let means = &report["runs"][0]["means"];
+    assert!(
+        means["rouge1"].is_null(),
+        "not recomputed, not stored: {means}"
+    );
+    assert!(
+        means["compression"].as_f64().is_some_and(|c| c > 0.0),
+        "{means}"
+    );
+    assert!(
+        means["drift"]
+            .as_f64()
+            .is_some_and(|d| (0.0..=1.0).contains(&d)),
+        "{means}"
+    );
 
     // Clear errors, exit code 2.
     for (args, expected) in [

@@ -18,6 +18,9 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use serde::Serialize;
 
+use abridge_operators::encoder::EncoderWorker;
+use abridge_operators::encoder::bert::BertEncoder;
+
 use crate::error::PipelineError;
 use crate::run::{self, committed_runs};
 use crate::sql::SqlSession;
@@ -37,10 +40,27 @@ pub struct EvalOptions {
     pub reference_table: Option<String>,
     /// Porter-stem words before ROUGE.
     pub stem: bool,
+    /// The measures computed again; the others are read from the runs (null where a run
+    /// lacks them).
+    pub recompute: Vec<Recompute>,
+    /// An encoder folder to embed text and summary again for `drift` (the current model,
+    /// when the runs' vectors came from another); without it, drift uses the stored vectors.
+    pub encoder: Option<PathBuf>,
     /// Thresholds of the `alerts` column.
     pub thresholds: AlertThresholds,
     /// Where the evaluation goes; default `RUNS/_eval/<eval_id>`.
     pub out: Option<PathBuf>,
+}
+
+/// A measure `eval` can compute again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Recompute {
+    /// ROUGE-1, ROUGE-2, ROUGE-L against the reference.
+    Rouge,
+    /// Cosine of the text's and the summary's vectors.
+    Drift,
+    /// Characters of summary per character of text.
+    Compression,
 }
 
 /// Means and counts of one run's evaluation.
@@ -50,7 +70,9 @@ pub struct RunSummary {
     pub run_id: String,
     /// Rows with a summary (the ones measured).
     pub summarized: u64,
-    /// Of those, rows without a reference (null ROUGE).
+    /// Rows without one (failed, filtered out, or not summarized): skipped.
+    pub without_summary: u64,
+    /// Of those, rows without ROUGE: no reference (or ROUGE neither recomputed nor stored).
     pub without_reference: u64,
     /// Mean of each measure over the rows that have it.
     pub means: BTreeMap<String, Option<f64>>,
@@ -89,42 +111,45 @@ pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError
         )));
     }
     let summary = format!("CAST(runs.\"{}\" AS VARCHAR)", options.summary);
-    let reference = match &options.reference_table {
-        Some(path) => {
-            session.register_path("reference_table", path).await?;
-            let theirs = session.columns("reference_table").await?;
-            for needed in ["id", options.reference.as_str()] {
-                if !theirs.iter().any(|c| c == needed) {
-                    return Err(PipelineError::Usage(format!(
-                        "--reference-table {path}: no `{needed}` column (it has: {})",
-                        theirs.join(", ")
-                    )));
-                }
-            }
-            format!("CAST(reference_table.\"{}\" AS VARCHAR)", options.reference)
-        }
-        None if has(&options.reference) => {
-            format!("CAST(runs.\"{}\" AS VARCHAR)", options.reference)
-        }
-        None => {
-            return Err(PipelineError::Usage(format!(
-                "the runs have no `{}` column to compare summaries with (columns: {}); \
-                 name one with --reference or join one with --reference-table",
-                options.reference,
-                columns.join(", ")
-            )));
+    let again = |m: Recompute| options.recompute.contains(&m);
+    let stored = |name: &str| {
+        if has(name) {
+            format!("CAST(runs.\"{name}\" AS DOUBLE)")
+        } else {
+            "CAST(NULL AS DOUBLE)".to_string()
         }
     };
-    let drift = if has("embedding") && has("summary_embedding") {
-        "cosine(runs.embedding, runs.summary_embedding)"
+    let reference = if again(Recompute::Rouge) {
+        resolve_reference(&mut session, options, &columns).await?
+    } else if has(&options.reference) {
+        format!("CAST(runs.\"{}\" AS VARCHAR)", options.reference)
     } else {
-        "CAST(NULL AS DOUBLE)"
+        "CAST(NULL AS VARCHAR)".to_string()
     };
-    let stability = if has(STABILITY) {
-        "CAST(runs.stability AS DOUBLE)"
+    let scores = if again(Recompute::Rouge) {
+        format!("rouge({summary}, {reference}, {})", options.stem)
     } else {
-        "CAST(NULL AS DOUBLE)"
+        format!(
+            "named_struct('{ROUGE1}', {}, '{ROUGE2}', {}, '{ROUGE_L}', {})",
+            stored(ROUGE1),
+            stored(ROUGE2),
+            stored(ROUGE_L)
+        )
     };
+    let drift = if !again(Recompute::Drift) {
+        stored(DRIFT)
+    } else if options.encoder.is_none() && has("embedding") && has("summary_embedding") {
+        "cosine(runs.embedding, runs.summary_embedding)".to_string()
+    } else {
+        // Filled in below with --encoder; without vectors there is nothing to compare.
+        "CAST(NULL AS DOUBLE)".to_string()
+    };
+    let compression = if again(Recompute::Compression) {
+        format!("compression({summary}, runs.text)")
+    } else {
+        stored(COMPRESSION)
+    };
+    let stability = stored(STABILITY);
     let optional = |name: &str| {
         if has(name) {
             format!("CAST(runs.\"{name}\" AS VARCHAR) AS \"{name}\"")
@@ -139,20 +164,28 @@ pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError
     };
     let query = format!(
         "SELECT runs.run_id, runs.id, {topic}, {model}, {version}, runs.text, \
-         {summary} AS summary, {reference} AS reference, \
-         rouge({summary}, {reference}, {stem}) AS scores, {drift} AS drift, \
-         compression({summary}, runs.text) AS compression, {stability} AS stability \
+         {summary} AS summary, {reference} AS reference, {scores} AS scores, \
+         {drift} AS drift, {compression} AS compression, {stability} AS stability \
          FROM runs {join} WHERE {summary} IS NOT NULL ORDER BY runs.run_id, runs.id",
         topic = optional("topic"),
         model = optional("model"),
         version = optional("prompt_version"),
-        stem = options.stem,
     );
-    let (_, batches) = session.query(&query).await?;
+    let (_, mut batches) = session.query(&query).await?;
+    if let (Some(dir), true) = (&options.encoder, again(Recompute::Drift)) {
+        batches = embed_drift(dir, batches).await?;
+    }
     let batches = batches
         .iter()
         .map(|b| with_measures(b, &options.thresholds))
         .collect::<Result<Vec<_>, _>>()?;
+    let skipped = session
+        .query(&format!(
+            "SELECT CAST(run_id AS VARCHAR) AS run_id, count(*) AS n FROM runs \
+             WHERE {summary} IS NULL GROUP BY run_id"
+        ))
+        .await?
+        .1;
 
     let dir = match &options.out {
         Some(dir) => dir.clone(),
@@ -163,10 +196,113 @@ pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError
         source,
     })?;
     write_parquet(&dir.join("evaluation.parquet"), &batches)?;
-    let runs = summarize_runs(&batches);
+    let mut runs = summarize_runs(&batches);
+    for batch in &skipped {
+        let ids = texts_of(batch.column(0))?;
+        let counts = arrow::compute::cast(batch.column(1), &DataType::UInt64)?;
+        let counts = counts.as_primitive::<arrow::datatypes::UInt64Type>();
+        for (r, id) in ids.iter().enumerate() {
+            if let Some(run) = runs.iter_mut().find(|s| Some(&s.run_id) == id.as_ref()) {
+                run.without_summary = counts.value(r);
+            }
+        }
+    }
     let summary = serde_json::json!({ "runs": runs, "thresholds": options.thresholds });
     write_json(&dir.join("summary.json"), &summary)?;
     Ok(Evaluation { dir, runs, batches })
+}
+
+/// The SQL expression of the reference text: a column of the runs, or of the reference
+/// table (registered here and joined on `id`), or why neither has it.
+async fn resolve_reference(
+    session: &mut SqlSession,
+    options: &EvalOptions,
+    columns: &[String],
+) -> Result<String, PipelineError> {
+    let Some(path) = &options.reference_table else {
+        if columns.iter().any(|c| c == &options.reference) {
+            return Ok(format!("CAST(runs.\"{}\" AS VARCHAR)", options.reference));
+        }
+        return Err(PipelineError::Usage(format!(
+            "the runs have no `{}` column to compare summaries with (columns: {}); \
+             name one with --reference or join one with --reference-table",
+            options.reference,
+            columns.join(", ")
+        )));
+    };
+    session.register_path("reference_table", path).await?;
+    let theirs = session.columns("reference_table").await?;
+    for needed in ["id", options.reference.as_str()] {
+        if !theirs.iter().any(|c| c == needed) {
+            return Err(PipelineError::Usage(format!(
+                "--reference-table {path}: no `{needed}` column (it has: {})",
+                theirs.join(", ")
+            )));
+        }
+    }
+    Ok(format!(
+        "CAST(reference_table.\"{}\" AS VARCHAR)",
+        options.reference
+    ))
+}
+
+/// `batches` with `drift` computed from vectors of `text` and `summary` that the encoder
+/// in `dir` makes now.
+async fn embed_drift(
+    dir: &Path,
+    batches: Vec<RecordBatch>,
+) -> Result<Vec<RecordBatch>, PipelineError> {
+    let model_error = |e: abridge_operators::encoder::EncoderError| {
+        PipelineError::Usage(format!("--encoder {}: {e}", dir.display()))
+    };
+    let path = dir.to_path_buf();
+    let encoder = tokio::task::spawn_blocking(move || {
+        BertEncoder::load(&path, &candle_core::Device::Cpu, 32)
+    })
+    .await
+    .map_err(|e| PipelineError::Usage(format!("--encoder {}: {e}", dir.display())))?
+    .map_err(model_error)?;
+    let worker = EncoderWorker::spawn(Arc::new(encoder)).map_err(model_error)?;
+    let dim = worker.dim();
+    let mut out = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let column = |name: &str| -> Result<Vec<String>, PipelineError> {
+            let Some(c) = batch.column_by_name(name) else {
+                return Ok(vec![String::new(); batch.num_rows()]);
+            };
+            Ok(texts_of(c)?
+                .into_iter()
+                .map(Option::unwrap_or_default)
+                .collect())
+        };
+        let texts = worker.encode(column("text")?).await.map_err(model_error)?;
+        let summaries = worker
+            .encode(column("summary")?)
+            .await
+            .map_err(model_error)?;
+        let drift: Float64Array = texts
+            .chunks(dim)
+            .zip(summaries.chunks(dim))
+            .map(|(a, b)| abridge_operators::quality::measures::cosine(a, b))
+            .collect();
+        let schema = batch.schema();
+        let mut columns = batch.columns().to_vec();
+        if let Ok(i) = schema.index_of(DRIFT) {
+            columns[i] = Arc::new(drift);
+        }
+        out.push(RecordBatch::try_new(schema, columns)?);
+    }
+    Ok(out)
+}
+
+/// The values of a text column, whichever string type it has.
+fn texts_of(array: &ArrayRef) -> Result<Vec<Option<String>>, PipelineError> {
+    let strings = arrow::compute::cast(array, &DataType::Utf8)?;
+    Ok(strings
+        .as_string::<i32>()
+        .iter()
+        .map(|v| v.map(String::from))
+        .collect())
 }
 
 /// The folders of the committed runs named (all when none is), or which name is unknown.
@@ -275,6 +411,7 @@ fn summarize_runs(batches: &[RecordBatch]) -> Vec<RunSummary> {
                 runs.push(RunSummary {
                     run_id: id.to_string(),
                     summarized: 0,
+                    without_summary: 0,
                     without_reference: 0,
                     means: BTreeMap::new(),
                     alerts: BTreeMap::new(),

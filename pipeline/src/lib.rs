@@ -12,6 +12,7 @@ pub mod eval;
 pub mod executor;
 pub mod job;
 pub mod progress;
+pub mod report;
 pub mod retrieval;
 pub mod run;
 pub mod sample;

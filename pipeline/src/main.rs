@@ -13,10 +13,11 @@ use abridge_operators::encoder::bert::BertEncoder;
 use abridge_operators::index::TicketIndex;
 use abridge_operators::quality::AlertThresholds;
 use abridge_pipeline::PipelineError;
-use abridge_pipeline::eval::{self, EvalOptions};
+use abridge_pipeline::eval::{self, EvalOptions, Recompute};
 use abridge_pipeline::executor::{self, RunOptions};
 use abridge_pipeline::job::Job;
 use abridge_pipeline::progress::{ProgressMode, ProgressReporter};
+use abridge_pipeline::report;
 use abridge_pipeline::retrieval::{self, SearchMode};
 use abridge_pipeline::run::RunManifest;
 use abridge_pipeline::sample::{SampleOptions, write_sample};
@@ -82,7 +83,8 @@ enum Command {
     /// Reads the committed runs of an output table (all, or those named with --run),
     /// recomputes ROUGE against a reference (a column of the runs, or of another table
     /// joined on id), compression, drift (from the stored vectors) and the alerts, and
-    /// writes a new evaluation table: RUNS/_eval/<id>/evaluation.parquet and summary.json.
+    /// writes a new evaluation table: RUNS/_eval/<id>/evaluation.parquet, summary.json,
+    /// and report.html (a self-contained page of plots and the worst summaries).
     /// The runs themselves are never written. With --compare, prints per measure the means
     /// on the shared tickets and the paired wins (higher ROUGE or drift wins).
     ///
@@ -161,6 +163,18 @@ struct EvalArgs {
     /// Porter-stem words before ROUGE (rouge-score's use_stemmer).
     #[arg(long)]
     stem: bool,
+    /// The measures to compute again; the others are read from the runs.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "rouge,drift,compression"
+    )]
+    recompute: Vec<Recompute>,
+    /// Embed text and summary again with this encoder folder for drift (default: the
+    /// vectors stored in the runs).
+    #[arg(long, value_name = "DIR")]
+    encoder: Option<PathBuf>,
     /// Compare two runs on the tickets both summarized.
     #[arg(long, num_args = 2, value_names = ["RUN_A", "RUN_B"])]
     compare: Vec<String>,
@@ -341,6 +355,8 @@ async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         reference: args.reference.clone(),
         reference_table: args.reference_table.clone(),
         stem: args.stem,
+        recompute: args.recompute.clone(),
+        encoder: args.encoder.clone(),
         thresholds: AlertThresholds::default(),
         out: args.out.clone(),
     };
@@ -355,6 +371,12 @@ async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         std::fs::write(&path, text + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    report::write_report(
+        &evaluation.dir.join("report.html"),
+        &evaluation,
+        comparison.as_ref(),
+        &options.thresholds,
+    )?;
     if args.json {
         let out = serde_json::json!({
             "dir": evaluation.dir,
