@@ -1216,19 +1216,15 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
     let runs = dir.path().join("out");
     let runs = runs.to_str().unwrap_or_default();
 
-    let out = abridge(&[
-        "eval",
-        "--runs",
-        runs,
-        "--summary",
-        "draft",
-        "--compare",
-        &run_a,
-        &run_b,
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    // `abridge eval` of the runs' `draft` column, with more flags, as JSON.
+    let eval = |args: &[&str]| -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        let mut all = vec!["eval", "--runs", runs, "--summary", "draft", "--json"];
+        all.extend_from_slice(args);
+        let out = abridge(&all);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        Ok(serde_json::from_str(&stdout(&out))?)
+    };
+    let report = eval(&["--compare", &run_a, &run_b])?;
     let eval_dir = PathBuf::from(report["dir"].as_str().ok_or("dir")?);
     assert!(eval_dir.starts_with(dir.path().join("out").join("_eval")));
     for file in [
@@ -1285,20 +1281,12 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
     // A reference from another table, joined on id.
     let gold = dir.path().join("gold.parquet");
     write_summarized(&gold, &[("T2", "", "", Some("a meeting was held"))])?;
-    let out = abridge(&[
-        "eval",
-        "--runs",
-        runs,
+    let report = eval(&[
         "--run",
         &run_a,
-        "--summary",
-        "draft",
         "--reference-table",
         gold.to_str().unwrap_or_default(),
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    ])?;
     assert_eq!(
         report["runs"][0]["means"]["rouge1"], 1.0,
         "T2 against its gold"
@@ -1307,22 +1295,14 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
 
     // Only what is asked is computed again; drift from vectors made now, with --encoder.
     let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
-    let out = abridge(&[
-        "eval",
-        "--runs",
-        runs,
+    let report = eval(&[
         "--run",
         &run_b,
-        "--summary",
-        "draft",
         "--recompute",
         "compression,drift",
         "--encoder",
         encoder.to_str().unwrap_or_default(),
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    ])?;
     let means = &report["runs"][0]["means"];
     assert!(
         means["rouge1"].is_null(),
