@@ -5,6 +5,7 @@
 //! batches whatever requests are in flight (continuous batching), so callers keep many
 //! requests open rather than building batches themselves.
 
+pub mod bloom;
 pub mod mistralrs;
 
 use std::sync::Arc;

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Make tests/fixtures/bloom-tiny-*: random-weight BLOOM checkpoints in Hugging Face layout
+with what transformers computes for them, which abridge's BLOOM must reproduce (logits to
+1e-4, greedy tokens exactly).
+
+    ~/.cache/abridge/st-venv/bin/python scripts/make-bloom-fixture.py
+    (any Python with torch, transformers and tokenizers)
+
+Two shapes: 4 heads (a power of two) and 6 heads (not: ALiBi slopes then interleave a
+second series). Each folder holds config.json, tokenizer.json (a small byte-level BPE
+trained here), model.safetensors, and expected.json: the logits of single sequences, of a
+left-padded batch of different lengths (real positions only), and 20 greedy tokens.
+"""
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BloomConfig, BloomForCausalLM
+
+CORPUS = """The printer is offline again and print jobs are stuck in the queue.
+My VPN connection drops every few minutes when I work from home over wifi.
+打印机离线，打印任务卡在队列中。网络连接断开。账户被锁定，无法登录。
+输入: 今天上午系统出现故障 抽取: 故障 输出: [GEN]"""
+
+PROMPTS = [
+    "The printer is offline",
+    "VPN drops every few minutes when I work from home",
+    "打印机离线",
+    "a",
+]
+
+
+def tokenizer(path):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS] * 10, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    return tok
+
+
+def rounded(tensor):
+    return [round(float(x), 6) for x in tensor.flatten()]
+
+
+def make(name, heads, hidden):
+    out = Path(__file__).resolve().parent.parent / "tests/fixtures" / name
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer(out)
+    torch.manual_seed(heads)
+    config = BloomConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, n_layer=2,
+                         n_head=heads, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = BloomForCausalLM(config).eval()
+    # Larger than the default init (std 0.02), so that attention and ALiBi matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "padding_side": "left"}))
+
+    expected = {"single": [], "batch": {}, "greedy": []}
+    ids = [tok.encode(p).ids for p in PROMPTS]
+    with torch.no_grad():
+        for seq in ids:
+            logits = model(torch.tensor([seq])).logits[0]
+            expected["single"].append({"ids": seq, "logits": rounded(logits)})
+        # Left padding: real tokens at the end, attention mask 0 on the pads.
+        longest = max(len(s) for s in ids)
+        batch = [[config.pad_token_id] * (longest - len(s)) + s for s in ids]
+        mask = [[0] * (longest - len(s)) + [1] * len(s) for s in ids]
+        logits = model(torch.tensor(batch), attention_mask=torch.tensor(mask)).logits
+        expected["batch"] = {
+            "ids": batch,
+            "mask": mask,
+            # Only real positions: a pad's logits are whatever the masked softmax gives.
+            "logits": [rounded(logits[i, longest - len(s):]) for i, s in enumerate(ids)],
+        }
+        for seq in ids[:2]:
+            generated = model.generate(torch.tensor([seq]), max_new_tokens=20, min_new_tokens=20,
+                                       do_sample=False, pad_token_id=config.pad_token_id)
+            expected["greedy"].append({"ids": seq, "tokens": generated[0, len(seq):].tolist()})
+    (out / "expected.json").write_text(json.dumps(expected, separators=(",", ":")) + "\n")
+    print(f"{out}: vocab {config.vocab_size}, hidden {hidden}, heads {heads}")
+
+
+if __name__ == "__main__":
+    make("bloom-tiny-4h", heads=4, hidden=64)
+    make("bloom-tiny-6h", heads=6, hidden=96)
