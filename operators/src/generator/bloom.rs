@@ -62,6 +62,28 @@ struct Block {
     down: Linear,
 }
 
+/// Keys and values of the tokens already seen, per block: what lets decoding feed one new
+/// token per step instead of the whole sequence.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A loaded BLOOM model.
 pub struct Bloom {
     config: BloomConfig,
@@ -137,7 +159,33 @@ impl Bloom {
     /// Logits `(batch, tokens, vocab)` for `ids` `(batch, tokens)`, where `mask` (same
     /// shape, 1 for a token, 0 for padding) marks left padding.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, tokens) = ids.dims2()?;
+        self.forward_cached(ids, mask, &mut self.new_cache())
+    }
+
+    /// An empty cache for [`Bloom::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.config.n_layer).map(|_| None).collect(),
+        }
+    }
+
+    /// Logits for the new tokens `ids` `(batch, new)` after the ones in `cache`, which
+    /// then holds them too. `mask` covers cached and new tokens `(batch, cached + new)`.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, new) = ids.dims2()?;
+        let past = cache.len();
+        let tokens = past + new;
+        if mask.dims2()? != (batch, tokens) {
+            candle_core::bail!(
+                "mask is {:?}, expected ({batch}, {tokens}): cached and new tokens",
+                mask.dims()
+            );
+        }
         let heads = self.config.n_head;
         let head_dim = self.config.hidden_size / heads;
         let mask = mask.to_dtype(DType::F32)?;
@@ -151,10 +199,10 @@ impl Bloom {
         // Additive mask: a query sees earlier real tokens. The most negative finite float
         // (as transformers uses), not -inf: a pad's query row is all masked, and -inf would
         // make it NaN.
-        let causal: Vec<f32> = (0..tokens)
+        let causal: Vec<f32> = (past..tokens)
             .flat_map(|i| (0..tokens).map(move |j| if j <= i { 0.0 } else { f32::MIN }))
             .collect();
-        let causal = Tensor::from_vec(causal, (1, 1, tokens, tokens), &self.device)?;
+        let causal = Tensor::from_vec(causal, (1, 1, new, tokens), &self.device)?;
         let padding = ((mask.reshape((batch, 1, 1, tokens))? - 1.0)? * -(f32::MIN as f64))?;
         let bias = causal
             .broadcast_add(&padding)?
@@ -165,7 +213,7 @@ impl Bloom {
             .embeddings_norm
             .forward(&self.embeddings.forward(ids)?)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        for block in &self.blocks {
+        for (block, cached) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let normed = block.input_norm.forward(&hidden)?;
             let residual = if self.config.apply_residual_connection_post_layernorm {
                 &normed
@@ -175,19 +223,24 @@ impl Bloom {
             let qkv = block
                 .qkv
                 .forward(&normed)?
-                .reshape((batch, tokens, heads, 3, head_dim))?;
+                .reshape((batch, new, heads, 3, head_dim))?;
             let part = |i: usize| {
                 qkv.narrow(3, i, 1)?
                     .squeeze(3)?
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
+            if let Some((past_k, past_v)) = cached.take() {
+                k = Tensor::cat(&[&past_k, &k], 2)?;
+                v = Tensor::cat(&[&past_v, &v], 2)?;
+            }
+            *cached = Some((k.clone(), v.clone()));
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((
                 batch,
-                tokens,
+                new,
                 self.config.hidden_size,
             ))?;
             let attended = (block.dense.forward(&context)? + residual)?;
@@ -324,7 +377,8 @@ mod tests {
                 assert_close(&ours, &floats(theirs), &format!("{name} batch row {i}"));
             }
 
-            // Greedy decoding, token by token, is transformers' exactly.
+            // Greedy decoding is transformers' exactly: the whole sequence each step here,
+            // and one token per step through the KV cache below.
             for case in expected["greedy"].as_array().unwrap() {
                 let mut seq = ids(&case["ids"]);
                 let prompt = seq.len();
@@ -341,6 +395,27 @@ mod tests {
                     ids(&case["tokens"]).as_slice(),
                     "{name} greedy"
                 );
+
+                let mut cache = model.new_cache();
+                let mut fresh = ids(&case["ids"]);
+                let mut step = Tensor::new(fresh.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                for _ in 0..20 {
+                    let mask = Tensor::ones((1, fresh.len()), DType::U32, &Device::Cpu).unwrap();
+                    let logits = model.forward_cached(&step, &mask, &mut cache).unwrap();
+                    let last = logits.dim(1).unwrap() - 1;
+                    let scores = logits.get(0).unwrap().get(last).unwrap();
+                    let next: u32 = scores.argmax(D::Minus1).unwrap().to_scalar().unwrap();
+                    fresh.push(next);
+                    step = Tensor::new(&[next], &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap();
+                }
+                assert_eq!(cache.len(), prompt + 19, "every fed token cached");
+                assert_eq!(fresh, seq, "{name}: cached greedy decoding");
             }
         }
     }
