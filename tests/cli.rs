@@ -820,9 +820,13 @@ fn write_tickets(path: &Path, rows: &[(&str, &str, Option<&str>)]) -> TestResult
         ("title", Arc::new(StringArray::from(titles))),
         ("text", Arc::new(StringArray::from(texts))),
     ])?;
+    write_batch(path, &batch)
+}
+
+fn write_batch(path: &Path, batch: &RecordBatch) -> TestResult {
     let mut writer =
         parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path)?, batch.schema(), None)?;
-    writer.write(&batch)?;
+    writer.write(batch)?;
     writer.close()?;
     Ok(())
 }
@@ -1140,29 +1144,16 @@ fn metrics_columns_are_written_and_the_sql_functions_recompute_them() -> TestRes
 /// column abridge writes, so an input cannot have it).
 fn write_summarized(path: &Path, rows: &[(&str, &str, &str, Option<&str>)]) -> TestResult {
     use std::sync::Arc;
-    let column = |i: usize| -> Arc<dyn Array> {
-        Arc::new(StringArray::from(
-            rows.iter()
-                .map(|r| match i {
-                    0 => Some(r.0),
-                    1 => Some(r.1),
-                    2 => Some(r.2),
-                    _ => r.3,
-                })
-                .collect::<Vec<_>>(),
-        ))
-    };
+    fn column<'a, R>(rows: &'a [R], pick: impl Fn(&'a R) -> Option<&'a str>) -> Arc<dyn Array> {
+        Arc::new(StringArray::from(rows.iter().map(pick).collect::<Vec<_>>()))
+    }
     let batch = RecordBatch::try_from_iter([
-        ("id", column(0)),
-        ("text", column(1)),
-        ("draft", column(2)),
-        ("reference", column(3)),
+        ("id", column(rows, |r| Some(r.0))),
+        ("text", column(rows, |r| Some(r.1))),
+        ("draft", column(rows, |r| Some(r.2))),
+        ("reference", column(rows, |r| r.3)),
     ])?;
-    let mut writer =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path)?, batch.schema(), None)?;
-    writer.write(&batch)?;
-    writer.close()?;
-    Ok(())
+    write_batch(path, &batch)
 }
 
 #[test]

@@ -285,6 +285,13 @@ mod tests {
         )
     }
 
+    /// A batch of one sequence.
+    fn one_row(ids: &[u32]) -> Tensor {
+        Tensor::new(ids, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("a tensor of ids")
+    }
+
     fn ids(value: &serde_json::Value) -> Vec<u32> {
         value
             .as_array()
@@ -339,10 +346,7 @@ mod tests {
                 .enumerate()
             {
                 let seq = ids(&single["ids"]);
-                let t = Tensor::new(seq.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
+                let t = one_row(seq.as_slice());
                 let mask = t.ones_like().unwrap();
                 let logits = model.forward(&t, &mask).unwrap();
                 let ours: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
@@ -383,10 +387,7 @@ mod tests {
                 let mut seq = ids(&case["ids"]);
                 let prompt = seq.len();
                 for _ in 0..20 {
-                    let t = Tensor::new(seq.as_slice(), &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap();
+                    let t = one_row(seq.as_slice());
                     let next = model.next_greedy(&t, &t.ones_like().unwrap()).unwrap();
                     seq.push(next[0]);
                 }
@@ -398,10 +399,7 @@ mod tests {
 
                 let mut cache = model.new_cache();
                 let mut fresh = ids(&case["ids"]);
-                let mut step = Tensor::new(fresh.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
+                let mut step = one_row(fresh.as_slice());
                 for _ in 0..20 {
                     let mask = Tensor::ones((1, fresh.len()), DType::U32, &Device::Cpu).unwrap();
                     let logits = model.forward_cached(&step, &mask, &mut cache).unwrap();
@@ -409,10 +407,7 @@ mod tests {
                     let scores = logits.get(0).unwrap().get(last).unwrap();
                     let next: u32 = scores.argmax(D::Minus1).unwrap().to_scalar().unwrap();
                     fresh.push(next);
-                    step = Tensor::new(&[next], &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap();
+                    step = one_row(&[next]);
                 }
                 assert_eq!(cache.len(), prompt + 19, "every fed token cached");
                 assert_eq!(fresh, seq, "{name}: cached greedy decoding");
