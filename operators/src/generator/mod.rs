@@ -7,6 +7,7 @@
 
 pub mod bloom;
 pub mod mistralrs;
+pub mod seqgpt;
 
 use std::sync::Arc;
 use std::time::Duration;
