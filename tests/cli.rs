@@ -1331,3 +1331,73 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("tickets.parquet");
+    write_tickets(
+        &input,
+        &[
+            ("T1", "Printer", Some("The printer is offline again.")),
+            (
+                "T2",
+                "VPN",
+                Some("VPN drops every few minutes when I work from home."),
+            ),
+        ],
+    )?;
+    let bloom = repo().join("tests/fixtures/bloom-tiny-4h");
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[input]\npath = \"{}\"\n[output]\npath = \"{}\"\n[summarize]\nbackend = \"seqgpt\"\n\
+             model = \"{}\"\nprompt = \"{{text}}\"\nmax_new_tokens = 8\ntemperature = 0.7\n\
+             glossary_retry = false\n",
+            input.display(),
+            dir.path().join("out").display(),
+            bloom.display()
+        ),
+    )?;
+    let first = run_json(&job, &[])?;
+    assert_eq!(first.rows_failed, 0);
+    let second = run_json(&job, &[])?;
+    let (a, b) = (
+        run_rows(&job, &first.run_id)?,
+        run_rows(&job, &second.run_id)?,
+    );
+    for r in a.as_array().ok_or("rows")? {
+        assert!(r["summary"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
+        assert!(
+            r["model"]
+                .as_str()
+                .is_some_and(|m| m.contains("bloom-tiny-4h"))
+        );
+        let tokens = r["completion_tokens"].as_u64().unwrap_or(0);
+        assert!((1..=8).contains(&tokens), "{r}");
+    }
+    let summaries = |rows: &serde_json::Value| -> Vec<serde_json::Value> {
+        rows.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["summary"].clone())
+            .collect()
+    };
+    assert_eq!(summaries(&a), summaries(&b), "same seed, same summaries");
+
+    // The same checkpoint through mistral.rs is refused with a pointer to this backend.
+    let out = abridge(&[
+        "run",
+        job.to_str().unwrap_or_default(),
+        "--set",
+        "summarize.backend=mistralrs",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("summarize.backend = \"seqgpt\""),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}

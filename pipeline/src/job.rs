@@ -299,6 +299,9 @@ pub enum Backend {
     /// mistral.rs.
     #[default]
     Mistralrs,
+    /// abridge's BLOOM, for SeqGPT-560M, BLOOMZ and other BLOOM checkpoints (a Hugging
+    /// Face folder: config.json, tokenizer.json, model.safetensors).
+    Seqgpt,
 }
 
 /// How prompts reach the model.

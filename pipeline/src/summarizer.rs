@@ -1,14 +1,15 @@
 //! The `[summarize]` section turned into a `summarize` stage: the generator loaded, the
 //! prompt and rules resolved.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use abridge_operators::OperatorError;
 use abridge_operators::generator::mistralrs::{
     MistralRsGenerator, MistralRsOptions, PagedAttention, PromptFormat,
 };
-use abridge_operators::generator::{GeneratorError, Sampling};
+use abridge_operators::generator::seqgpt::SeqGptGenerator;
+use abridge_operators::generator::{GeneratorError, Sampling, SharedGenerator};
 use abridge_operators::summarize::{Rewrite, Summarize, SummarizeSettings};
 use arrow::datatypes::SchemaRef;
 
@@ -75,21 +76,32 @@ pub async fn summarize_stage(
                     PromptFormatConfig::Raw => PromptFormat::Raw,
                 },
             };
-            MistralRsGenerator::load(options)
+            let generator = MistralRsGenerator::load(options)
                 .await
-                .map_err(|e| model_error(e, job_path))?
+                .map_err(|e| model_error(e, job_path))?;
+            let how = if generator.is_chat() {
+                "as the user turn of its chat template"
+            } else {
+                "as raw text (no chat template)"
+            };
+            (Arc::new(generator) as SharedGenerator, how)
+        }
+        Backend::Seqgpt => {
+            let dir = PathBuf::from(&config.model);
+            let generator =
+                tokio::task::spawn_blocking(move || SeqGptGenerator::load(&dir, &device))
+                    .await
+                    .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string()), job_path))?
+                    .map_err(|e| model_error(e, job_path))?;
+            (
+                Arc::new(generator) as SharedGenerator,
+                "as raw text (BLOOM)",
+            )
         }
     };
-    let note = format!(
-        "summarize: {} gets prompts {}",
-        config.model,
-        if generator.is_chat() {
-            "as the user turn of its chat template"
-        } else {
-            "as raw text (no chat template)"
-        }
-    );
-    let stage = Summarize::try_new(Arc::new(generator), settings, input).map_err(doesnt_fit)?;
+    let (generator, how) = generator;
+    let note = format!("summarize: {} gets prompts {how}", config.model);
+    let stage = Summarize::try_new(generator, settings, input).map_err(doesnt_fit)?;
     Ok((stage, note))
 }
 

@@ -420,7 +420,7 @@ fn locate(model: &str, allow_download: bool) -> Result<Source, String> {
 }
 
 const BLOOM_HINT: &str = "mistral.rs has no BLOOM model; BLOOM, BLOOMZ and SeqGPT checkpoints \
-                          need the seqgpt backend";
+                          need the seqgpt backend (summarize.backend = \"seqgpt\")";
 
 fn check_gguf_architecture(path: &Path) -> Result<(), String> {
     let content = read_gguf(path)?;
