@@ -56,7 +56,7 @@ pub async fn summarize_stage(
     };
     // Checked before the model loads: a bad template should not cost a minute of loading.
     abridge_operators::template::Template::parse(&settings.template, input).map_err(doesnt_fit)?;
-    let generator = match config.backend {
+    let (generator, how) = match config.backend {
         Backend::Mistralrs => {
             let options = MistralRsOptions {
                 model: config.model.clone(),
@@ -99,7 +99,6 @@ pub async fn summarize_stage(
             )
         }
     };
-    let (generator, how) = generator;
     let note = format!("summarize: {} gets prompts {how}", config.model);
     let stage = Summarize::try_new(generator, settings, input).map_err(doesnt_fit)?;
     Ok((stage, note))
