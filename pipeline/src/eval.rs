@@ -266,18 +266,12 @@ async fn embed_drift(
     let dim = worker.dim();
     let mut out = Vec::with_capacity(batches.len());
     for batch in batches {
-        let column = |name: &str| -> Result<Vec<String>, PipelineError> {
-            let Some(c) = batch.column_by_name(name) else {
-                return Ok(vec![String::new(); batch.num_rows()]);
-            };
-            Ok(texts_of(c)?
-                .into_iter()
-                .map(Option::unwrap_or_default)
-                .collect())
-        };
-        let texts = worker.encode(column("text")?).await.map_err(model_error)?;
+        let texts = worker
+            .encode(text_column(&batch, "text"))
+            .await
+            .map_err(model_error)?;
         let summaries = worker
-            .encode(column("summary")?)
+            .encode(text_column(&batch, "summary"))
             .await
             .map_err(model_error)?;
         let drift: Float64Array = texts
@@ -293,6 +287,15 @@ async fn embed_drift(
         out.push(RecordBatch::try_new(schema, columns)?);
     }
     Ok(out)
+}
+
+/// Column `name` of `batch` as text, "" for nulls (and for a missing or non-text column).
+pub(crate) fn text_column(batch: &RecordBatch, name: &str) -> Vec<String> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| texts_of(c).ok())
+        .map(|values| values.into_iter().map(Option::unwrap_or_default).collect())
+        .unwrap_or_else(|| vec![String::new(); batch.num_rows()])
 }
 
 /// The values of a text column, whichever string type it has.
@@ -522,46 +525,57 @@ pub async fn compare(
     }
     let mut session = SqlSession::new();
     session.register_batches("evaluation", &evaluation.batches)?;
-    let mut measures = Vec::new();
-    let mut shared = 0;
+    // Every measure's means and paired counts in one pass over the join.
+    let mut select = vec!["count(*) AS shared".to_string()];
     for name in MEASURES {
-        let paired = matches!(name, ROUGE1 | ROUGE2 | ROUGE_L | DRIFT);
-        let query = format!(
-            "SELECT count(*) AS shared, avg(a.\"{name}\") FILTER (WHERE b.\"{name}\" IS NOT NULL) AS mean_a, \
-             avg(b.\"{name}\") FILTER (WHERE a.\"{name}\" IS NOT NULL) AS mean_b, \
-             count(*) FILTER (WHERE a.\"{name}\" > b.\"{name}\") AS a_wins, \
-             count(*) FILTER (WHERE a.\"{name}\" < b.\"{name}\") AS b_wins, \
-             count(*) FILTER (WHERE a.\"{name}\" = b.\"{name}\") AS ties \
-             FROM (SELECT * FROM evaluation WHERE run_id = '{a}') a \
-             JOIN (SELECT * FROM evaluation WHERE run_id = '{b}') b ON a.id = b.id",
-            a = run_a.replace('\'', "''"),
-            b = run_b.replace('\'', "''"),
-        );
-        let (_, batches) = session.query(&query).await?;
-        let Some(row) = batches.first().filter(|b| b.num_rows() == 1) else {
-            continue;
-        };
-        let int = |c: &str| {
-            row.column_by_name(c)
-                .and_then(|a| arrow::compute::cast(a, &DataType::UInt64).ok())
-                .map(|a| a.as_primitive::<arrow::datatypes::UInt64Type>().value(0))
-        };
-        let float = |c: &str| {
-            row.column_by_name(c)
-                .map(|a| a.as_primitive::<Float64Type>().clone())
-                .filter(|a| a.is_valid(0))
-                .map(|a| a.value(0))
-        };
-        shared = int("shared").unwrap_or(0);
-        measures.push(MeasureComparison {
-            measure: name.to_string(),
-            mean_a: float("mean_a"),
-            mean_b: float("mean_b"),
-            a_wins: int("a_wins").filter(|_| paired),
-            b_wins: int("b_wins").filter(|_| paired),
-            ties: int("ties").filter(|_| paired),
-        });
+        let (a, b) = (format!("a.\"{name}\""), format!("b.\"{name}\""));
+        select.extend([
+            format!("avg({a}) FILTER (WHERE {b} IS NOT NULL) AS \"{name}_mean_a\""),
+            format!("avg({b}) FILTER (WHERE {a} IS NOT NULL) AS \"{name}_mean_b\""),
+            format!("count(*) FILTER (WHERE {a} > {b}) AS \"{name}_a_wins\""),
+            format!("count(*) FILTER (WHERE {a} < {b}) AS \"{name}_b_wins\""),
+            format!("count(*) FILTER (WHERE {a} = {b}) AS \"{name}_ties\""),
+        ]);
     }
+    let query = format!(
+        "SELECT {} FROM (SELECT * FROM evaluation WHERE run_id = '{a}') a \
+         JOIN (SELECT * FROM evaluation WHERE run_id = '{b}') b ON a.id = b.id",
+        select.join(", "),
+        a = run_a.replace('\'', "''"),
+        b = run_b.replace('\'', "''"),
+    );
+    let (_, batches) = session.query(&query).await?;
+    let row = batches
+        .into_iter()
+        .find(|b| b.num_rows() == 1)
+        .ok_or_else(|| PipelineError::Usage("the comparison query returned no row".into()))?;
+    let int = |c: &str| {
+        row.column_by_name(c)
+            .and_then(|a| arrow::compute::cast(a, &DataType::UInt64).ok())
+            .map(|a| a.as_primitive::<arrow::datatypes::UInt64Type>().value(0))
+    };
+    let float = |c: &str| {
+        row.column_by_name(c)
+            .map(|a| a.as_primitive::<Float64Type>().clone())
+            .filter(|a| a.is_valid(0))
+            .map(|a| a.value(0))
+    };
+    let shared = int("shared").unwrap_or(0);
+    let measures = MEASURES
+        .iter()
+        .map(|name| {
+            let paired = matches!(*name, ROUGE1 | ROUGE2 | ROUGE_L | DRIFT);
+            let count = |what: &str| int(&format!("{name}_{what}")).filter(|_| paired);
+            MeasureComparison {
+                measure: name.to_string(),
+                mean_a: float(&format!("{name}_mean_a")),
+                mean_b: float(&format!("{name}_mean_b")),
+                a_wins: count("a_wins"),
+                b_wins: count("b_wins"),
+                ties: count("ties"),
+            }
+        })
+        .collect();
     let query = format!(
         "SELECT side, alert, count(*) AS n FROM ( \
            SELECT 'a' AS side, unnest(a.alerts) AS alert FROM \

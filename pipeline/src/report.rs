@@ -13,11 +13,11 @@ use std::path::Path;
 use abridge_operators::quality::{
     ALERTS, AlertThresholds, COMPRESSION, DRIFT, ROUGE_L, ROUGE1, ROUGE2,
 };
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Float64Type};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Float64Type;
 
 use crate::error::PipelineError;
-use crate::eval::{Comparison, Evaluation};
+use crate::eval::{Comparison, Evaluation, text_column};
 
 /// Run colours, in run order (colour-blind safe: Okabe–Ito).
 const COLOURS: [&str; 6] = [
@@ -54,7 +54,7 @@ fn rows(evaluation: &Evaluation) -> Vec<Row> {
     let runs: Vec<&str> = evaluation.runs.iter().map(|r| r.run_id.as_str()).collect();
     let mut rows = Vec::new();
     for batch in &evaluation.batches {
-        let text = |name: &str| -> Vec<String> { strings(batch, name) };
+        let text = |name: &str| text_column(batch, name);
         let (ids, run_ids, topics) = (text("id"), text("run_id"), text("topic"));
         let (texts, summaries, references) = (text("text"), text("summary"), text("reference"));
         let alerts = batch
@@ -98,29 +98,6 @@ fn rows(evaluation: &Evaluation) -> Vec<Row> {
         }
     }
     rows
-}
-
-/// Column `name` as text ("" for nulls and for a missing column).
-fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
-    let rows = batch.num_rows();
-    let Some(column) = batch.column_by_name(name) else {
-        return vec![String::new(); rows];
-    };
-    match arrow::compute::cast(column, &DataType::Utf8) {
-        Ok(array) => {
-            let array = array.as_string::<i32>();
-            (0..rows)
-                .map(|r| {
-                    if array.is_valid(r) {
-                        array.value(r).to_string()
-                    } else {
-                        String::new()
-                    }
-                })
-                .collect()
-        }
-        Err(_) => vec![String::new(); rows],
-    }
 }
 
 fn escape(text: &str) -> String {

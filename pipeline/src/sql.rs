@@ -74,14 +74,10 @@ impl SqlSession {
             return Ok(None);
         };
         let latest = latest.clone();
-        let files_of = |dir: &Path| resolve_files(&dir.display().to_string());
-        let mut all = Vec::new();
-        for (dir, _) in &runs {
-            all.extend(files_of(dir).map_err(|e| PipelineError::Usage(e.to_string()))?);
-        }
-        let newest = files_of(&latest).map_err(|e| PipelineError::Usage(e.to_string()))?;
-        self.register_files("summaries", &newest).await?;
-        self.register_files("runs", &all).await?;
+        let all: Vec<PathBuf> = runs.into_iter().map(|(dir, _)| dir).collect();
+        self.register_run_dirs("summaries", std::slice::from_ref(&latest))
+            .await?;
+        self.register_run_dirs("runs", &all).await?;
         Ok(Some(latest))
     }
 

@@ -110,13 +110,6 @@ fn flush(word: &mut String, stem: bool, emit: &mut impl FnMut(&str)) {
     word.clear();
 }
 
-/// The tokens ROUGE compares, as described in the module documentation.
-pub fn tokenize(text: &str, stem: bool) -> Vec<String> {
-    let mut tokens = Vec::new();
-    for_each_token(text, stem, |t| tokens.push(t.to_string()));
-    tokens
-}
-
 /// Numbers for tokens (equal tokens, equal numbers), so that scoring compares integers
 /// rather than strings. One vocabulary serves the texts that are compared together; its
 /// tokens live in one buffer, so that numbering a pair allocates nothing once warm.
@@ -315,6 +308,13 @@ pub fn rouge_all(candidate: &str, reference: &str, stem: bool) -> [Score; 3] {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The tokens ROUGE compares, as text.
+    fn tokenize(text: &str, stem: bool) -> Vec<String> {
+        let mut tokens = Vec::new();
+        for_each_token(text, stem, |t| tokens.push(t.to_string()));
+        tokens
+    }
 
     fn toks(text: &str) -> Vec<String> {
         tokenize(text, false)
