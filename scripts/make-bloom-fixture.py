@@ -8,7 +8,8 @@ with what transformers computes for them, which abridge's BLOOM must reproduce (
 
 Two shapes: 4 heads (a power of two) and 6 heads (not: ALiBi slopes then interleave a
 second series). Each folder holds config.json, tokenizer.json (a small byte-level BPE
-trained here), model.safetensors, and expected.json: the logits of single sequences, of a
+trained here), the weights (model.safetensors for 4 heads, pytorch_model.bin for 6: both
+layouts that checkpoints come in), and expected.json: the logits of single sequences, of a
 left-padded batch of different lengths (real positions only), and 20 greedy tokens.
 """
 import json
@@ -46,7 +47,7 @@ def rounded(tensor):
     return [round(float(x), 6) for x in tensor.flatten()]
 
 
-def make(name, heads, hidden):
+def make(name, heads, hidden, weights):
     out = Path(__file__).resolve().parent.parent / "tests/fixtures" / name
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer(out)
@@ -58,7 +59,13 @@ def make(name, heads, hidden):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    model.save_pretrained(out, safe_serialization=True)
+    if weights == "safetensors":
+        model.save_pretrained(out)
+    else:
+        # The older layout (SeqGPT-560M's): a pickled state dict, as torch.save writes it.
+        config.architectures = ["BloomForCausalLM"]
+        config.save_pretrained(out)
+        torch.save(model.state_dict(), out / "pytorch_model.bin")
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "padding_side": "left"}))
 
@@ -88,5 +95,5 @@ def make(name, heads, hidden):
 
 
 if __name__ == "__main__":
-    make("bloom-tiny-4h", heads=4, hidden=64)
-    make("bloom-tiny-6h", heads=6, hidden=96)
+    make("bloom-tiny-4h", heads=4, hidden=64, weights="safetensors")
+    make("bloom-tiny-6h", heads=6, hidden=96, weights="bin")

@@ -244,10 +244,11 @@ pub struct SummarizeConfig {
     /// (`$1`, `${name}` for groups).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleConfig>,
-    /// Requests kept open at the engine. Default: 1 on CPU, where mistral.rs runs one
-    /// sequence at a time (its batching without PagedAttention mixes sequences up, and
-    /// was slower there anyway: scripts/bench-summarize); 8 on CUDA with PagedAttention
-    /// (on an H100, 32 concurrent requests stalled mistral.rs 0.8.1: scripts/gpu-check).
+    /// Requests kept open at the engine (the seqgpt engine's batch size). Default: 8;
+    /// with mistral.rs 1 on CPU, where it runs one sequence at a time (its batching
+    /// without PagedAttention mixes sequences up, and was slower there anyway:
+    /// scripts/bench-summarize), and 8 on CUDA with PagedAttention (on an H100, 32
+    /// concurrent requests stalled mistral.rs 0.8.1: scripts/gpu-check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<usize>,
     /// `cpu` (default), `cuda` or `cuda:N`.
@@ -356,8 +357,8 @@ impl SummarizeConfig {
 
     /// `in_flight`, or the default for `device`.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
-            .unwrap_or(if self.device.trim() == "cpu" { 1 } else { 8 })
+        let serial = self.backend == Backend::Mistralrs && self.device.trim() == "cpu";
+        self.in_flight.unwrap_or(if serial { 1 } else { 8 })
     }
 }
 

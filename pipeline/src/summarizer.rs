@@ -88,8 +88,9 @@ pub async fn summarize_stage(
         }
         Backend::Seqgpt => {
             let dir = PathBuf::from(&config.model);
+            let batch = config.in_flight();
             let generator =
-                tokio::task::spawn_blocking(move || SeqGptGenerator::load(&dir, &device))
+                tokio::task::spawn_blocking(move || SeqGptGenerator::load(&dir, &device, batch))
                     .await
                     .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string()), job_path))?
                     .map_err(|e| model_error(e, job_path))?;

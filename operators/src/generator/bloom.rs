@@ -8,10 +8,12 @@
 //! so left padding does not shift them) → dense + residual → LayerNorm → MLP (tanh GELU)
 //! + residual } → LayerNorm → logits by the tied embedding matrix.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, Module, VarBuilder};
+use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::GeneratorError;
@@ -53,6 +55,81 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
     slopes
 }
 
+/// Every tensor of the checkpoint in `dir`, named without the `transformer.` prefix
+/// (the tied `lm_head.weight` is left out: the embeddings serve as the LM head).
+fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>, String> {
+    let files = |single: &str, index: &str| -> Result<Option<Vec<PathBuf>>, String> {
+        if dir.join(single).is_file() {
+            return Ok(Some(vec![dir.join(single)]));
+        }
+        let index_path = dir.join(index);
+        if !index_path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&index_path).map_err(|e| format!("{index}: {e}"))?;
+        let index_json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{index}: {e}"))?;
+        let map = index_json["weight_map"]
+            .as_object()
+            .ok_or_else(|| format!("{index}: no weight_map object"))?;
+        let mut shards: Vec<PathBuf> = Vec::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| format!("{index}: weight_map[{name:?}] is not a file name"))?;
+            // A shard named with a path (`../x`) would read outside the model folder.
+            if Path::new(file).components().count() != 1 {
+                return Err(format!(
+                    "{index}: shard {file:?} is not a file of this folder"
+                ));
+            }
+            let path = dir.join(file);
+            if !shards.contains(&path) {
+                shards.push(path);
+            }
+        }
+        Ok(Some(shards))
+    };
+    let mut weights = HashMap::new();
+    let mut add = |name: String, tensor: Tensor| {
+        if name != "lm_head.weight" {
+            let name = match name.strip_prefix("transformer.") {
+                Some(bare) => bare.to_string(),
+                None => name,
+            };
+            weights.insert(name, tensor);
+        }
+    };
+    let shown = |path: &Path| {
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    };
+    if let Some(shards) = files("model.safetensors", "model.safetensors.index.json")? {
+        for shard in shards {
+            let tensors = candle_core::safetensors::load(&shard, &Device::Cpu)
+                .map_err(|e| format!("{}: {e}", shown(&shard)))?;
+            for (name, tensor) in tensors {
+                add(name, tensor);
+            }
+        }
+    } else if let Some(shards) = files("pytorch_model.bin", "pytorch_model.bin.index.json")? {
+        for shard in shards {
+            let tensors = candle_core::pickle::read_all(&shard)
+                .map_err(|e| format!("{}: {e}", shown(&shard)))?;
+            for (name, tensor) in tensors {
+                add(name, tensor);
+            }
+        }
+    } else {
+        return Err(
+            "no weights: expected model.safetensors, model.safetensors.index.json, \
+             pytorch_model.bin or pytorch_model.bin.index.json"
+                .into(),
+        );
+    }
+    Ok(weights)
+}
+
 struct Block {
     input_norm: LayerNorm,
     qkv: Linear,
@@ -84,6 +161,65 @@ impl KvCache {
     }
 }
 
+/// One sequence's keys and values, per block, token after token (each token's heads in a
+/// row): what [`Bloom::decode_step`] attends over and appends to.
+pub struct SequenceCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    len: usize,
+}
+
+impl SequenceCache {
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Attention of one head's `query` over a sequence's cached `keys`/`values` (all heads,
+/// token after token) with BLOOM's ALiBi bias `slope × position`, written into `out`.
+/// Positions count from the sequence's first token: there is no padding here.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    query: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    head: usize,
+    heads: usize,
+    slope: f32,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let dim = query.len();
+    let stride = heads * dim;
+    let tokens = keys.len() / stride;
+    let mut scores: Vec<f32> = (0..tokens)
+        .map(|t| {
+            let key = &keys[t * stride + head * dim..][..dim];
+            let dot: f32 = query.iter().zip(key).map(|(q, k)| q * k).sum();
+            dot * scale + slope * t as f32
+        })
+        .collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for s in &mut scores {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    for (t, p) in scores.iter().enumerate() {
+        let weight = p / total;
+        let value = &values[t * stride + head * dim..][..dim];
+        for (o, v) in out.iter_mut().zip(value) {
+            *o += weight * v;
+        }
+    }
+}
+
 /// A loaded BLOOM model.
 pub struct Bloom {
     config: BloomConfig,
@@ -95,8 +231,10 @@ pub struct Bloom {
 }
 
 impl Bloom {
-    /// Loads `config.json` and `model.safetensors` from `dir` (weight names with or
-    /// without the `transformer.` prefix).
+    /// Loads `config.json` and the weights from `dir`: `model.safetensors`, shards listed
+    /// in `model.safetensors.index.json`, or `pytorch_model.bin` (single or sharded), read
+    /// by candle's pickle reader, which builds tensors and never runs the file's code.
+    /// Weight names may carry the `transformer.` prefix or not.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, GeneratorError> {
         let fail = |reason: String| GeneratorError::Load {
             model: dir.display().to_string(),
@@ -112,11 +250,8 @@ impl Bloom {
                 config.hidden_size, config.n_head
             )));
         }
-        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), device)
-            .map_err(|e| fail(format!("model.safetensors: {e}")))?;
-        let prefixed = weights.contains_key("transformer.word_embeddings.weight");
+        let weights = load_weights(dir).map_err(fail)?;
         let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-        let vb = if prefixed { vb.pp("transformer") } else { vb };
         Self::from_weights(config, vb, device)
             .map_err(|e| fail(format!("weights do not match config.json: {e}")))
     }
@@ -257,6 +392,120 @@ impl Bloom {
         hidden.broadcast_matmul(&self.embeddings.embeddings().t()?)
     }
 
+    /// Runs `prompt` through the model: the logits of its last token and a cache of
+    /// its keys and values with room for `room` more tokens.
+    pub fn prefill(
+        &self,
+        prompt: &[u32],
+        room: usize,
+    ) -> candle_core::Result<(Vec<f32>, SequenceCache)> {
+        let ids = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
+        let mask = ids.ones_like()?;
+        let mut cache = self.new_cache();
+        let logits = self.forward_cached(&ids, &mask, &mut cache)?;
+        let last = logits.get(0)?.get(prompt.len() - 1)?.to_vec1::<f32>()?;
+        let hidden = self.config.hidden_size;
+        let capacity = (prompt.len() + room) * hidden;
+        let layers = cache
+            .layers
+            .into_iter()
+            .map(|layer| {
+                let (k, v) = layer.ok_or_else(|| candle_core::Error::Msg("empty cache".into()))?;
+                // (1, heads, tokens, head_dim) → per token, every head's vector in a row.
+                let rows = |t: Tensor| -> candle_core::Result<Vec<f32>> {
+                    let mut out = Vec::with_capacity(capacity);
+                    out.extend(t.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>()?);
+                    Ok(out)
+                };
+                Ok((rows(k)?, rows(v)?))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((
+            last,
+            SequenceCache {
+                layers,
+                len: prompt.len(),
+            },
+        ))
+    }
+
+    /// One decoding step for a batch of sequences, each with its own cache: `tokens[i]`
+    /// is the newest token of the sequence whose cache is `caches[i]`. Returns the next
+    /// token's logits `(batch, vocab)`; each cache then holds its token too.
+    ///
+    /// The matrix products see the whole batch (what makes batching pay), while attention
+    /// runs per sequence over its own cache, so sequences of any lengths share a step
+    /// without padding, and joining or leaving the batch copies nothing.
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SequenceCache],
+    ) -> candle_core::Result<Tensor> {
+        let batch = tokens.len();
+        if caches.len() != batch {
+            candle_core::bail!("{batch} tokens for {} caches", caches.len());
+        }
+        let (hidden_size, heads) = (self.config.hidden_size, self.config.n_head);
+        let head_dim = hidden_size / heads;
+        let slopes = alibi_slopes(heads);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
+        let mut hidden = self
+            .embeddings_norm
+            .forward(&self.embeddings.forward(&ids)?)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let normed = block.input_norm.forward(&hidden)?;
+            let residual = if self.config.apply_residual_connection_post_layernorm {
+                &normed
+            } else {
+                &hidden
+            };
+            // Per sequence: heads × [q, k, v] × head_dim.
+            let qkv = block
+                .qkv
+                .forward(&normed)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut queries = vec![0f32; batch * hidden_size];
+            for (b, cache) in caches.iter_mut().enumerate() {
+                let (keys, values) = &mut cache.layers[layer];
+                let token = &qkv[b * 3 * hidden_size..(b + 1) * 3 * hidden_size];
+                for (h, part) in token.chunks_exact(3 * head_dim).enumerate() {
+                    queries[(b * heads + h) * head_dim..][..head_dim]
+                        .copy_from_slice(&part[..head_dim]);
+                    keys.extend_from_slice(&part[head_dim..2 * head_dim]);
+                    values.extend_from_slice(&part[2 * head_dim..]);
+                }
+            }
+            let mut context = vec![0f32; batch * hidden_size];
+            let caches_now: &[&mut SequenceCache] = caches;
+            context
+                .par_chunks_mut(head_dim)
+                .zip(queries.par_chunks(head_dim))
+                .enumerate()
+                .for_each(|(i, (out, query))| {
+                    let (b, h) = (i / heads, i % heads);
+                    let (keys, values) = &caches_now[b].layers[layer];
+                    attend(query, keys, values, h, heads, slopes[h], scale, out);
+                });
+            let context = Tensor::from_vec(context, (batch, 1, hidden_size), &self.device)?;
+            let attended = (block.dense.forward(&context)? + residual)?;
+            let normed = block.post_norm.forward(&attended)?;
+            let residual = if self.config.apply_residual_connection_post_layernorm {
+                &normed
+            } else {
+                &attended
+            };
+            let up = block.up.forward(&normed)?.gelu()?;
+            hidden = (block.down.forward(&up)? + residual)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        let hidden = self.final_norm.forward(&hidden)?.squeeze(1)?;
+        hidden.matmul(&self.embeddings.embeddings().t()?)
+    }
+
     /// The id of the most likely next token after each sequence of `ids`/`mask`.
     pub fn next_greedy(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Vec<u32>> {
         let logits = self.forward(ids, mask)?;
@@ -318,6 +567,108 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(worst <= 1e-4, "{what}: largest difference {worst}");
+    }
+
+    fn last_logits(model: &Bloom, seq: &[u32]) -> Vec<f32> {
+        let t = one_row(seq);
+        let logits = model.forward(&t, &t.ones_like().unwrap()).unwrap();
+        let last = logits.dim(1).unwrap() - 1;
+        logits.get(0).unwrap().get(last).unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn batched_decode_steps_match_the_whole_sequence_forward() {
+        // The 6-head fixture is a pytorch_model.bin: this also reads it.
+        let (model, expected) = fixture("bloom-tiny-6h");
+        let mut seqs: Vec<Vec<u32>> = expected["single"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| ids(&s["ids"]))
+            .collect();
+        let mut caches: Vec<SequenceCache> = seqs
+            .iter()
+            .map(|seq| {
+                let (logits, cache) = model.prefill(seq, 6).unwrap();
+                assert_close(&logits, &last_logits(&model, seq), "prefill");
+                assert_eq!(cache.len(), seq.len());
+                cache
+            })
+            .collect();
+        for step in 0..6u32 {
+            // Sequences of different lengths in one step, none padded.
+            let tokens: Vec<u32> = (0..seqs.len() as u32)
+                .map(|i| (7 * i + 13 * step) % 300)
+                .collect();
+            let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
+            let logits: Vec<Vec<f32>> = model
+                .decode_step(&tokens, &mut refs)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for ((seq, token), ours) in seqs.iter_mut().zip(&tokens).zip(&logits) {
+                seq.push(*token);
+                assert_close(ours, &last_logits(&model, seq), &format!("step {step}"));
+            }
+        }
+        assert!(caches.iter().zip(&seqs).all(|(c, s)| c.len() == s.len()));
+    }
+
+    #[test]
+    fn sharded_safetensors_without_the_prefix_load_the_same_model() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
+        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+            .expect("fixture weights");
+        let copy = tempfile::tempdir().expect("temp dir");
+        for file in ["config.json", "tokenizer.json"] {
+            std::fs::copy(dir.join(file), copy.path().join(file)).expect("copy");
+        }
+        let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+        let mut weight_map = serde_json::Map::new();
+        for (i, (name, tensor)) in tensors.into_iter().enumerate() {
+            let bare = name.trim_start_matches("transformer.").to_string();
+            let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+            weight_map.insert(bare.clone(), file.into());
+            shards[i % 2].insert(bare, tensor);
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            let path = copy
+                .path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1));
+            candle_core::safetensors::save(shard, path).expect("save shard");
+        }
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(
+            copy.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .expect("index");
+        let sharded = Bloom::load(copy.path(), &Device::Cpu).expect("sharded checkpoint");
+        let (whole, _) = fixture("bloom-tiny-4h");
+        let seq = [5, 17, 42, 99];
+        assert_eq!(last_logits(&sharded, &seq), last_logits(&whole, &seq));
+
+        // A shard outside the folder is refused; no weights at all is named.
+        let escaping = serde_json::json!({ "weight_map": { "ln_f.weight": "../x.safetensors" } });
+        std::fs::write(
+            copy.path().join("model.safetensors.index.json"),
+            escaping.to_string(),
+        )
+        .expect("index");
+        let err = Bloom::load(copy.path(), &Device::Cpu)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("not a file of this folder"), "{err}");
+        std::fs::remove_file(copy.path().join("model.safetensors.index.json")).expect("rm");
+        let err = Bloom::load(copy.path(), &Device::Cpu)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("no weights") && err.contains("pytorch_model.bin"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,45 +1,106 @@
 //! The `seqgpt` backend: SeqGPT-560M and other BLOOM-family checkpoints through abridge's
 //! own BLOOM ([`super::bloom`]), as mistral.rs has no BLOOM.
 //!
-//! For now each request decodes on its own blocking thread with a KV cache (prefill, then
-//! one token per step), sampling with the shared [`pick_token`] / [`uniform_draw`], so a
-//! row's summary depends only on (seed, key, position) as with every backend. The batch
-//! engine (continuous batching over the cache) comes next.
+//! A batch engine on its own thread (the model never blocks the async runtime): requests
+//! queue up; up to `max_batch` sequences decode together, one token each per step, and a
+//! finished sequence leaves at once while a waiting one is prefilled and joins the next
+//! step (continuous batching). Sampling is the shared [`pick_token`] / [`uniform_draw`], so
+//! a row's summary depends only on (seed, key, position), never on its batch neighbours.
 
+use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
+use futures::channel::oneshot;
 use futures::future::BoxFuture;
 use tokenizers::Tokenizer;
 
-use super::bloom::Bloom;
+use super::bloom::{Bloom, SequenceCache};
 use super::{Generation, GenerationRequest, Generator, GeneratorError, pick_token, uniform_draw};
 
 /// A BLOOM checkpoint ready to summarize.
 pub struct SeqGptGenerator {
-    model: Arc<Bloom>,
     tokenizer: Arc<Tokenizer>,
     name: String,
-    device: Device,
+    /// The engine's inbox (a `Mutex` because `Sender` is not `Sync` on every toolchain).
+    queue: Mutex<Sender<Pending>>,
+}
+
+/// A request waiting for the engine.
+struct Pending {
+    prompt: Vec<u32>,
+    request: GenerationRequest,
+    started: Instant,
+    reply: oneshot::Sender<Result<Generation, GeneratorError>>,
+}
+
+/// A sequence in the batch.
+struct Running {
+    pending: Pending,
+    cache: SequenceCache,
+    generated: Vec<u32>,
 }
 
 impl SeqGptGenerator {
-    /// Loads the checkpoint in `dir` (config.json, tokenizer.json, model.safetensors).
-    pub fn load(dir: &Path, device: &Device) -> Result<Self, GeneratorError> {
+    /// Loads the checkpoint in `dir` (config.json, tokenizer.json, weights) and starts its
+    /// engine, which decodes up to `max_batch` sequences at a time.
+    pub fn load(dir: &Path, device: &Device, max_batch: usize) -> Result<Self, GeneratorError> {
         let model = Bloom::load(dir, device)?;
         let tokenizer =
             Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| GeneratorError::Load {
                 model: dir.display().to_string(),
                 reason: format!("tokenizer.json: {e}"),
             })?;
+        let (queue, inbox) = mpsc::channel();
+        let engine = Engine {
+            model,
+            tokenizer: tokenizer.clone(),
+            max_batch: max_batch.max(1),
+        };
+        std::thread::Builder::new()
+            .name("abridge-bloom".into())
+            .spawn(move || engine.run(inbox))
+            .map_err(|e| GeneratorError::Load {
+                model: dir.display().to_string(),
+                reason: format!("starting the engine thread: {e}"),
+            })?;
         Ok(Self {
-            model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
             name: dir.display().to_string(),
-            device: device.clone(),
+            queue: Mutex::new(queue),
         })
+    }
+
+    fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<oneshot::Receiver<Result<Generation, GeneratorError>>, GeneratorError> {
+        let started = Instant::now();
+        let prompt = self
+            .tokenizer
+            .encode(request.prompt.as_str(), true)
+            .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))?
+            .get_ids()
+            .to_vec();
+        if prompt.is_empty() {
+            return Err(GeneratorError::Request("the prompt has no tokens".into()));
+        }
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            prompt,
+            request,
+            started,
+            reply,
+        };
+        self.queue
+            .lock()
+            .map_err(|_| GeneratorError::EngineGone("the engine's queue is poisoned".into()))?
+            .send(pending)
+            .map_err(|_| GeneratorError::EngineGone("the BLOOM engine thread ended".into()))?;
+        Ok(answer)
     }
 }
 
@@ -52,12 +113,11 @@ impl Generator for SeqGptGenerator {
         &self,
         request: GenerationRequest,
     ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
-        let (model, tokenizer) = (Arc::clone(&self.model), Arc::clone(&self.tokenizer));
-        let device = self.device.clone();
+        let answer = self.submit(request);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || decode(&model, &tokenizer, &device, &request))
-                .await
-                .map_err(|e| GeneratorError::EngineGone(e.to_string()))?
+            answer?.await.map_err(|_| {
+                GeneratorError::EngineGone("the BLOOM engine dropped a request".into())
+            })?
         })
     }
 
@@ -84,57 +144,145 @@ impl Generator for SeqGptGenerator {
     }
 }
 
-fn decode(
-    model: &Bloom,
-    tokenizer: &Tokenizer,
-    device: &Device,
-    request: &GenerationRequest,
-) -> Result<Generation, GeneratorError> {
-    let started = Instant::now();
-    let failed = |e: candle_core::Error| GeneratorError::Request(format!("BLOOM: {e}"));
-    let prompt = tokenizer
-        .encode(request.prompt.as_str(), true)
-        .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))?
-        .get_ids()
-        .to_vec();
-    if prompt.is_empty() {
-        return Err(GeneratorError::Request("the prompt has no tokens".into()));
-    }
-    let eos = model.config().eos_token_id;
-    let sampling = &request.sampling;
-    let mut cache = model.new_cache();
-    let mut feed = prompt.clone();
-    let mut generated: Vec<u32> = Vec::new();
-    for step in 0..sampling.max_new_tokens {
-        let seen = prompt.len() + generated.len();
-        let ids = Tensor::new(feed.as_slice(), device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(failed)?;
-        let mask = Tensor::ones((1, seen), DType::U32, device).map_err(failed)?;
-        let logits = model
-            .forward_cached(&ids, &mask, &mut cache)
-            .and_then(|l| {
-                let last = l.dim(1)? - 1;
-                l.get(0)?.get(last)?.to_vec1::<f32>()
-            })
-            .map_err(failed)?;
-        let draw = uniform_draw(sampling.seed, request.key, step as u64);
-        let next = pick_token(&logits, sampling.temperature, sampling.top_p, draw) as u32;
-        if Some(next) == eos {
-            break;
+/// The model and its decoding loop, owned by the engine thread.
+struct Engine {
+    model: Bloom,
+    tokenizer: Tokenizer,
+    max_batch: usize,
+}
+
+impl Engine {
+    /// Serves requests until every sender is gone and the last sequence has finished.
+    fn run(self, inbox: Receiver<Pending>) {
+        let mut waiting: VecDeque<Pending> = VecDeque::new();
+        let mut running: Vec<Running> = Vec::new();
+        let mut open = true;
+        loop {
+            if running.is_empty() && waiting.is_empty() {
+                match inbox.recv() {
+                    Ok(pending) => waiting.push_back(pending),
+                    Err(_) => return,
+                }
+            }
+            while open {
+                match inbox.try_recv() {
+                    Ok(pending) => waiting.push_back(pending),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            while running.len() < self.max_batch {
+                let Some(pending) = waiting.pop_front() else {
+                    break;
+                };
+                if let Some(sequence) = self.admit(pending) {
+                    running.push(sequence);
+                }
+            }
+            if !running.is_empty() {
+                self.step(&mut running);
+            }
         }
-        generated.push(next);
-        feed = vec![next];
     }
-    let text = tokenizer
-        .decode(&generated, true)
-        .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))?;
-    Ok(Generation {
-        text,
-        prompt_tokens: prompt.len(),
-        completion_tokens: generated.len(),
-        latency: started.elapsed(),
-    })
+
+    /// Prefills a new sequence and samples its first token; `None` when it is already
+    /// answered (failed, or finished after one token).
+    fn admit(&self, pending: Pending) -> Option<Running> {
+        let room = pending.request.sampling.max_new_tokens;
+        let (logits, cache) = match self.model.prefill(&pending.prompt, room) {
+            Ok(prefilled) => prefilled,
+            Err(e) => {
+                let _ = pending
+                    .reply
+                    .send(Err(GeneratorError::Request(format!("BLOOM: {e}"))));
+                return None;
+            }
+        };
+        let mut sequence = Running {
+            pending,
+            cache,
+            generated: Vec::new(),
+        };
+        if sequence.pending.request.sampling.max_new_tokens == 0
+            || self.sample(&mut sequence, &logits)
+        {
+            self.finish(sequence);
+            return None;
+        }
+        Some(sequence)
+    }
+
+    /// Feeds every running sequence its newest token and samples the next; finished
+    /// sequences are answered and leave. A failed step fails the sequences in it (their
+    /// rows record why) and the engine goes on with the next requests.
+    fn step(&self, running: &mut Vec<Running>) {
+        let tokens: Vec<u32> = running
+            .iter()
+            .map(|s| s.generated.last().copied().unwrap_or_default())
+            .collect();
+        let logits = {
+            let mut caches: Vec<&mut SequenceCache> =
+                running.iter_mut().map(|s| &mut s.cache).collect();
+            self.model
+                .decode_step(&tokens, &mut caches)
+                .and_then(|l| l.to_vec2::<f32>())
+        };
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(e) => {
+                for sequence in running.drain(..) {
+                    let _ = sequence
+                        .pending
+                        .reply
+                        .send(Err(GeneratorError::Request(format!(
+                            "BLOOM decoding step: {e}"
+                        ))));
+                }
+                return;
+            }
+        };
+        let mut still = Vec::with_capacity(running.len());
+        for (mut sequence, logits) in running.drain(..).zip(logits) {
+            if self.sample(&mut sequence, &logits) {
+                self.finish(sequence);
+            } else {
+                still.push(sequence);
+            }
+        }
+        *running = still;
+    }
+
+    /// Draws the next token into `sequence`; true when the sequence is done (end of
+    /// sequence drawn, or `max_new_tokens` reached).
+    fn sample(&self, sequence: &mut Running, logits: &[f32]) -> bool {
+        let request = &sequence.pending.request;
+        let sampling = &request.sampling;
+        let step = sequence.generated.len() as u64;
+        let draw = uniform_draw(sampling.seed, request.key, step);
+        let next = pick_token(logits, sampling.temperature, sampling.top_p, draw) as u32;
+        if Some(next) == self.model.config().eos_token_id {
+            return true;
+        }
+        sequence.generated.push(next);
+        sequence.generated.len() >= sampling.max_new_tokens
+    }
+
+    fn finish(&self, sequence: Running) {
+        let Running {
+            pending, generated, ..
+        } = sequence;
+        let answer = self
+            .tokenizer
+            .decode(&generated, true)
+            .map(|text| Generation {
+                text,
+                prompt_tokens: pending.prompt.len(),
+                completion_tokens: generated.len(),
+                latency: pending.started.elapsed(),
+            })
+            .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")));
+        let _ = pending.reply.send(answer);
+    }
 }
 
 #[cfg(test)]
@@ -144,7 +292,7 @@ mod tests {
 
     fn fixture() -> (SeqGptGenerator, serde_json::Value, std::path::PathBuf) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
-        let generator = SeqGptGenerator::load(&dir, &Device::Cpu).expect("fixture model");
+        let generator = SeqGptGenerator::load(&dir, &Device::Cpu, 4).expect("fixture model");
         let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
         (generator, serde_json::from_str(&text).expect("JSON"), dir)
     }
@@ -164,7 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn greedy_summaries_are_transformers_tokens_and_sampling_repeats() {
-        let (generator, expected, _) = fixture();
+        let (generator, expected, dir) = fixture();
         // The fixture's first greedy case is the prompt "The printer is offline".
         let tokens: Vec<u32> = expected["greedy"][0]["tokens"]
             .as_array()
@@ -172,7 +320,9 @@ mod tests {
             .iter()
             .map(|t| t.as_u64().expect("id") as u32)
             .collect();
-        let eos = generator.model.config().eos_token_id;
+        let config = std::fs::read_to_string(dir.join("config.json")).expect("config");
+        let config: serde_json::Value = serde_json::from_str(&config).expect("JSON");
+        let eos = config["eos_token_id"].as_u64().map(|id| id as u32);
         let until_eos: Vec<u32> = tokens
             .iter()
             .copied()
@@ -210,6 +360,50 @@ mod tests {
         .map(|g| g.expect("answer").text)
         .collect();
         assert!(others.iter().any(|t| *t != a.text), "{others:?}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_answers_as_one_sequence_at_a_time_does() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-6h");
+        let serial = SeqGptGenerator::load(&dir, &Device::Cpu, 1).expect("model");
+        let batched = SeqGptGenerator::load(&dir, &Device::Cpu, 3).expect("model");
+        // Eight requests for a batch of three: prompts of different lengths and different
+        // budgets, so sequences leave at different steps and waiting ones join mid-way.
+        let prompts = [
+            "The printer is offline",
+            "VPN drops every few minutes when I work from home",
+            "打印机离线",
+            "a",
+            "My VPN connection drops every few minutes when I work from home over wifi.",
+            "账户被锁定，无法登录。",
+            "print jobs are stuck in the queue",
+            "输入: 今天上午系统出现故障 抽取: 故障 输出: [GEN]",
+        ];
+        let requests: Vec<GenerationRequest> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut r = request(p, if i % 2 == 0 { 1.0 } else { 0.0 }, i as u64);
+                r.sampling.max_new_tokens = 3 + 4 * (i % 4);
+                r
+            })
+            .collect();
+        let one_by_one: Vec<Generation> =
+            futures::future::join_all(requests.iter().cloned().map(|r| serial.generate(r)))
+                .await
+                .into_iter()
+                .map(|g| g.expect("serial answer"))
+                .collect();
+        let together = batched.generate_batch(requests.clone()).await;
+        for ((a, b), r) in one_by_one.iter().zip(together).zip(&requests) {
+            let b = b.expect("batched answer");
+            assert_eq!(
+                (&a.text, a.completion_tokens),
+                (&b.text, b.completion_tokens)
+            );
+            assert!(b.completion_tokens <= r.sampling.max_new_tokens);
+        }
+        assert!(one_by_one.iter().any(|g| g.completion_tokens > 3));
     }
 
     #[tokio::test]
