@@ -5,6 +5,7 @@ with what transformers computes for them, which abridge's BLOOM must reproduce (
 
     ~/.cache/abridge/st-venv/bin/python scripts/make-bloom-fixture.py
     (any Python with torch, transformers and tokenizers)
+    ... make-bloom-fixture.py --shape-560m DIR   # BLOOM-560m's shape, random (benchmarks)
 
 Two shapes: 4 heads (a power of two) and 6 heads (not: ALiBi slopes then interleave a
 second series). Each folder holds config.json, tokenizer.json (a small byte-level BPE
@@ -13,6 +14,7 @@ layouts that checkpoints come in), and expected.json: the logits of single seque
 left-padded batch of different lengths (real positions only), and 20 greedy tokens.
 """
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -94,6 +96,23 @@ def make(name, heads, hidden, weights):
     print(f"{out}: vocab {config.vocab_size}, hidden {hidden}, heads {heads}")
 
 
+def random_560m(out):
+    """BLOOM-560m's shape (SeqGPT-560M's) with random weights, for benchmarks: what a
+    forward pass costs does not depend on trained weights. The tokenizer is the tiny one."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer(out)
+    torch.manual_seed(560)
+    config = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    BloomForCausalLM(config).eval().save_pretrained(out)
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "padding_side": "left"}))
+    print(f"{out}: BLOOM-560m shape, random weights")
+
+
 if __name__ == "__main__":
-    make("bloom-tiny-4h", heads=4, hidden=64, weights="safetensors")
-    make("bloom-tiny-6h", heads=6, hidden=96, weights="bin")
+    if len(sys.argv) == 3 and sys.argv[1] == "--shape-560m":
+        random_560m(Path(sys.argv[2]))
+    else:
+        make("bloom-tiny-4h", heads=4, hidden=64, weights="safetensors")
+        make("bloom-tiny-6h", heads=6, hidden=96, weights="bin")

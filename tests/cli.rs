@@ -1345,6 +1345,9 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
                 "VPN",
                 Some("VPN drops every few minutes when I work from home."),
             ),
+            ("T3", "Mail", Some("打印机离线，打印任务卡在队列中。")),
+            ("T4", "Login", Some("账户被锁定，无法登录。")),
+            ("T5", "Queue", Some("print jobs are stuck")),
         ],
     )?;
     let bloom = repo().join("tests/fixtures/bloom-tiny-4h");
@@ -1353,8 +1356,8 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
         &job,
         format!(
             "[input]\npath = \"{}\"\n[output]\npath = \"{}\"\n[summarize]\nbackend = \"seqgpt\"\n\
-             model = \"{}\"\nprompt = \"{{text}}\"\nmax_new_tokens = 8\ntemperature = 0.7\n\
-             glossary_retry = false\n",
+             model = \"{}\"\nprompt = \"seqgpt\"\nmax_new_tokens = 8\ntemperature = 0.7\n\
+             glossary_retry = false\nin_flight = 3\n",
             input.display(),
             dir.path().join("out").display(),
             bloom.display()
@@ -1362,7 +1365,8 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
     )?;
     let first = run_json(&job, &[])?;
     assert_eq!(first.rows_failed, 0);
-    let second = run_json(&job, &[])?;
+    // One sequence at a time instead of batches of three: the very same summaries.
+    let second = run_json(&job, &["--set", "summarize.in_flight=1"])?;
     let (a, b) = (
         run_rows(&job, &first.run_id)?,
         run_rows(&job, &second.run_id)?,
@@ -1376,6 +1380,8 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
         );
         let tokens = r["completion_tokens"].as_u64().unwrap_or(0);
         assert!((1..=8).contains(&tokens), "{r}");
+        // SeqGPT's prompt around the text: more tokens than the text alone.
+        assert!(r["prompt_tokens"].as_u64().unwrap_or(0) > 10, "{r}");
     }
     let summaries = |rows: &serde_json::Value| -> Vec<serde_json::Value> {
         rows.as_array()
@@ -1384,6 +1390,7 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
             .map(|r| r["summary"].clone())
             .collect()
     };
+    assert_eq!(a.as_array().map(Vec::len), Some(5));
     assert_eq!(summaries(&a), summaries(&b), "same seed, same summaries");
 
     // The same checkpoint through mistral.rs is refused with a pointer to this backend.

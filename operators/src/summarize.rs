@@ -64,6 +64,19 @@ pub const PRESETS: [(&str, &str); 3] = [
     ),
 ];
 
+/// SeqGPT's instruction format (its model card: `输入: {text}\n{task}: {labels}\n输出: [GEN]`):
+/// the text, a task over comma-separated labels (`抽取`, extract, or `分类`, classify, as
+/// SeqGPT was trained), then `[GEN]`, after which the model answers. Braces in the task or
+/// labels are literal.
+pub fn seqgpt_template(task: &str, labels: &[String]) -> String {
+    let literal = |s: &str| s.replace('{', "{{").replace('}', "}}");
+    format!(
+        "输入: {{text}}\n{}: {}\n输出: [GEN]",
+        literal(task),
+        literal(&labels.join(","))
+    )
+}
+
 /// The template a preset name stands for.
 pub fn preset(name: &str) -> Option<&'static str> {
     PRESETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
@@ -628,6 +641,10 @@ mod tests {
 
     #[test]
     fn presets_use_text_and_versions_follow_settings() {
+        assert_eq!(
+            seqgpt_template("抽取", &["摘要".into(), "{x}".into()]),
+            "输入: {text}\n抽取: 摘要,{{x}}\n输出: [GEN]"
+        );
         for (name, template) in PRESETS {
             assert!(template.contains("{text}"), "{name}");
             assert_eq!(preset(name), Some(template));

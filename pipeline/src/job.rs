@@ -211,9 +211,13 @@ pub struct SummarizeConfig {
     pub allow_download: bool,
     /// A template over the ticket's columns that uses `{text}` (`{{`/`}}` for literal
     /// braces), or a preset: `instruct` (default), `anchor` (`【摘要】{text}【/摘要】`),
-    /// `multi-event` (one sentence per event).
+    /// `multi-event` (one sentence per event), `seqgpt` (SeqGPT's own format, with the
+    /// task and labels of `[summarize.seqgpt]`).
     #[serde(default = "default_prompt")]
     pub prompt: String,
+    /// What the `seqgpt` preset asks for.
+    #[serde(default)]
+    pub seqgpt: SeqGptPromptConfig,
     /// `auto` (default: the model's chat template when it has one), `chat` or `raw`.
     #[serde(default)]
     pub prompt_format: PromptFormatConfig,
@@ -293,6 +297,36 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `[summarize.seqgpt]`: the instruction of the `seqgpt` prompt preset,
+/// `输入: {text}\n{task}: {labels}\n输出: [GEN]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeqGptPromptConfig {
+    /// `抽取` (extract, the default) or `分类` (classify): SeqGPT's two trained tasks.
+    #[serde(default = "default_seqgpt_task")]
+    pub task: String,
+    /// What to extract or classify into. Default: `["摘要"]` (a summary).
+    #[serde(default = "default_seqgpt_labels")]
+    pub labels: Vec<String>,
+}
+
+fn default_seqgpt_task() -> String {
+    "抽取".into()
+}
+
+fn default_seqgpt_labels() -> Vec<String> {
+    vec!["摘要".into()]
+}
+
+impl Default for SeqGptPromptConfig {
+    fn default() -> Self {
+        Self {
+            task: default_seqgpt_task(),
+            labels: default_seqgpt_labels(),
+        }
+    }
+}
+
 /// Which engine summarizes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -350,6 +384,12 @@ pub struct PagedAttentionConfig {
 impl SummarizeConfig {
     /// The template `prompt` stands for.
     pub fn template(&self) -> String {
+        if self.prompt == "seqgpt" {
+            return abridge_operators::summarize::seqgpt_template(
+                &self.seqgpt.task,
+                &self.seqgpt.labels,
+            );
+        }
         abridge_operators::summarize::preset(&self.prompt)
             .map(str::to_string)
             .unwrap_or_else(|| self.prompt.clone())
@@ -690,6 +730,7 @@ impl SummarizeConfig {
             let presets: Vec<&str> = abridge_operators::summarize::PRESETS
                 .iter()
                 .map(|(name, _)| *name)
+                .chain(["seqgpt"])
                 .collect();
             return Err((
                 "summarize.prompt",
@@ -973,6 +1014,23 @@ path = "/abs/out"
         assert_eq!((s.temperature, s.top_p, s.seed), (0.3, 0.9, 0));
         assert_eq!(s.in_flight(), 1, "one sequence at a time on CPU");
         assert!(s.template().contains("{text}") && s.glossary_retry);
+        // SeqGPT: its own prompt format, a batch of 8 on CPU.
+        let seqgpt = load(
+            &format!(
+                "{MINIMAL}\n[summarize]\nbackend = \"seqgpt\"\nmodel = \"seqgpt-560m\"\n\
+                 prompt = \"seqgpt\"\n[summarize.seqgpt]\nlabels = [\"故障\", \"原因\"]\n"
+            ),
+            &[],
+        )?;
+        let seqgpt = seqgpt.config.summarize.ok_or(JobError::Override {
+            arg: String::new(),
+            reason: "no [summarize]".into(),
+        })?;
+        assert_eq!(
+            seqgpt.template(),
+            "输入: {text}\n抽取: 故障,原因\n输出: [GEN]"
+        );
+        assert_eq!(seqgpt.in_flight(), 8);
         // With downloads allowed, a value that is no path stays a hub id.
         let hub = load(
             &format!(

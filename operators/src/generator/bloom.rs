@@ -16,7 +16,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, Module, VarBuilder};
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use super::GeneratorError;
+use super::{GeneratorError, skinny};
 
 /// What `config.json` says of a BLOOM checkpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +180,18 @@ impl SequenceCache {
     }
 }
 
+/// Runs `f` on the values of a contiguous f32 tensor in CPU memory, where they lie.
+fn with_cpu_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a tensor in CPU memory");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+}
+
 /// Attention of one head's `query` over a sequence's cached `keys`/`values` (all heads,
 /// token after token) with BLOOM's ALiBi bias `slope × position`, written into `out`.
 /// Positions count from the sequence's first token: there is no padding here.
@@ -312,6 +324,16 @@ impl Bloom {
         mask: &Tensor,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
+        self.lm_head(&self.hidden_states(ids, mask, cache)?)
+    }
+
+    /// The final hidden states `(batch, new, hidden)` of [`Bloom::forward_cached`].
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         let (batch, new) = ids.dims2()?;
         let past = cache.len();
         let tokens = past + new;
@@ -388,8 +410,21 @@ impl Bloom {
             let up = block.up.forward(&normed)?.gelu()?;
             hidden = (block.down.forward(&up)? + residual)?;
         }
-        let hidden = self.final_norm.forward(&hidden)?;
-        hidden.broadcast_matmul(&self.embeddings.embeddings().t()?)
+        self.final_norm.forward(&hidden)
+    }
+
+    /// Logits of the final hidden states `(…, hidden)`: the tied embedding matrix. One
+    /// 2-D product: a broadcast one would first copy the (transposed) matrix per batch.
+    fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = hidden.dims().to_vec();
+        let rows = hidden.elem_count() / self.config.hidden_size;
+        let logits = hidden
+            .reshape((rows, self.config.hidden_size))?
+            .matmul(&self.embeddings.embeddings().t()?)?;
+        if let Some(last) = dims.last_mut() {
+            *last = self.config.vocab_size;
+        }
+        logits.reshape(dims)
     }
 
     /// Runs `prompt` through the model: the logits of its last token and a cache of
@@ -402,8 +437,11 @@ impl Bloom {
         let ids = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
         let mask = ids.ones_like()?;
         let mut cache = self.new_cache();
-        let logits = self.forward_cached(&ids, &mask, &mut cache)?;
-        let last = logits.get(0)?.get(prompt.len() - 1)?.to_vec1::<f32>()?;
+        // Only the last position's logits: the LM head is the largest matrix of a small
+        // model (250,880 × 1,024 in BLOOM-560m), not to be spent on every prompt token.
+        let hidden = self.hidden_states(&ids, &mask, &mut cache)?;
+        let last = hidden.narrow(1, prompt.len() - 1, 1)?;
+        let last = self.lm_head(&last)?.flatten_all()?.to_vec1::<f32>()?;
         let hidden = self.config.hidden_size;
         let capacity = (prompt.len() + room) * hidden;
         let layers = cache
@@ -489,21 +527,54 @@ impl Bloom {
                     attend(query, keys, values, h, heads, slopes[h], scale, out);
                 });
             let context = Tensor::from_vec(context, (batch, 1, hidden_size), &self.device)?;
-            let attended = (block.dense.forward(&context)? + residual)?;
+            let attended = (self.project(&block.dense, &context)? + residual)?;
             let normed = block.post_norm.forward(&attended)?;
             let residual = if self.config.apply_residual_connection_post_layernorm {
                 &normed
             } else {
                 &attended
             };
-            let up = block.up.forward(&normed)?.gelu()?;
-            hidden = (block.down.forward(&up)? + residual)?;
+            let up = self.project(&block.up, &normed)?.gelu()?;
+            hidden = (self.project(&block.down, &up)? + residual)?;
         }
         for cache in caches.iter_mut() {
             cache.len += 1;
         }
         let hidden = self.final_norm.forward(&hidden)?.squeeze(1)?;
-        hidden.matmul(&self.embeddings.embeddings().t()?)
+        if !self.device.is_cpu() {
+            return self.lm_head(&hidden);
+        }
+        let logits = with_cpu_values(&hidden, |x| {
+            with_cpu_values(self.embeddings.embeddings(), |w| {
+                let mut out = vec![0f32; batch * self.config.vocab_size];
+                skinny::matmul_t(x, batch, w, None, &mut out);
+                out
+            })
+        })??;
+        Tensor::from_vec(logits, (batch, self.config.vocab_size), &self.device)
+    }
+
+    /// `linear` applied to the `(batch, 1, in)` rows of a decoding step: on CPU by
+    /// [`skinny::matmul_t`], which reads each weight once, elsewhere by candle.
+    fn project(&self, linear: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.device.is_cpu() {
+            return linear.forward(x);
+        }
+        let (batch, one, _) = x.dims3()?;
+        let outputs = linear.weight().dim(0)?;
+        let values = with_cpu_values(x, |x| {
+            with_cpu_values(linear.weight(), |w| {
+                let mut out = vec![0f32; batch * one * outputs];
+                match linear.bias() {
+                    Some(bias) => with_cpu_values(bias, |bias| {
+                        skinny::matmul_t(x, batch * one, w, Some(bias), &mut out)
+                    })?,
+                    None => skinny::matmul_t(x, batch * one, w, None, &mut out),
+                }
+                Ok::<_, candle_core::Error>(out)
+            })
+        })???;
+        Tensor::from_vec(values, (batch, one, outputs), &self.device)
     }
 
     /// The id of the most likely next token after each sequence of `ids`/`mask`.

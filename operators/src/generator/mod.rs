@@ -8,6 +8,7 @@
 pub mod bloom;
 pub mod mistralrs;
 pub mod seqgpt;
+mod skinny;
 
 use std::sync::Arc;
 use std::time::Duration;
