@@ -171,13 +171,10 @@ impl Engine {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            while running.len() < self.max_batch {
-                let Some(pending) = waiting.pop_front() else {
-                    break;
-                };
-                if let Some(sequence) = self.admit(pending) {
-                    running.push(sequence);
-                }
+            let free = self.max_batch.saturating_sub(running.len());
+            let joining: Vec<Pending> = (0..free).map_while(|_| waiting.pop_front()).collect();
+            if !joining.is_empty() {
+                running.extend(self.admit(joining));
             }
             if !running.is_empty() {
                 self.step(&mut running);
@@ -185,31 +182,48 @@ impl Engine {
         }
     }
 
-    /// Prefills a new sequence and samples its first token; `None` when it is already
-    /// answered (failed, or finished after one token).
-    fn admit(&self, pending: Pending) -> Option<Running> {
-        let room = pending.request.sampling.max_new_tokens;
-        let (logits, cache) = match self.model.prefill(&pending.prompt, room) {
+    /// Prefills new sequences together and samples their first tokens; returns those
+    /// that go on (the others are answered: failed, or finished after one token). When
+    /// the group's prefill fails, each prompt is tried alone, so that one bad prompt
+    /// fails only its own row.
+    fn admit(&self, group: Vec<Pending>) -> Vec<Running> {
+        let prompts: Vec<(&[u32], usize)> = group
+            .iter()
+            .map(|p| (p.prompt.as_slice(), p.request.sampling.max_new_tokens))
+            .collect();
+        let prefilled = match self.model.prefill(&prompts) {
             Ok(prefilled) => prefilled,
+            Err(_) if group.len() > 1 => {
+                return group
+                    .into_iter()
+                    .flat_map(|p| self.admit(vec![p]))
+                    .collect();
+            }
             Err(e) => {
-                let _ = pending
-                    .reply
-                    .send(Err(GeneratorError::Request(format!("BLOOM: {e}"))));
-                return None;
+                for pending in group {
+                    let _ = pending
+                        .reply
+                        .send(Err(GeneratorError::Request(format!("BLOOM: {e}"))));
+                }
+                return Vec::new();
             }
         };
-        let mut sequence = Running {
-            pending,
-            cache,
-            generated: Vec::new(),
-        };
-        if sequence.pending.request.sampling.max_new_tokens == 0
-            || self.sample(&mut sequence, &logits)
-        {
-            self.finish(sequence);
-            return None;
+        let mut going_on = Vec::with_capacity(group.len());
+        for (pending, (logits, cache)) in group.into_iter().zip(prefilled) {
+            let mut sequence = Running {
+                pending,
+                cache,
+                generated: Vec::new(),
+            };
+            if sequence.pending.request.sampling.max_new_tokens == 0
+                || self.sample(&mut sequence, &logits)
+            {
+                self.finish(sequence);
+            } else {
+                going_on.push(sequence);
+            }
         }
-        Some(sequence)
+        going_on
     }
 
     /// Feeds every running sequence its newest token and samples the next; finished
