@@ -2,12 +2,17 @@
 //! pushed down into the Parquet reader (row groups and pages it rules out are never
 //! decoded).
 //!
-//! Files are resolved and their footers checked before anything runs, so that a missing,
-//! truncated or non-Parquet file is reported by name instead of surfacing mid-stream.
+//! Files are resolved and their footers checked before anything runs. Input files are
+//! untrusted: a file that cannot be read (truncated, corrupt pages, a footer or embedded
+//! schema the readers choke on, even by panicking) is recorded with its error in
+//! [`OpenScan::failed`] and skipped, and the other files are still read. Only when no file
+//! can be read at all does the scan fail.
 
+use std::cell::Cell;
 use std::fs::File;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Instant;
 
@@ -18,7 +23,8 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::context::SessionContext;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::prelude::SessionConfig;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
+use parquet::errors::ParquetError;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
@@ -36,10 +42,23 @@ pub struct ParquetScan {
     pub batch_size: usize,
 }
 
+/// An input file that could not be read (or not to its end), and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileFailure {
+    pub path: PathBuf,
+    pub error: String,
+}
+
+/// The files a scan skipped, filled in as the scan goes (a file can fail part-way).
+pub type FailedFiles = Arc<Mutex<Vec<FileFailure>>>;
+
 /// A scan ready to be polled.
 pub struct OpenScan {
-    /// The files that will be read, in order.
+    /// The files that will be read, in order (those whose footers could be read).
     pub files: Vec<PathBuf>,
+    /// Files skipped: unreadable footers at once, failures while reading as they happen.
+    /// Rows a file yielded before it failed are kept.
+    pub failed: FailedFiles,
     /// Rows in those files before `where` and `limit`, from their footers.
     pub file_rows: u64,
     /// The merged schema of the files.
@@ -52,12 +71,6 @@ impl ParquetScan {
     /// Resolves and checks the input files and plans the scan. Rows are only read once the
     /// returned stream is polled; `metrics` counts them as they come.
     pub async fn open(&self, metrics: OperatorMetrics) -> Result<OpenScan, OperatorError> {
-        let files = resolve_files(&self.path)?;
-        let mut file_rows = 0u64;
-        for file in &files {
-            file_rows += footer_rows(file)?;
-        }
-
         // One partition keeps input order stable from run to run: "first occurrence" and
         // resumption depend on it, and the model stages downstream set the pace anyway.
         let mut config = SessionConfig::new()
@@ -67,11 +80,44 @@ impl ParquetScan {
         config.options_mut().execution.parquet.reorder_filters = true;
         let ctx = SessionContext::new_with_config(config);
 
+        // Each file's footer, embedded schema and DataFusion's reading of its metadata,
+        // one file at a time: a file that fails is skipped and recorded by name.
+        let failed: FailedFiles = Arc::default();
+        let mut files = Vec::new();
+        let mut file_rows = 0u64;
+        let mut first_error = None;
+        for file in resolve_files(&self.path)? {
+            let checked = match check_file(&file) {
+                Ok(rows) => {
+                    guarded(ctx.read_parquet(file.display().to_string(), read_options(None)))
+                        .await
+                        .map(|_| rows)
+                        .map_err(|source| OperatorError::ReadFailed {
+                            path: file.clone(),
+                            source,
+                        })
+                }
+                Err(e) => Err(e),
+            };
+            match checked {
+                Ok(rows) => {
+                    file_rows += rows;
+                    files.push(file);
+                }
+                Err(e) => {
+                    record(&failed, &file, &e);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let (true, Some(e)) = (files.is_empty(), first_error) {
+            return Err(e);
+        }
+
         // The files' merged schema, and the `where` clause checked against it, before any
         // row is read: configuration errors surface here, not mid-run.
         let paths: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        let all = ctx
-            .read_parquet(paths, read_options(None))
+        let all = guarded(ctx.read_parquet(paths, read_options(None)))
             .await
             .map_err(|source| OperatorError::InputSchema {
                 path: self.path.clone(),
@@ -84,21 +130,16 @@ impl ParquetScan {
         }
 
         // Files are read one after the other, each its own DataFusion scan, so that a
-        // failure names the file it happened in.
+        // failure names the file it happened in; a failed file ends there, recorded.
         let file_schema = Arc::clone(&merged);
+        let failures = Arc::clone(&failed);
         let per_file = futures::stream::iter(files.clone())
             .then(move |file| {
                 let ctx = ctx.clone();
                 let schema = Arc::clone(&file_schema);
                 let where_clause = where_clause.clone();
+                let failures = Arc::clone(&failures);
                 async move {
-                    let named = {
-                        let file = file.clone();
-                        move |source| OperatorError::ReadFailed {
-                            path: file.clone(),
-                            source,
-                        }
-                    };
                     let open = async {
                         let path = file.display().to_string();
                         let mut df = ctx.read_parquet(path, read_options(Some(&schema))).await?;
@@ -107,14 +148,34 @@ impl ParquetScan {
                         }
                         df.execute_stream().await
                     };
-                    match open.await {
-                        Ok(stream) => stream
-                            .map(move |batch| batch.map_err(|e| named(e).into()))
-                            .boxed(),
-                        Err(e) => {
-                            futures::stream::once(async move { Err(named(e).into()) }).boxed()
-                        }
-                    }
+                    let batches = match guarded(open).await {
+                        Ok(mut stream) => AssertUnwindSafe(futures::stream::poll_fn(move |cx| {
+                            let _reading = Reading::start();
+                            stream.poll_next_unpin(cx)
+                        }))
+                        .catch_unwind()
+                        .map(|polled| polled.unwrap_or_else(|panic| Err(panicked(panic))))
+                        .boxed(),
+                        Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+                    };
+                    batches
+                        .scan(false, move |done, batch| {
+                            let item = match batch {
+                                _ if *done => None,
+                                Ok(batch) => Some(Some(batch)),
+                                Err(source) => {
+                                    *done = true;
+                                    let error = OperatorError::ReadFailed {
+                                        path: file.clone(),
+                                        source,
+                                    };
+                                    record(&failures, &file, &error);
+                                    Some(None)
+                                }
+                            };
+                            std::future::ready(item)
+                        })
+                        .filter_map(|batch| std::future::ready(batch.map(Ok)))
                 }
             })
             .flatten();
@@ -144,6 +205,7 @@ impl ParquetScan {
         });
         Ok(OpenScan {
             files,
+            failed,
             file_rows,
             schema: Arc::clone(&merged),
             stream: Box::pin(RecordBatchStreamAdapter::new(merged, counted)),
@@ -224,15 +286,205 @@ fn walk_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn footer_rows(file: &Path) -> Result<u64, OperatorError> {
+thread_local! {
+    static READING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is inside a guarded read of an input file, where a panic becomes
+/// that file's error: the binary's panic hook keeps quiet about those.
+pub fn inside_guarded_read() -> bool {
+    READING.with(Cell::get)
+}
+
+/// Marks the current thread as inside a guarded read until dropped (also when a panic
+/// unwinds through it).
+struct Reading(bool);
+
+impl Reading {
+    fn start() -> Self {
+        Self(READING.with(|r| r.replace(true)))
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        READING.with(|r| r.set(self.0));
+    }
+}
+
+fn record(failed: &FailedFiles, path: &Path, error: &OperatorError) {
+    if let Ok(mut failed) = failed.lock() {
+        failed.push(FileFailure {
+            path: path.to_path_buf(),
+            error: error.to_string(),
+        });
+    }
+}
+
+/// Runs `future`, turning a panic inside it (Parquet and Arrow readers panic on some
+/// corrupt inputs) into an error.
+async fn guarded<T>(
+    future: impl Future<Output = Result<T, DataFusionError>>,
+) -> Result<T, DataFusionError> {
+    let mut future = Box::pin(future);
+    AssertUnwindSafe(futures::future::poll_fn(move |cx| {
+        let _reading = Reading::start();
+        future.poll_unpin(cx)
+    }))
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|panic| Err(panicked(panic)))
+}
+
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> DataFusionError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    DataFusionError::Execution(format!("the Parquet reader failed on this file: {message}"))
+}
+
+/// The rows a file's footer announces, once its footer and the Arrow schema embedded in
+/// it have been read without error (a corrupt embedded schema makes arrow-ipc panic, and
+/// DataFusion would meet it while planning, far from the file's name).
+fn check_file(file: &Path) -> Result<u64, OperatorError> {
     let handle = File::open(file).map_err(|e| OperatorError::InputNotFound {
         path: file.display().to_string(),
         reason: e.to_string(),
     })?;
-    let reader =
-        SerializedFileReader::new(handle).map_err(|source| OperatorError::CorruptParquet {
-            path: file.to_path_buf(),
-            source,
-        })?;
-    Ok(u64::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0))
+    let corrupt = |source| OperatorError::CorruptParquet {
+        path: file.to_path_buf(),
+        source,
+    };
+    let footer = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let _reading = Reading::start();
+        let reader = SerializedFileReader::new(handle)?;
+        let meta = reader.metadata().file_metadata();
+        parquet::arrow::parquet_to_arrow_schema(meta.schema_descr(), meta.key_value_metadata())?;
+        Ok(u64::try_from(meta.num_rows()).unwrap_or(0))
+    }));
+    match footer {
+        Ok(rows) => rows.map_err(corrupt),
+        Err(panic) => Err(corrupt(ParquetError::General(panicked(panic).to_string()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field};
+    use arrow::record_batch::RecordBatch;
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+
+    /// A small ticket file: several row groups and pages, text and numbers.
+    fn tickets(rows: usize) -> Vec<u8> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ticket_id", DataType::Utf8, false),
+            Field::new("body", DataType::Utf8, true),
+            Field::new("priority", DataType::Int64, true),
+        ]));
+        let ids: Vec<String> = (0..rows).map(|i| format!("T{i:05}")).collect();
+        let bodies: Vec<Option<String>> = (0..rows)
+            .map(|i| (i % 7 != 0).then(|| format!("printer {i} offline, 打印机离线 {}", i * 31)))
+            .collect();
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from(ids)),
+                Arc::new(StringArray::from(bodies)),
+                Arc::new(Int64Array::from_iter((0..rows).map(|i| Some(i as i64 % 5)))),
+            ],
+        )
+        .expect("batch");
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(rows / 3))
+            .set_data_page_row_count_limit(rows / 10)
+            .build();
+        let mut out = Vec::new();
+        let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props)).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        out
+    }
+
+    /// Rows the scan yields and the files it reports as failed (panics would escape).
+    async fn scan(dir: &Path) -> Result<(usize, Vec<FileFailure>), OperatorError> {
+        let scan = ParquetScan {
+            path: dir.display().to_string(),
+            where_clause: None,
+            limit: None,
+            batch_size: 64,
+        };
+        let open = scan.open(OperatorMetrics::default()).await?;
+        let mut stream = open.stream;
+        let mut rows = 0;
+        while let Some(batch) = stream.next().await {
+            rows += batch?.num_rows();
+        }
+        let failed = open.failed.lock().map(|f| f.clone()).unwrap_or_default();
+        Ok((rows, failed))
+    }
+
+    #[tokio::test]
+    async fn corrupt_files_are_skipped_by_name_and_never_panic() {
+        let good = tickets(300);
+        let bad = tickets(200);
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("a.parquet"), &good).expect("write");
+        let bad_path = dir.path().join("b.parquet");
+        // SplitMix64: seeded, so every run tries the same corruptions.
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let mut corruptions: Vec<Vec<u8>> = (1..64)
+            .map(|i| bad[..bad.len() * i / 64].to_vec())
+            .collect();
+        for _ in 0..1500 {
+            let mut flipped = bad.clone();
+            for _ in 0..=next() % 8 {
+                let at = (next() % flipped.len() as u64) as usize;
+                flipped[at] = next() as u8;
+            }
+            corruptions.push(flipped);
+        }
+        let (mut skipped, mut crashed) = (0, 0);
+        for bytes in corruptions {
+            std::fs::write(&bad_path, &bytes).expect("write");
+            let (rows, failed) = scan(dir.path()).await.expect("the good file is still read");
+            // Every row of the good file, and the bad one's up to where it broke (or all
+            // of it, when a flip hit bytes nothing reads).
+            assert!((300..=500).contains(&rows), "{rows} rows");
+            for failure in &failed {
+                assert_eq!(failure.path, bad_path);
+                assert!(failure.error.contains("b.parquet"), "{}", failure.error);
+            }
+            skipped += usize::from(!failed.is_empty());
+            crashed += failed
+                .iter()
+                .filter(|f| f.error.contains("reader failed"))
+                .count();
+        }
+        assert!(skipped > 500, "only {skipped} corruptions were noticed");
+        eprintln!("{skipped} corrupt files skipped, {crashed} of them after a reader panic");
+
+        // With nothing readable, the scan fails with the file's error.
+        std::fs::remove_file(dir.path().join("a.parquet")).expect("rm");
+        std::fs::write(&bad_path, &bad[..bad.len() / 2]).expect("write");
+        let err = scan(dir.path())
+            .await
+            .expect_err("no readable file")
+            .to_string();
+        assert!(
+            err.contains("b.parquet") && err.contains("not a readable Parquet file"),
+            "{err}"
+        );
+    }
 }

@@ -20,6 +20,19 @@ pub enum PipelineError {
         /// What did not fit.
         source: Box<OperatorError>,
     },
+    /// The run committed what it read, but some input files could not be read (each
+    /// with its error in `_run.json`'s `input_files_failed`).
+    #[error(
+        "run {run_id} committed, but {} input file(s) could not be read: {}",
+        files.len(),
+        files.join("; ")
+    )]
+    InputFilesSkipped {
+        /// The run.
+        run_id: String,
+        /// Each skipped file with its error.
+        files: Vec<String>,
+    },
     /// A model named by the job cannot be loaded (missing folder or file, wrong architecture).
     #[error("job {job}: {source}")]
     Model {
@@ -90,9 +103,11 @@ impl From<DataFusionError> for PipelineError {
 
 impl PipelineError {
     /// 2 for what the user must fix in how abridge was called (flags, job file, SQL),
-    /// 1 for a job that failed on its data or environment.
+    /// 3 for a run that committed without some unreadable input files, 1 for a job that
+    /// failed on its data or environment.
     pub fn exit_code(&self) -> u8 {
         match self {
+            PipelineError::InputFilesSkipped { .. } => 3,
             PipelineError::Job(_)
             | PipelineError::JobDoesNotFitInput { .. }
             | PipelineError::Model { .. }

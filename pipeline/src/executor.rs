@@ -26,7 +26,9 @@ use futures::StreamExt;
 use crate::error::PipelineError;
 use crate::job::{Job, JobError};
 use crate::retrieval;
-use crate::run::{self, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, StageSummary};
+use crate::run::{
+    self, InputFileFailure, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, StageSummary,
+};
 use crate::summarizer;
 
 /// Options of one run that are not part of the job.
@@ -284,6 +286,7 @@ impl PreparedRun {
                 .iter()
                 .map(|f| f.display().to_string())
                 .collect(),
+            input_files_failed: Vec::new(),
             rows_read: 0,
             rows_written: 0,
             rows_failed: 0,
@@ -335,6 +338,15 @@ impl PreparedRun {
             metrics: self.progress.written.snapshot(),
         });
         manifest.rows_read = self.progress.read.snapshot().rows_out;
+        if let Ok(failed) = self.scan.failed.lock() {
+            manifest.input_files_failed = failed
+                .iter()
+                .map(|f| InputFileFailure {
+                    path: f.path.display().to_string(),
+                    error: f.error.clone(),
+                })
+                .collect();
+        }
         manifest.rows_failed = self
             .stages
             .iter()

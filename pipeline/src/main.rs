@@ -233,6 +233,14 @@ struct SampleArgs {
 const DEFAULT_JOB: &str = "jobs/demo.toml";
 
 fn main() -> ExitCode {
+    // A panic inside a guarded read of an input file becomes that file's error (named in
+    // the run's summary): no panic message for it.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !abridge_operators::scan::inside_guarded_read() {
+            report(info);
+        }
+    }));
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -305,6 +313,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else if !args.quiet {
         eprint!("{}", summary(&manifest));
+    }
+    if !manifest.input_files_failed.is_empty() {
+        return Err(PipelineError::InputFilesSkipped {
+            run_id: manifest.run_id.clone(),
+            files: manifest
+                .input_files_failed
+                .iter()
+                .map(|f| f.error.clone())
+                .collect(),
+        }
+        .into());
     }
     Ok(())
 }

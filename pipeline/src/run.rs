@@ -70,6 +70,10 @@ pub struct RunManifest {
     pub elapsed_s: f64,
     /// The input files read.
     pub input_files: Vec<String>,
+    /// Input files skipped because they could not be read (or not to their end; rows
+    /// read before the failure are in the output), with why. Absent in older runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_files_failed: Vec<InputFileFailure>,
     /// Rows read from the input (after `input.where`).
     pub rows_read: u64,
     /// Rows written to the output.
@@ -87,6 +91,13 @@ pub struct RunManifest {
     pub stages: Vec<StageSummary>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
+}
+
+/// An input file a run could not read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputFileFailure {
+    pub path: String,
+    pub error: String,
 }
 
 impl RunManifest {
