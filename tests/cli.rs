@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use abridge_pipeline::job::Job;
+use abridge_pipeline::lock::{LOCK_FILE, OutputLock};
 use abridge_pipeline::run::{RunManifest, RunStatus};
 use arrow::array::{Array, RecordBatch, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -394,6 +395,51 @@ fn an_unreadable_file_is_skipped_by_name_and_the_others_are_committed() -> TestR
     let out = sql(&job, "SELECT count(*) AS n FROM summaries", "csv");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains(&rows.to_string()), "{}", stdout(&out));
+    Ok(())
+}
+
+/// Two live runs of one output refuse each other; a lock left by a dead run is cleared.
+#[test]
+fn a_live_run_holds_the_output_and_a_dead_ones_lock_is_cleared() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 50, 1)?;
+    let job = job_file(dir.path(), &input, "")?;
+    let out_dir = dir.path().join("out");
+    let (held, _) = OutputLock::acquire(&out_dir, "nightly-1")?;
+    let out = abridge(&["run", job.to_str().unwrap_or_default()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("nightly-1") && err.contains(LOCK_FILE),
+        "names the holder and the lock: {err}"
+    );
+    assert!(
+        std::fs::read_dir(&out_dir)?.count() == 1,
+        "nothing written but the lock"
+    );
+    drop(held);
+    assert!(
+        !out_dir.exists(),
+        "the folder the lock made is gone with it"
+    );
+
+    // A holder that no longer runs: its lock is stale.
+    std::fs::create_dir_all(&out_dir)?;
+    let mut child = Command::new("true").spawn()?;
+    let dead = child.id();
+    child.wait()?;
+    std::fs::write(
+        out_dir.join(LOCK_FILE),
+        format!(
+            r#"{{"pid": {dead}, "start_ticks": 1, "host": "{}", "run_id": "crashed-run", "since": "x"}}"#,
+            std::fs::read_to_string("/proc/sys/kernel/hostname")?.trim()
+        ),
+    )?;
+    let out = abridge(&["run", job.to_str().unwrap_or_default()]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("stale lock of run crashed-run"), "{err}");
+    assert!(!out_dir.join(LOCK_FILE).exists(), "released at the end");
     Ok(())
 }
 

@@ -20,6 +20,20 @@ pub enum PipelineError {
         /// What did not fit.
         source: Box<OperatorError>,
     },
+    /// Another live run holds the output folder's lock.
+    #[error(
+        "output {} is being written by {holder}; if that run is not running any more, delete {}",
+        output.display(),
+        lock.display()
+    )]
+    Locked {
+        /// The output folder.
+        output: PathBuf,
+        /// Who holds it.
+        holder: String,
+        /// The lock file.
+        lock: PathBuf,
+    },
     /// The run committed what it read, but some input files could not be read (each
     /// with its error in `_run.json`'s `input_files_failed`).
     #[error(

@@ -25,6 +25,7 @@ use futures::StreamExt;
 
 use crate::error::PipelineError;
 use crate::job::{Job, JobError};
+use crate::lock::OutputLock;
 use crate::retrieval;
 use crate::run::{
     self, InputFileFailure, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, StageSummary,
@@ -52,6 +53,8 @@ pub struct Progress {
 /// A run whose input is open and whose stages are built, so that every configuration
 /// error has been reported before anything is written.
 pub struct PreparedRun {
+    /// Held until the run ends (dropped with it).
+    _lock: OutputLock,
     job: Job,
     run_id: String,
     run_dir: PathBuf,
@@ -122,8 +125,11 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             .unwrap_or_else(|| Arc::new(Schema::empty()))
     };
     let run_id = run::new_run_id();
-    let mut index = None;
     let mut notes = Vec::new();
+    // Before the index is opened: a second live run is refused here, by name.
+    let (lock, cleared) = OutputLock::acquire(&job.config.output.path, &run_id)?;
+    notes.extend(cleared);
+    let mut index = None;
     let mut summary_encoder = None;
     if let Some(embed) = &job.config.embed {
         let model_error = |e| PipelineError::Model {
@@ -223,6 +229,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         None => scan.file_rows,
     };
     Ok(PreparedRun {
+        _lock: lock,
         job,
         run_id,
         run_dir,

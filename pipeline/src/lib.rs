@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod executor;
 pub mod job;
+pub mod lock;
 pub mod progress;
 pub mod report;
 pub mod retrieval;
