@@ -42,6 +42,8 @@ struct Running {
     pending: Pending,
     cache: SequenceCache,
     generated: Vec<u32>,
+    /// Why the sequence failed, once it has.
+    failed: Option<String>,
 }
 
 impl SeqGptGenerator {
@@ -214,6 +216,7 @@ impl Engine {
                 pending,
                 cache,
                 generated: Vec::new(),
+                failed: None,
             };
             if sequence.pending.request.sampling.max_new_tokens == 0
                 || self.sample(&mut sequence, &logits)
@@ -267,8 +270,16 @@ impl Engine {
     }
 
     /// Draws the next token into `sequence`; true when the sequence is done (end of
-    /// sequence drawn, or `max_new_tokens` reached).
+    /// sequence drawn, `max_new_tokens` reached, or failed: NaN logits, from broken
+    /// weights or an overflow, fail the row rather than decode garbage).
     fn sample(&self, sequence: &mut Running, logits: &[f32]) -> bool {
+        if logits.iter().any(|l| l.is_nan()) {
+            sequence.failed = Some(format!(
+                "BLOOM: the model's logits are NaN at generated token {}",
+                sequence.generated.len() + 1
+            ));
+            return true;
+        }
         let request = &sequence.pending.request;
         let sampling = &request.sampling;
         let step = sequence.generated.len() as u64;
@@ -283,8 +294,15 @@ impl Engine {
 
     fn finish(&self, sequence: Running) {
         let Running {
-            pending, generated, ..
+            pending,
+            generated,
+            failed,
+            ..
         } = sequence;
+        if let Some(reason) = failed {
+            let _ = pending.reply.send(Err(GeneratorError::Request(reason)));
+            return;
+        }
         let answer = self
             .tokenizer
             .decode(&generated, true)
@@ -418,6 +436,34 @@ mod tests {
             assert!(b.completion_tokens <= r.sampling.max_new_tokens);
         }
         assert!(one_by_one.iter().any(|g| g.completion_tokens > 3));
+    }
+
+    #[tokio::test]
+    async fn nan_logits_fail_the_row_and_the_engine_goes_on() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
+        let copy = tempfile::tempdir().expect("temp dir");
+        for file in ["config.json", "tokenizer.json"] {
+            std::fs::copy(dir.join(file), copy.path().join(file)).expect("copy");
+        }
+        let mut weights =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+                .expect("weights");
+        let name = "transformer.ln_f.weight";
+        let broken = (weights[name].ones_like().expect("ones") * f64::NAN).expect("nan");
+        weights.insert(name.into(), broken);
+        candle_core::safetensors::save(&weights, copy.path().join("model.safetensors"))
+            .expect("save");
+        let generator = SeqGptGenerator::load(copy.path(), &Device::Cpu, 2).expect("model");
+        for _ in 0..2 {
+            let err = generator
+                .generate(request("The printer is offline", 0.0, 1))
+                .await
+                .expect_err("NaN logits");
+            assert!(
+                matches!(&err, GeneratorError::Request(m) if m.contains("NaN")),
+                "{err}"
+            );
+        }
     }
 
     #[tokio::test]
