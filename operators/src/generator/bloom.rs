@@ -9,7 +9,7 @@
 //! + residual } → LayerNorm → logits by the tied embedding matrix.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, Module, VarBuilder};
@@ -78,7 +78,11 @@ fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>, String> {
                 .as_str()
                 .ok_or_else(|| format!("{index}: weight_map[{name:?}] is not a file name"))?;
             // A shard named with a path (`../x`) would read outside the model folder.
-            if Path::new(file).components().count() != 1 {
+            let mut parts = Path::new(file).components();
+            if !matches!(
+                (parts.next(), parts.next()),
+                (Some(Component::Normal(_)), None)
+            ) {
                 return Err(format!(
                     "{index}: shard {file:?} is not a file of this folder"
                 ));
@@ -90,42 +94,36 @@ fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>, String> {
         }
         Ok(Some(shards))
     };
+    type Reader = fn(&Path) -> candle_core::Result<Vec<(String, Tensor)>>;
+    let safetensors: Reader =
+        |path| candle_core::safetensors::load(path, &Device::Cpu).map(|t| t.into_iter().collect());
+    let pickle: Reader = |path| candle_core::pickle::read_all(path);
+    let (shards, read) = match files("model.safetensors", "model.safetensors.index.json")? {
+        Some(shards) => (shards, safetensors),
+        None => match files("pytorch_model.bin", "pytorch_model.bin.index.json")? {
+            Some(shards) => (shards, pickle),
+            None => {
+                return Err("no weights: expected model.safetensors, \
+                            model.safetensors.index.json, pytorch_model.bin or \
+                            pytorch_model.bin.index.json"
+                    .into());
+            }
+        },
+    };
     let mut weights = HashMap::new();
-    let mut add = |name: String, tensor: Tensor| {
-        if name != "lm_head.weight" {
+    for shard in shards {
+        let shown = shard.file_name().map(|n| n.to_string_lossy().into_owned());
+        let tensors = read(&shard).map_err(|e| format!("{}: {e}", shown.unwrap_or_default()))?;
+        for (name, tensor) in tensors {
+            if name == "lm_head.weight" {
+                continue;
+            }
             let name = match name.strip_prefix("transformer.") {
                 Some(bare) => bare.to_string(),
                 None => name,
             };
             weights.insert(name, tensor);
         }
-    };
-    let shown = |path: &Path| {
-        path.file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-    };
-    if let Some(shards) = files("model.safetensors", "model.safetensors.index.json")? {
-        for shard in shards {
-            let tensors = candle_core::safetensors::load(&shard, &Device::Cpu)
-                .map_err(|e| format!("{}: {e}", shown(&shard)))?;
-            for (name, tensor) in tensors {
-                add(name, tensor);
-            }
-        }
-    } else if let Some(shards) = files("pytorch_model.bin", "pytorch_model.bin.index.json")? {
-        for shard in shards {
-            let tensors = candle_core::pickle::read_all(&shard)
-                .map_err(|e| format!("{}: {e}", shown(&shard)))?;
-            for (name, tensor) in tensors {
-                add(name, tensor);
-            }
-        }
-    } else {
-        return Err(
-            "no weights: expected model.safetensors, model.safetensors.index.json, \
-             pytorch_model.bin or pytorch_model.bin.index.json"
-                .into(),
-        );
     }
     Ok(weights)
 }

@@ -9,8 +9,8 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::Device;
@@ -25,8 +25,8 @@ use super::{Generation, GenerationRequest, Generator, GeneratorError, pick_token
 pub struct SeqGptGenerator {
     tokenizer: Arc<Tokenizer>,
     name: String,
-    /// The engine's inbox (a `Mutex` because `Sender` is not `Sync` on every toolchain).
-    queue: Mutex<Sender<Pending>>,
+    /// The engine's inbox; the engine thread ends when this is dropped.
+    queue: Sender<Pending>,
 }
 
 /// A request waiting for the engine.
@@ -56,10 +56,11 @@ impl SeqGptGenerator {
                 model: dir.display().to_string(),
                 reason: format!("tokenizer.json: {e}"),
             })?;
+        let tokenizer = Arc::new(tokenizer);
         let (queue, inbox) = mpsc::channel();
         let engine = Engine {
             model,
-            tokenizer: tokenizer.clone(),
+            tokenizer: Arc::clone(&tokenizer),
             max_batch: max_batch.max(1),
         };
         std::thread::Builder::new()
@@ -70,9 +71,9 @@ impl SeqGptGenerator {
                 reason: format!("starting the engine thread: {e}"),
             })?;
         Ok(Self {
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
             name: dir.display().to_string(),
-            queue: Mutex::new(queue),
+            queue,
         })
     }
 
@@ -98,8 +99,6 @@ impl SeqGptGenerator {
             reply,
         };
         self.queue
-            .lock()
-            .map_err(|_| GeneratorError::EngineGone("the engine's queue is poisoned".into()))?
             .send(pending)
             .map_err(|_| GeneratorError::EngineGone("the BLOOM engine thread ended".into()))?;
         Ok(answer)
@@ -149,7 +148,7 @@ impl Generator for SeqGptGenerator {
 /// The model and its decoding loop, owned by the engine thread.
 struct Engine {
     model: Bloom,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     max_batch: usize,
 }
 
