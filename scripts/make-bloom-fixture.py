@@ -98,13 +98,14 @@ def make(name, heads, hidden, weights):
 
 def random_560m(out):
     """BLOOM-560m's shape (SeqGPT-560M's) with random weights, for benchmarks: what a
-    forward pass costs does not depend on trained weights. The tokenizer is the tiny one."""
+    forward pass costs does not depend on trained weights. Stored in float16, as
+    SeqGPT-560M is. The tokenizer is the tiny one."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer(out)
     torch.manual_seed(560)
     config = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    BloomForCausalLM(config).eval().save_pretrained(out)
+    BloomForCausalLM(config).eval().half().save_pretrained(out)
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "padding_side": "left"}))
     print(f"{out}: BLOOM-560m shape, random weights")

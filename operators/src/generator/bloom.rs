@@ -135,6 +135,32 @@ struct Block {
     post_norm: LayerNorm,
     up: Linear,
     down: Linear,
+    /// qkv, dense, up, down in the checkpoint's half precision, for decoding on CPU.
+    half: Option<[HalfRows; 4]>,
+}
+
+/// A weight matrix in the half precision its checkpoint stored it in.
+enum HalfRows {
+    F16(Vec<half::f16>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl HalfRows {
+    /// `weight` (widened to f32 at load) back in `dtype`: exact, as the values came from it.
+    fn new(weight: &Tensor, dtype: DType) -> candle_core::Result<Self> {
+        let flat = weight.to_dtype(dtype)?.flatten_all()?;
+        Ok(match dtype {
+            DType::BF16 => HalfRows::Bf16(flat.to_vec1()?),
+            _ => HalfRows::F16(flat.to_vec1()?),
+        })
+    }
+
+    fn rows(&self) -> skinny::WeightRows<'_> {
+        match self {
+            HalfRows::F16(w) => skinny::WeightRows::F16(w),
+            HalfRows::Bf16(w) => skinny::WeightRows::Bf16(w),
+        }
+    }
 }
 
 /// Keys and values of the tokens already seen, per block: what lets decoding feed one new
@@ -252,6 +278,8 @@ pub struct Bloom {
     blocks: Vec<Block>,
     final_norm: LayerNorm,
     device: Device,
+    /// The tied embeddings in the checkpoint's half precision, for decoding on CPU.
+    embeddings_half: Option<HalfRows>,
 }
 
 impl Bloom {
@@ -275,9 +303,18 @@ impl Bloom {
             )));
         }
         let weights = load_weights(dir).map_err(fail)?;
+        let stored = weights
+            .get("word_embeddings.weight")
+            .map_or(DType::F32, Tensor::dtype);
         let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-        Self::from_weights(config, vb, device)
-            .map_err(|e| fail(format!("weights do not match config.json: {e}")))
+        let mut model = Self::from_weights(config, vb, device)
+            .map_err(|e| fail(format!("weights do not match config.json: {e}")))?;
+        if device.is_cpu() && matches!(stored, DType::F16 | DType::BF16) {
+            model
+                .keep_half(stored)
+                .map_err(|e| fail(format!("keeping {stored:?} weights: {e}")))?;
+        }
+        Ok(model)
     }
 
     fn from_weights(
@@ -297,6 +334,7 @@ impl Bloom {
                     post_norm: norm(vb.pp("post_attention_layernorm"))?,
                     up: candle_nn::linear(h, 4 * h, vb.pp("mlp.dense_h_to_4h"))?,
                     down: candle_nn::linear(4 * h, h, vb.pp("mlp.dense_4h_to_h"))?,
+                    half: None,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -307,7 +345,24 @@ impl Bloom {
             blocks,
             config,
             device: device.clone(),
+            embeddings_half: None,
         })
+    }
+
+    /// Keeps a `dtype` copy of every weight matrix for decoding steps, which read all of
+    /// them once per token: half the bytes of f32, the same values (prefill keeps the f32
+    /// copies, where candle's GEMM wants them).
+    fn keep_half(&mut self, dtype: DType) -> candle_core::Result<()> {
+        for block in &mut self.blocks {
+            block.half = Some([
+                HalfRows::new(block.qkv.weight(), dtype)?,
+                HalfRows::new(block.dense.weight(), dtype)?,
+                HalfRows::new(block.up.weight(), dtype)?,
+                HalfRows::new(block.down.weight(), dtype)?,
+            ]);
+        }
+        self.embeddings_half = Some(HalfRows::new(self.embeddings.embeddings(), dtype)?);
+        Ok(())
     }
 
     /// The checkpoint's configuration.
@@ -417,31 +472,44 @@ impl Bloom {
         let post = self.config.apply_residual_connection_post_layernorm;
         let normed = block.input_norm.forward(hidden)?;
         let residual = if post { &normed } else { hidden };
-        let context = attention(self.project(&block.qkv, &normed)?)?;
-        let attended = (self.project(&block.dense, &context)? + residual)?;
+        let half = |i: usize| block.half.as_ref().map(|h| &h[i]);
+        let context = attention(self.project(&block.qkv, half(0), &normed)?)?;
+        let attended = (self.project(&block.dense, half(1), &context)? + residual)?;
         let normed = block.post_norm.forward(&attended)?;
         let residual = if post { &normed } else { &attended };
-        let up = self.project(&block.up, &normed)?.gelu()?;
-        self.project(&block.down, &up)? + residual
+        let up = self.project(&block.up, half(2), &normed)?.gelu()?;
+        self.project(&block.down, half(3), &up)? + residual
     }
 
     /// Logits of the final hidden states `(…, hidden)`: the tied embedding matrix.
     fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        self.project_with(self.embeddings.embeddings(), None, hidden)
+        self.project_with(
+            self.embeddings.embeddings(),
+            self.embeddings_half.as_ref(),
+            None,
+            hidden,
+        )
     }
 
     /// `linear` applied to `x` `(…, in)`.
-    fn project(&self, linear: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.project_with(linear.weight(), linear.bias(), x)
+    fn project(
+        &self,
+        linear: &Linear,
+        half: Option<&HalfRows>,
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.project_with(linear.weight(), half, linear.bias(), x)
     }
 
     /// `x · weightᵀ (+ bias)` over the last dimension of `x`, as one 2-D product (a
     /// broadcast one would first copy the transposed weights per batch). A few rows on CPU
-    /// (a decoding step) go through [`skinny::matmul_t`], which reads each weight once;
-    /// more rows (a prefill), or another device, through candle's GEMM.
+    /// (a decoding step) go through [`skinny::matmul_t`], which reads each weight once
+    /// (its `half` copy when there is one); more rows (a prefill), or another device,
+    /// through candle's GEMM.
     fn project_with(
         &self,
         weight: &Tensor,
+        half: Option<&HalfRows>,
         bias: Option<&Tensor>,
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
@@ -453,19 +521,19 @@ impl Bloom {
         }
         let x = x.reshape((rows, inputs))?;
         let product = if self.device.is_cpu() && rows <= SKINNY_ROWS {
-            let values = with_cpu_values(&x, |x| {
-                with_cpu_values(weight, |w| {
-                    let mut out = vec![0f32; rows * outputs];
-                    match bias {
-                        Some(bias) => with_cpu_values(bias, |b| {
-                            skinny::matmul_t(x, rows, w, Some(b), &mut out)
-                        })?,
-                        None => skinny::matmul_t(x, rows, w, None, &mut out),
-                    }
-                    Ok::<_, candle_core::Error>(out)
-                })
-            })???;
-            Tensor::from_vec(values, (rows, outputs), &self.device)?
+            let bias = bias.map(Tensor::to_vec1::<f32>).transpose()?;
+            let mut out = vec![0f32; rows * outputs];
+            with_cpu_values(&x, |x| match half {
+                Some(half) => {
+                    skinny::matmul_t(x, rows, half.rows(), bias.as_deref(), &mut out);
+                    Ok(())
+                }
+                None => with_cpu_values(weight, |w| {
+                    let w = skinny::WeightRows::F32(w);
+                    skinny::matmul_t(x, rows, w, bias.as_deref(), &mut out)
+                }),
+            })??;
+            Tensor::from_vec(out, (rows, outputs), &self.device)?
         } else {
             let product = x.matmul(&weight.t()?)?;
             match bias {
@@ -747,6 +815,63 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_checkpoints_decode_from_their_own_weights_with_the_same_results() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
+        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+            .expect("fixture weights");
+        let mut logits = Vec::new();
+        for dtype in [DType::F16, DType::BF16] {
+            // The same values stored in half precision, and widened to f32.
+            let (half, wide) = (
+                tempfile::tempdir().expect("dir"),
+                tempfile::tempdir().expect("dir"),
+            );
+            for (copy, stored) in [(&half, dtype), (&wide, DType::F32)] {
+                for file in ["config.json", "tokenizer.json"] {
+                    std::fs::copy(dir.join(file), copy.path().join(file)).expect("copy");
+                }
+                let converted: HashMap<String, Tensor> = tensors
+                    .iter()
+                    .map(|(n, t)| {
+                        (
+                            n.clone(),
+                            t.to_dtype(dtype)
+                                .and_then(|t| t.to_dtype(stored))
+                                .expect("dtype"),
+                        )
+                    })
+                    .collect();
+                candle_core::safetensors::save(&converted, copy.path().join("model.safetensors"))
+                    .expect("save");
+            }
+            let half = Bloom::load(half.path(), &Device::Cpu).expect("half checkpoint");
+            assert!(half.embeddings_half.is_some() && half.blocks.iter().all(|b| b.half.is_some()));
+            let wide = Bloom::load(wide.path(), &Device::Cpu).expect("f32 checkpoint");
+            assert!(wide.embeddings_half.is_none());
+            let prompts: Vec<(&[u32], usize)> = vec![(&[5, 17, 42], 2), (&[7, 8], 2)];
+            let step = |model: &Bloom| {
+                let mut caches: Vec<SequenceCache> = model
+                    .prefill(&prompts)
+                    .expect("prefill")
+                    .into_iter()
+                    .map(|(_, c)| c)
+                    .collect();
+                let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
+                let out: Vec<Vec<f32>> = model
+                    .decode_step(&[9, 11], &mut refs)
+                    .expect("step")
+                    .to_vec2()
+                    .expect("vec");
+                out
+            };
+            let (a, b) = (step(&half), step(&wide));
+            assert_eq!(a, b, "{dtype:?}: the very same values, the same arithmetic");
+            logits.push(a);
+        }
+        assert_ne!(logits[0], logits[1], "f16 and bf16 round differently");
+    }
+
+    #[test]
     fn sharded_safetensors_without_the_prefix_load_the_same_model() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
@@ -898,3 +1023,4 @@ mod tests {
         }
     }
 }
+
