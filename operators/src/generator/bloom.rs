@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, Module, VarBuilder};
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -701,22 +701,12 @@ impl Bloom {
         }
         self.lm_head(&self.final_norm.forward(&hidden)?)
     }
-
-    /// The id of the most likely next token after each sequence of `ids`/`mask`.
-    pub fn next_greedy(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Vec<u32>> {
-        let logits = self.forward(ids, mask)?;
-        let last = logits.dim(1)? - 1;
-        logits
-            .narrow(1, last, 1)?
-            .squeeze(1)?
-            .argmax(D::Minus1)?
-            .to_vec1()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::D;
 
     fn fixture(name: &str) -> (Bloom, serde_json::Value) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -735,6 +725,18 @@ mod tests {
         Tensor::new(ids, &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .expect("a tensor of ids")
+    }
+
+    /// The id of the most likely next token after each sequence of `ids`/`mask`.
+    fn next_greedy(model: &Bloom, ids: &Tensor, mask: &Tensor) -> Vec<u32> {
+        let logits = model.forward(ids, mask).unwrap();
+        let last = logits.dim(1).unwrap() - 1;
+        logits
+            .narrow(1, last, 1)
+            .and_then(|l| l.squeeze(1))
+            .and_then(|l| l.argmax(D::Minus1))
+            .and_then(|l| l.to_vec1())
+            .unwrap()
     }
 
     fn ids(value: &serde_json::Value) -> Vec<u32> {
@@ -996,7 +998,7 @@ mod tests {
                 let prompt = seq.len();
                 for _ in 0..20 {
                     let t = one_row(seq.as_slice());
-                    let next = model.next_greedy(&t, &t.ones_like().unwrap()).unwrap();
+                    let next = next_greedy(&model, &t, &t.ones_like().unwrap());
                     seq.push(next[0]);
                 }
                 assert_eq!(
