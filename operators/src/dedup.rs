@@ -5,6 +5,10 @@
 //! `id` ambiguous, so later occurrences are dropped and counted. Each distinct id costs a
 //! 128-bit digest in a hash set, 17 to 35 bytes with the table's slack: ~4 MB for a 100k
 //! nightly run, ~35 MB for a million tickets (measured with scripts/bench-pipeline).
+//!
+//! A resumed run starts with the ids its earlier attempts committed already seen: their
+//! rows are skipped (counted once each as done) and any later repeat is a duplicate, as it
+//! would have been in one uninterrupted run.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -24,13 +28,23 @@ use crate::{
 #[derive(Debug)]
 pub struct Deduplicate {
     schema: SchemaRef,
+    committed: HashSet<u128>,
 }
 
 impl Deduplicate {
     /// A deduplicating stage for streams of `schema`, which must have a Utf8 `id` column.
     pub fn try_new(schema: SchemaRef) -> Result<Self, OperatorError> {
         schema.index_of(TicketColumn::Id.name())?;
-        Ok(Self { schema })
+        Ok(Self {
+            schema,
+            committed: HashSet::new(),
+        })
+    }
+
+    /// Treats `ids` as committed by earlier attempts of the run.
+    pub fn resuming<'a>(mut self, ids: impl IntoIterator<Item = &'a str>) -> Self {
+        self.committed.extend(ids.into_iter().map(digest));
+        self
     }
 }
 
@@ -51,7 +65,10 @@ impl Operator for Deduplicate {
         // Each execution gets its own set of seen ids: one run, one set.
         let state = Arc::new(SeenIds {
             schema: Arc::clone(&self.schema),
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(Seen {
+                ids: self.committed.clone(),
+                committed_unmet: self.committed.clone(),
+            }),
         });
         Ok(map_batches(state, input, metrics))
     }
@@ -61,7 +78,16 @@ impl Operator for Deduplicate {
 struct SeenIds {
     schema: SchemaRef,
     /// Only ever locked by the one task polling the stream; the mutex is for `Sync`.
-    seen: Mutex<HashSet<u128>>,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug)]
+struct Seen {
+    /// Every id seen or committed.
+    ids: HashSet<u128>,
+    /// Committed ids not met in the input yet: the first meeting is a skip, later ones
+    /// are duplicates.
+    committed_unmet: HashSet<u128>,
 }
 
 impl BatchTransform for SeenIds {
@@ -85,22 +111,34 @@ impl BatchTransform for SeenIds {
             .lock()
             .map_err(|_| OperatorError::WorkerGone("dedup"))?;
         let mut keep = BooleanBuilder::with_capacity(ids.len());
-        let mut dropped = 0;
+        let (mut dropped, mut skipped) = (0, 0);
         for id in ids.iter() {
             // Rows without an id already carry an error; they are kept so that they are seen.
-            let first = id.is_none_or(|id| seen.insert(digest(id)));
-            dropped += usize::from(!first);
+            let first = id.is_none_or(|id| {
+                let id = digest(id);
+                if seen.ids.insert(id) {
+                    return true;
+                }
+                if seen.committed_unmet.remove(&id) {
+                    skipped += 1;
+                } else {
+                    dropped += 1;
+                }
+                false
+            });
             keep.append_value(first);
         }
         metrics.add_dropped(dropped);
-        if dropped == 0 {
+        metrics.add_skipped(skipped);
+        if dropped + skipped == 0 {
             return Ok(batch);
         }
         Ok(filter_record_batch(&batch, &keep.finish())?)
     }
 }
 
-fn digest(id: &str) -> u128 {
+/// A 128-bit digest of a string: what sets of ids and content hashes hold.
+pub(crate) fn digest(id: &str) -> u128 {
     let hash = blake3::hash(id.as_bytes());
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&hash.as_bytes()[..16]);
@@ -184,14 +222,16 @@ mod tests {
                 ],
             )
         };
-        let input = vec![
-            batch(vec![Some("a"), Some("b"), Some("a")], vec!["1", "2", "3"]),
-            batch(
-                vec![None, Some("b"), None, Some("c")],
-                vec!["4", "5", "6", "7"],
-            ),
-        ];
-        let stream = stream_of(&schema, input.into_iter().collect::<Result<_, _>>()?);
+        let input = || {
+            vec![
+                batch(vec![Some("a"), Some("b"), Some("a")], vec!["1", "2", "3"]),
+                batch(
+                    vec![None, Some("b"), None, Some("c")],
+                    vec!["4", "5", "6", "7"],
+                ),
+            ]
+        };
+        let stream = stream_of(&schema, input().into_iter().collect::<Result<_, _>>()?);
         let op = Deduplicate::try_new(Arc::clone(&schema))?;
         let metrics = OperatorMetrics::default();
         let out: Vec<RecordBatch> = op.execute(stream, metrics.clone())?.try_collect().await?;
@@ -206,6 +246,16 @@ mod tests {
         assert_eq!(kept, ["1", "2", "4", "6", "7"]);
         let m = metrics.snapshot();
         assert_eq!((m.rows_in, m.rows_out, m.rows_dropped), (7, 5, 2));
+
+        // Resuming after "a" and "b" were committed: each is skipped once, its repeats
+        // are duplicates, and what remains is what the uninterrupted run had left.
+        let stream = stream_of(&schema, input().into_iter().collect::<Result<_, _>>()?);
+        let op = Deduplicate::try_new(Arc::clone(&schema))?.resuming(["a", "b", "z"]);
+        let metrics = OperatorMetrics::default();
+        let out: Vec<RecordBatch> = op.execute(stream, metrics.clone())?.try_collect().await?;
+        let rows: usize = out.iter().map(RecordBatch::num_rows).sum();
+        let m = metrics.snapshot();
+        assert_eq!((rows, m.rows_skipped, m.rows_dropped), (3, 2, 2));
         Ok(())
     }
 }

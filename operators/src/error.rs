@@ -52,6 +52,14 @@ pub enum OperatorError {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// Writing an output file failed (disk full, I/O error).
+    #[error("{}: cannot write: {source}", path.display())]
+    WriteFailed {
+        /// The file being written.
+        path: PathBuf,
+        /// What the Parquet writer said.
+        source: ParquetError,
+    },
     /// Reading an input file failed part-way (corrupt pages, I/O error).
     #[error("{}: {source}", path.display())]
     ReadFailed {

@@ -5,12 +5,11 @@
 //! (stored little-endian f32 bytes), `topic`, `created_at`, `run_id`. Indexing a ticket
 //! deletes any earlier document with its id first, so an index never holds two versions.
 //!
-//! Documents are added as batches pass; nothing is visible until [`IndexCommitter::commit`],
-//! which the pipeline calls once the run's output files are written and before the run is
-//! marked committed. The commit carries the run id as its payload
-//! ([`TicketIndex::last_run`]): should a crash fall between the two commits, the index
-//! names a run that the output table does not have, and the pipeline rebuilds the index
-//! from the committed runs.
+//! Documents are added as the sink stages rows into an output file, and committed right
+//! after that file is published ([`RunIndexer`], a [`PublishObserver`]). Each commit
+//! records the run and how many of its files the index holds ([`IndexPosition`]): a crash
+//! between a file's rename and the index commit leaves the index one file behind the
+//! table, which the pipeline sees on the next run and repairs from the table's files.
 //!
 //! Vector search is exact (a scan of the stored vectors): a nightly index of ~100k tickets
 //! scans in well under a second, and exact results need no tuning.
@@ -25,7 +24,7 @@ use arrow::array::{
     Array, FixedSizeListArray, Float32Array, StringArray, TimestampMicrosecondArray,
 };
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 use tantivy::collector::TopDocs;
@@ -39,9 +38,10 @@ use tantivy::tokenizer::{
 };
 use tantivy::{DateTime, Index, IndexWriter, TantivyDocument, TantivyError, Term};
 
+use crate::OperatorError;
 use crate::embed::EMBEDDING;
 use crate::filter::{TOPIC, string_column};
-use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
+use crate::sink::PublishObserver;
 
 /// Name under which the text analyzer is registered with every opened index.
 pub const TOKENIZER: &str = "abridge_cjk";
@@ -284,10 +284,10 @@ impl TicketIndex {
         &self.meta
     }
 
-    /// The run id recorded by the last commit, if any.
-    pub fn last_run(&self) -> Result<Option<String>, IndexError> {
+    /// Where the last commit left the index, if it has been committed.
+    pub fn position(&self) -> Result<Option<IndexPosition>, IndexError> {
         let metas = self.index.load_metas().map_err(|e| self.err(e))?;
-        Ok(metas.payload)
+        Ok(metas.payload.as_deref().map(IndexPosition::parse))
     }
 
     /// Documents in the last commit.
@@ -295,7 +295,7 @@ impl TicketIndex {
         Ok(self.reader()?.searcher().num_docs())
     }
 
-    /// Takes the index's writer lock. Documents go in through [`IndexStage`]; they become
+    /// Takes the index's writer lock. Documents go in through [`IndexCommitter::add_batch`]; they become
     /// visible with [`IndexCommitter::commit`].
     pub fn writer(&self) -> Result<IndexCommitter, IndexError> {
         let writer = self
@@ -496,7 +496,8 @@ fn read_vector(bytes: &[u8], out: &mut [f32]) -> bool {
     true
 }
 
-/// The writer side of an index: documents in through [`IndexStage`], then one commit.
+/// The writer side of an index: documents in, then a commit (per published output file,
+/// through [`RunIndexer`]).
 #[derive(Clone)]
 pub struct IndexCommitter {
     writer: Arc<Mutex<IndexWriter>>,
@@ -518,11 +519,11 @@ impl IndexCommitter {
             .map_err(|_| self.err(TantivyError::Poisoned))
     }
 
-    /// Makes every document added since the last commit visible, recording `run_id`.
-    pub fn commit(&self, run_id: &str) -> Result<(), IndexError> {
+    /// Makes every document added since the last commit visible, recording `position`.
+    pub fn commit(&self, position: &IndexPosition) -> Result<(), IndexError> {
         let mut writer = self.lock()?;
         let mut prepared = writer.prepare_commit().map_err(|e| self.err(e))?;
-        prepared.set_payload(run_id);
+        prepared.set_payload(&position.to_string());
         prepared.commit().map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -613,52 +614,62 @@ impl IndexCommitter {
     }
 }
 
-/// The `index` stage: adds each batch's tickets to the index and passes the batch on
-/// unchanged.
-pub struct IndexStage {
-    committer: IndexCommitter,
-    run_id: String,
-    schema: SchemaRef,
+/// Where an index stands relative to its output table: the last run it holds and how
+/// many of that run's files (tantivy's commit payload, `RUN#FILES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexPosition {
+    /// The run of the last commit.
+    pub run_id: String,
+    /// Files of that run in the index; `None` for indexes committed once per run (before
+    /// runs could be resumed), which hold all of it.
+    pub files: Option<usize>,
 }
 
-impl IndexStage {
-    /// Indexes streams of `input` (which needs `id`, `text` and `embedding`) for run
-    /// `run_id` through `committer`.
-    pub fn try_new(
-        committer: IndexCommitter,
-        run_id: &str,
-        input: &SchemaRef,
-    ) -> Result<TransformStage<Self>, OperatorError> {
-        for column in ["id", "text", EMBEDDING] {
-            if input.index_of(column).is_err() {
-                return Err(OperatorError::StageSchema(format!(
-                    "the index needs a `{column}` column"
-                )));
-            }
-        }
-        Ok(TransformStage::new(
-            "index",
-            Self {
-                committer,
+impl IndexPosition {
+    fn parse(payload: &str) -> Self {
+        match payload.rsplit_once('#') {
+            Some((run_id, files)) if files.parse::<usize>().is_ok() => Self {
                 run_id: run_id.to_string(),
-                schema: Arc::clone(input),
+                files: files.parse().ok(),
             },
-        ))
+            _ => Self {
+                run_id: payload.to_string(),
+                files: None,
+            },
+        }
     }
 }
 
-impl BatchTransform for IndexStage {
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
+impl std::fmt::Display for IndexPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.files {
+            Some(files) => write!(f, "{}#{files}", self.run_id),
+            None => f.write_str(&self.run_id),
+        }
+    }
+}
+
+/// Keeps an index in step with one run's output files: the rows of a file are added as
+/// the sink stages them (rows with an `error` or no vector are left out) and committed
+/// once the file is published.
+pub struct RunIndexer {
+    /// The index's writer.
+    pub committer: IndexCommitter,
+    /// The run being written.
+    pub run_id: String,
+}
+
+impl PublishObserver for RunIndexer {
+    fn staged(&self, batch: &RecordBatch) -> Result<(), OperatorError> {
+        self.committer.add_batch(batch, &self.run_id).map(drop)
     }
 
-    fn transform(
-        &self,
-        batch: RecordBatch,
-        _metrics: &OperatorMetrics,
-    ) -> Result<RecordBatch, OperatorError> {
-        self.committer.add_batch(&batch, &self.run_id)?;
-        Ok(batch)
+    fn published(&self, files: usize) -> Result<(), OperatorError> {
+        let position = IndexPosition {
+            run_id: self.run_id.clone(),
+            files: Some(files),
+        };
+        Ok(self.committer.commit(&position)?)
     }
 }
 
@@ -819,10 +830,18 @@ mod tests {
             "r1",
         )?;
         assert_eq!(index.num_docs()?, 0, "uncommitted documents are invisible");
-        writer.commit("r1")?;
-        assert_eq!(index.last_run()?.as_deref(), Some("r1"));
+        let indexer = RunIndexer {
+            committer: writer.clone(),
+            run_id: "r1".into(),
+        };
+        indexer.published(1)?;
+        let r1 = IndexPosition::parse("r1#1");
+        assert_eq!(index.position()?.as_ref(), Some(&r1));
+        assert_eq!(r1.to_string(), "r1#1");
+        let old = IndexPosition::parse("20261126T212000.123Z-3f2a");
+        assert_eq!((old.run_id.len(), old.files), (25, None));
         writer.add_batch(&batch(&["a"], &["printer jammed"], &[[0.6, 0.8]]), "r2")?;
-        writer.commit("r2")?;
+        writer.commit(&IndexPosition::parse("r2#3"))?;
         assert_eq!(
             index.num_docs()?,
             2,

@@ -6,6 +6,7 @@
 //! job files or the CLI: the pipeline crate builds them from its configuration, wires them
 //! with bounded channels and reads their [`OperatorMetrics`].
 
+pub mod admit;
 pub mod dedup;
 pub mod embed;
 pub mod encoder;

@@ -16,6 +16,8 @@ struct Counters {
     rows_failed: AtomicU64,
     rows_dropped: AtomicU64,
     rows_filtered: AtomicU64,
+    rows_skipped: AtomicU64,
+    rows_elsewhere: AtomicU64,
     busy_nanos: AtomicU64,
 }
 
@@ -34,6 +36,13 @@ pub struct MetricsSnapshot {
     /// manifests of older runs.
     #[serde(default)]
     pub rows_filtered: u64,
+    /// Rows removed because they are already done: committed by an earlier attempt of a
+    /// resumed run, or summarized unchanged by an earlier run (`skip_done`).
+    #[serde(default)]
+    pub rows_skipped: u64,
+    /// Rows removed because another shard of the job processes them.
+    #[serde(default)]
+    pub rows_elsewhere: u64,
     /// Time spent inside the operator's own work, in milliseconds.
     pub busy_ms: u64,
 }
@@ -68,6 +77,20 @@ impl OperatorMetrics {
             .fetch_add(rows as u64, Ordering::Relaxed);
     }
 
+    /// Counts rows removed because they are already done.
+    pub fn add_skipped(&self, rows: usize) {
+        self.0
+            .rows_skipped
+            .fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Counts rows removed because another shard processes them.
+    pub fn add_elsewhere(&self, rows: usize) {
+        self.0
+            .rows_elsewhere
+            .fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
     /// Adds time spent working.
     pub fn add_busy(&self, elapsed: Duration) {
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
@@ -82,6 +105,8 @@ impl OperatorMetrics {
             rows_failed: self.0.rows_failed.load(Ordering::Relaxed),
             rows_dropped: self.0.rows_dropped.load(Ordering::Relaxed),
             rows_filtered: self.0.rows_filtered.load(Ordering::Relaxed),
+            rows_skipped: self.0.rows_skipped.load(Ordering::Relaxed),
+            rows_elsewhere: self.0.rows_elsewhere.load(Ordering::Relaxed),
             busy_ms: self.0.busy_nanos.load(Ordering::Relaxed) / 1_000_000,
         }
     }

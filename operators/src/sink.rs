@@ -12,19 +12,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use abridge_schemas::output::{self, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
-use arrow::array::{ArrayRef, StringArray};
+use arrow::array::{Array, ArrayRef, BooleanArray, StringArray};
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use futures::StreamExt;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use tokio::sync::mpsc;
 
+use crate::filter::KEPT;
 use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
 
 /// Where and how to write one run's rows.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ParquetSink {
     /// The run's folder (created if missing).
     pub dir: PathBuf,
@@ -34,15 +37,120 @@ pub struct ParquetSink {
     pub rows_per_file: usize,
     /// Rows per Parquet row group; bounds the writer's memory.
     pub row_group_rows: usize,
+    /// What earlier attempts of this run published ([`published_files`]): kept, and the
+    /// numbering of new files continues after them.
+    pub previous: SinkReport,
+    /// Told of every batch staged and every file published, so that a second store (the
+    /// search index) commits in step with the table.
+    pub observer: Option<Arc<dyn PublishObserver>>,
+}
+
+/// A store kept in step with the files of a run.
+pub trait PublishObserver: Send + Sync {
+    /// `batch` (output schema, `run_id` first) goes into the file being written; it must
+    /// not become visible before [`PublishObserver::published`].
+    fn staged(&self, batch: &RecordBatch) -> Result<(), OperatorError>;
+    /// A file was published; `files` have been published by the run so far (earlier
+    /// attempts included). Called after the rename, so a crash in between leaves the
+    /// store one file behind the table, never ahead of it.
+    fn published(&self, files: usize) -> Result<(), OperatorError>;
 }
 
 /// What a sink wrote.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SinkReport {
     /// The finished files, in order.
     pub files: Vec<PathBuf>,
     /// Rows in them.
     pub rows: u64,
+    /// Of which rows with an `error`.
+    pub rows_failed: u64,
+    /// Of which rows without an error that the filter did not keep (`kept = false`).
+    pub rows_filtered: u64,
+}
+
+impl SinkReport {
+    fn count(&mut self, batch: &RecordBatch) {
+        let errors = batch.column_by_name(output::ERROR);
+        let kept = batch
+            .column_by_name(KEPT)
+            .and_then(|c| c.as_any().downcast_ref::<BooleanArray>());
+        for row in 0..batch.num_rows() {
+            if errors.is_some_and(|e| e.is_valid(row)) {
+                self.rows_failed += 1;
+            } else if kept.is_some_and(|k| k.is_valid(row) && !k.value(row)) {
+                self.rows_filtered += 1;
+            }
+        }
+        self.rows += batch.num_rows() as u64;
+    }
+}
+
+const ID: &str = "id";
+
+/// The files that earlier attempts of a run published in `dir`, with their rows counted
+/// and the ids they hold; unpublished temporaries left by a crash are removed (the caller
+/// holds the output's lock, so no live writer owns them).
+pub fn published_files(dir: &Path) -> Result<(SinkReport, Vec<String>), OperatorError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| OperatorError::Io { path, source }
+    };
+    let mut report = SinkReport::default();
+    let mut ids = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((report, ids)),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(io(dir))?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with(".part-") && name.ends_with(".inprogress") {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        } else if name.starts_with("part-") && name.ends_with(".parquet") {
+            names.push(path);
+        }
+    }
+    names.sort();
+    for path in names {
+        for batch in read_columns(&path, &[ID, output::ERROR, KEPT])? {
+            report.count(&batch);
+            if let Some(column) = batch
+                .column_by_name(ID)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            {
+                ids.extend(column.iter().flatten().map(str::to_string));
+            }
+        }
+        report.files.push(path);
+    }
+    Ok((report, ids))
+}
+
+/// The columns `names` (those the file has) of an output file, in batches.
+pub fn read_columns(path: &Path, names: &[&str]) -> Result<Vec<RecordBatch>, OperatorError> {
+    let unreadable = |source| OperatorError::CorruptParquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(|source| OperatorError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(unreadable)?;
+    let schema = builder.parquet_schema();
+    let wanted =
+        (0..schema.num_columns()).filter(|&i| names.contains(&schema.get_column_root(i).name()));
+    let mask = ProjectionMask::leaves(schema, wanted);
+    let reader = builder.with_projection(mask).build().map_err(unreadable)?;
+    reader
+        .map(|batch| batch.map_err(|e| unreadable(e.into())))
+        .collect()
 }
 
 impl ParquetSink {
@@ -55,7 +163,8 @@ impl ParquetSink {
         Arc::new(Schema::new_with_metadata(fields, metadata))
     }
 
-    /// Writes every batch of `input`; returns once all files are closed and renamed.
+    /// Writes every batch of `input`; returns once all files are closed and renamed. The
+    /// report covers earlier attempts' files too.
     pub async fn write(
         self,
         mut input: SendableRecordBatchStream,
@@ -116,6 +225,7 @@ struct OpenFile {
     temp: PathBuf,
     path: PathBuf,
     rows: usize,
+    counts: SinkReport,
 }
 
 impl RunFiles {
@@ -129,12 +239,13 @@ impl RunFiles {
             .set_max_row_group_row_count(Some(sink.row_group_rows.max(1)))
             .set_created_by(format!("abridge {}", env!("CARGO_PKG_VERSION")))
             .build();
+        let report = sink.previous.clone();
         Ok(Self {
             sink,
             schema,
             properties,
             current: None,
-            report: SinkReport::default(),
+            report,
         })
     }
 
@@ -152,8 +263,17 @@ impl RunFiles {
                 Arc::new(StringArray::from(vec![self.sink.run_id.as_str(); take]));
             let mut columns = vec![run_id];
             columns.extend(slice.columns().iter().cloned());
+            let rows = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
+            if let Some(observer) = &self.sink.observer {
+                observer.staged(&rows)?;
+            }
             file.writer
-                .write(&RecordBatch::try_new(Arc::clone(&self.schema), columns)?)?;
+                .write(&rows)
+                .map_err(|source| OperatorError::WriteFailed {
+                    path: file.temp.clone(),
+                    source,
+                })?;
+            file.counts.count(&rows);
             file.rows += take;
             offset += take;
             if file.rows >= self.sink.rows_per_file {
@@ -184,6 +304,7 @@ impl RunFiles {
             temp,
             path,
             rows: 0,
+            counts: SinkReport::default(),
         })
     }
 
@@ -195,15 +316,26 @@ impl RunFiles {
             let path = path.to_path_buf();
             move |source| OperatorError::Io { path, source }
         };
-        let handle = file.writer.into_inner()?;
+        let handle = file
+            .writer
+            .into_inner()
+            .map_err(|source| OperatorError::WriteFailed {
+                path: file.temp.clone(),
+                source,
+            })?;
         handle.sync_all().map_err(io(&file.temp))?;
         drop(handle);
         std::fs::rename(&file.temp, &file.path).map_err(io(&file.path))?;
         File::open(&self.sink.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.sink.dir))?;
-        self.report.rows += file.rows as u64;
+        self.report.rows += file.counts.rows;
+        self.report.rows_failed += file.counts.rows_failed;
+        self.report.rows_filtered += file.counts.rows_filtered;
         self.report.files.push(file.path);
+        if let Some(observer) = &self.sink.observer {
+            observer.published(self.report.files.len())?;
+        }
         Ok(())
     }
 

@@ -4,21 +4,24 @@
 //! `run.channel_capacity` batches: back-pressure from the slowest stage (the models, once
 //! they exist) is what keeps memory flat whatever the input size.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use abridge_operators::admit::{Admit, DoneTickets, Shard};
 use abridge_operators::dedup::Deduplicate;
 use abridge_operators::embed::Embed;
 use abridge_operators::encoder::bert::BertEncoder;
 use abridge_operators::encoder::{EncoderError, EncoderWorker};
 use abridge_operators::filter::SemanticFilter;
-use abridge_operators::index::{IndexCommitter, IndexStage};
+use abridge_operators::index::RunIndexer;
 use abridge_operators::normalize::Normalize;
 use abridge_operators::quality::{QualitySettings, quality_metrics};
 use abridge_operators::scan::{OpenScan, ParquetScan};
-use abridge_operators::sink::{ParquetSink, SinkReport};
-use abridge_operators::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream};
+use abridge_operators::sink::{ParquetSink, PublishObserver, SinkReport, published_files};
+use abridge_operators::{
+    MetricsSnapshot, Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
+};
 use arrow::datatypes::{Schema, SchemaRef};
 use datafusion::physical_plan::stream::RecordBatchReceiverStream;
 use futures::StreamExt;
@@ -26,9 +29,10 @@ use futures::StreamExt;
 use crate::error::PipelineError;
 use crate::job::{Job, JobError};
 use crate::lock::OutputLock;
+use crate::resume::{self, Attempt, ResumeMode};
 use crate::retrieval;
 use crate::run::{
-    self, InputFileFailure, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, StageSummary,
+    self, InputFileFailure, JOB_RECORD, RunManifest, RunStatus, ShardRecord, StageSummary,
 };
 use crate::summarizer;
 
@@ -37,6 +41,10 @@ use crate::summarizer;
 pub struct RunOptions {
     /// Read at most this many input rows (after `input.where`).
     pub limit: Option<usize>,
+    /// Whether to continue the job's unfinished run.
+    pub resume: ResumeMode,
+    /// Process only this shard of the input (`--shard i/n --run-group NAME`).
+    pub shard: Option<ShardRecord>,
 }
 
 /// Live counters for a progress display.
@@ -56,12 +64,13 @@ pub struct PreparedRun {
     /// Held until the run ends (dropped with it).
     _lock: OutputLock,
     job: Job,
-    run_id: String,
-    run_dir: PathBuf,
+    attempt: Attempt,
+    options: RunOptions,
+    fingerprint: String,
     scan: OpenScan,
     stages: Vec<(Box<dyn Operator>, OperatorMetrics)>,
-    /// The job's index writer, committed after the output files and before the manifest.
-    index: Option<IndexCommitter>,
+    /// The job's index, committed with each published output file.
+    index: Option<Arc<RunIndexer>>,
     notes: Vec<String>,
     progress: Progress,
 }
@@ -113,9 +122,57 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     };
     let normalize = Normalize::try_new(&input.columns, &scan.schema, &input.path, &input.drop)
         .map_err(doesnt_fit)?;
-    let dedup = Deduplicate::try_new(normalize.schema()).map_err(doesnt_fit)?;
+    let normalized = normalize.schema();
+    let mut notes = Vec::new();
+    // Before anything of the output is read: a second live run is refused here, by name.
+    let output = &job.config.output.path;
+    let fresh_id = options
+        .shard
+        .as_ref()
+        .map_or_else(run::new_run_id, ShardRecord::run_id);
+    let (lock, cleared) = match &options.shard {
+        Some(shard) => OutputLock::acquire_file(
+            output,
+            &format!("_abridge.{}of{}.lock", shard.index, shard.count),
+            &fresh_id,
+        )?,
+        None => OutputLock::acquire(output, &fresh_id)?,
+    };
+    notes.extend(cleared);
+    let attempt = resume::plan(
+        &job,
+        options.resume,
+        options.limit,
+        options.shard.as_ref(),
+        &fresh_id,
+    )?;
+    if attempt.resumed.is_some() {
+        lock.relabel(&attempt.run_id)?;
+    }
+    notes.extend(attempt.note.clone());
+    let fingerprint = job.results_fingerprint();
+    let done = match job.config.run.skip_done {
+        true => resume::done_tickets(&job, &fingerprint)?,
+        false => DoneTickets::default(),
+    };
+    if job.config.run.skip_done {
+        notes.push(format!(
+            "skip_done: {} tickets were processed by earlier runs with these settings; \
+             unchanged ones are skipped",
+            done.len()
+        ));
+    }
+    let shard = options.shard.as_ref().map(|s| Shard {
+        index: s.index,
+        count: s.count,
+    });
+    let admit = Admit::try_new(&normalized, shard, done).map_err(doesnt_fit)?;
+    let dedup = Deduplicate::try_new(normalized)
+        .map_err(doesnt_fit)?
+        .resuming(attempt.committed_ids.iter().map(String::as_str));
     let mut stages: Vec<(Box<dyn Operator>, OperatorMetrics)> = vec![
         (Box::new(normalize), OperatorMetrics::default()),
+        (Box::new(admit), OperatorMetrics::default()),
         (Box::new(dedup), OperatorMetrics::default()),
     ];
     let last_schema = |stages: &[(Box<dyn Operator>, OperatorMetrics)]| {
@@ -124,11 +181,6 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             .map(|(s, _)| s.schema())
             .unwrap_or_else(|| Arc::new(Schema::empty()))
     };
-    let run_id = run::new_run_id();
-    let mut notes = Vec::new();
-    // Before the index is opened: a second live run is refused here, by name.
-    let (lock, cleared) = OutputLock::acquire(&job.config.output.path, &run_id)?;
-    notes.extend(cleared);
     let mut index = None;
     let mut summary_encoder = None;
     if let Some(embed) = &job.config.embed {
@@ -173,24 +225,38 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             stages.push((Box::new(stage), OperatorMetrics::default()));
         }
 
-        if let Some(config) = &job.config.index {
-            let (committer, rebuilt) = retrieval::open_index_for_run(
-                &config.path,
-                worker.dim(),
-                &embed.model,
-                &job.config.output.path,
-            )?;
-            if let Some(rows) = rebuilt {
-                notes.push(format!(
-                    "index {} did not match the output table's committed runs (new index, or \
-                     a run interrupted between its two commits): rebuilt from them ({rows} tickets)",
-                    config.path.display()
-                ));
+        match (&job.config.index, &options.shard) {
+            (Some(config), Some(_)) => notes.push(format!(
+                "shard runs do not write the index ({}): the next unsharded run of the job \
+                 rebuilds it from the table",
+                config.path.display()
+            )),
+            (Some(config), None) => {
+                let resuming = attempt
+                    .resumed
+                    .as_ref()
+                    .map(|_| (attempt.run_id.as_str(), attempt.previous.files.as_slice()));
+                let (committer, rebuilt) = retrieval::open_index_for_run(
+                    &config.path,
+                    worker.dim(),
+                    &embed.model,
+                    output,
+                    resuming,
+                )?;
+                if let Some(rows) = rebuilt {
+                    notes.push(format!(
+                        "index {} did not match the output table (new index, or a run \
+                         interrupted between a file's commit and the index's): brought in step \
+                         from the table's files ({rows} tickets)",
+                        config.path.display()
+                    ));
+                }
+                index = Some(Arc::new(RunIndexer {
+                    committer,
+                    run_id: attempt.run_id.clone(),
+                }));
             }
-            let stage = IndexStage::try_new(committer.clone(), &run_id, &last_schema(&stages))
-                .map_err(doesnt_fit)?;
-            stages.push((Box::new(stage), OperatorMetrics::default()));
-            index = Some(committer);
+            (None, _) => {}
         }
         summary_encoder = Some(worker);
     }
@@ -219,11 +285,6 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         stages.push((Box::new(stage), OperatorMetrics::default()));
     }
 
-    let run_dir = job
-        .config
-        .output
-        .path
-        .join(format!("{RUN_DIR_PREFIX}{run_id}"));
     let expected_rows = match options.limit {
         Some(limit) => scan.file_rows.min(limit as u64),
         None => scan.file_rows,
@@ -231,8 +292,9 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     Ok(PreparedRun {
         _lock: lock,
         job,
-        run_id,
-        run_dir,
+        attempt,
+        options: options.clone(),
+        fingerprint,
         scan,
         stages,
         index,
@@ -253,7 +315,7 @@ impl PreparedRun {
 
     /// The run's id.
     pub fn run_id(&self) -> &str {
-        &self.run_id
+        &self.attempt.run_id
     }
 
     /// What the preparation did that the user should know (e.g. an index rebuilt).
@@ -263,22 +325,23 @@ impl PreparedRun {
 
     /// The folder the run writes.
     pub fn run_dir(&self) -> &Path {
-        &self.run_dir
+        &self.attempt.run_dir
     }
 
     /// Runs every stage to the end, records the job and the manifest beside the output,
-    /// and returns the manifest. Ctrl-C stops the run cleanly (finished files kept).
+    /// and returns the manifest. Ctrl-C stops the run cleanly (finished files kept, and
+    /// the run can be resumed).
     pub async fn execute(self) -> Result<RunManifest, PipelineError> {
         let started = Instant::now();
+        let run_dir = self.attempt.run_dir.clone();
+        let run_id = self.attempt.run_id.clone();
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| PipelineError::Io { path, source }
         };
-        std::fs::create_dir_all(&self.run_dir).map_err(io(&self.run_dir))?;
-        let record = self.run_dir.join(JOB_RECORD);
-        std::fs::write(&record, self.job.to_toml()).map_err(io(&record))?;
+        let previous = &self.attempt.previous;
         let mut manifest = RunManifest {
-            run_id: self.run_id.clone(),
+            run_id: run_id.clone(),
             job: self.job.name(),
             status: RunStatus::Running,
             abridge_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -295,39 +358,57 @@ impl PreparedRun {
                 .collect(),
             input_files_failed: Vec::new(),
             rows_read: 0,
-            rows_written: 0,
-            rows_failed: 0,
-            rows_filtered: 0,
+            rows_written: previous.rows,
+            rows_failed: previous.rows_failed,
+            rows_filtered: previous.rows_filtered,
             duplicates_dropped: 0,
-            files: Vec::new(),
+            rows_resumed: 0,
+            rows_skipped_done: 0,
+            rows_other_shards: 0,
+            attempts: 1,
+            fingerprint: Some(self.fingerprint.clone()),
+            limit: self.options.limit,
+            shard: self.options.shard.clone(),
+            files: previous.files.iter().map(|f| file_name(f)).collect(),
             stages: Vec::new(),
             error: None,
         };
-        manifest.write(&self.run_dir).map_err(io(&self.run_dir))?;
+        match &self.attempt.resumed {
+            Some(earlier) => {
+                manifest.started_at = earlier.started_at.clone();
+                manifest.attempts = earlier.attempts + 1;
+                manifest.write(&run_dir).map_err(io(&run_dir))?;
+            }
+            // A new run's folder appears with its job and manifest in it, or not at all:
+            // a run killed here leaves only a hidden folder, which the next run removes.
+            None => {
+                let staged = run::staged_dir(&run_dir);
+                std::fs::create_dir_all(&staged).map_err(io(&staged))?;
+                let record = staged.join(JOB_RECORD);
+                std::fs::write(&record, self.job.to_toml()).map_err(io(&record))?;
+                manifest.write(&staged).map_err(io(&staged))?;
+                std::fs::rename(&staged, &run_dir).map_err(io(&run_dir))?;
+                run::sync_dir(output_of(&run_dir)).map_err(io(&run_dir))?;
+            }
+        }
 
         let capacity = self.job.config.run.channel_capacity;
         let chained = chain(self.scan.stream, &self.stages, capacity);
         let sink = ParquetSink {
-            dir: self.run_dir.clone(),
-            run_id: self.run_id.clone(),
+            dir: run_dir.clone(),
+            run_id: run_id.clone(),
             rows_per_file: self.job.config.output.rows_per_file,
             row_group_rows: self.job.config.output.row_group_rows,
+            previous: previous.clone(),
+            observer: self.index.clone().map(|i| i as Arc<dyn PublishObserver>),
         };
-        let mut outcome: Result<SinkReport, Option<OperatorError>> = match chained {
+        let outcome: Result<SinkReport, Option<OperatorError>> = match chained {
             Err(err) => Err(Some(err)),
             Ok(stream) => tokio::select! {
                 written = sink.write(stream, self.progress.written.clone()) => written.map_err(Some),
                 _ = tokio::signal::ctrl_c() => Err(None),
             },
         };
-        // The index commits after the output files are in place and before the manifest
-        // says committed; its commit names the run, so a crash in between is detected
-        // (and repaired) by the next run.
-        if let (Ok(_), Some(index)) = (&outcome, &self.index)
-            && let Err(err) = index.commit(&self.run_id)
-        {
-            outcome = Err(Some(err.into()));
-        }
 
         // Counts are final here: every stage task has finished or been dropped.
         manifest.stages.push(StageSummary {
@@ -354,53 +435,79 @@ impl PreparedRun {
                 })
                 .collect();
         }
-        manifest.rows_failed = self
-            .stages
-            .iter()
-            .map(|(_, m)| m.snapshot().rows_failed)
-            .sum();
-        manifest.rows_filtered = self
-            .stages
-            .iter()
-            .map(|(_, m)| m.snapshot().rows_filtered)
-            .sum();
-        manifest.duplicates_dropped = self
-            .stages
-            .iter()
-            .map(|(_, m)| m.snapshot().rows_dropped)
-            .sum();
+        let stage_sum = |name: Option<&str>, count: fn(&MetricsSnapshot) -> u64| -> u64 {
+            self.stages
+                .iter()
+                .filter(|(s, _)| name.is_none_or(|n| s.name() == n))
+                .map(|(_, m)| count(&m.snapshot()))
+                .sum()
+        };
+        manifest.duplicates_dropped = stage_sum(None, |m| m.rows_dropped);
+        manifest.rows_resumed = stage_sum(Some("dedup"), |m| m.rows_skipped);
+        manifest.rows_skipped_done = stage_sum(Some("admit"), |m| m.rows_skipped);
+        manifest.rows_other_shards = stage_sum(None, |m| m.rows_elsewhere);
         manifest.finished_at = Some(now_rfc3339());
         manifest.elapsed_s = started.elapsed().as_secs_f64();
 
+        let outcome = outcome.and_then(|report| {
+            let accounted = manifest.rows_resumed
+                + manifest.rows_skipped_done
+                + manifest.rows_other_shards
+                + manifest.duplicates_dropped
+                + (report.rows - previous.rows);
+            match accounted == manifest.rows_read {
+                true => Ok(report),
+                false => Err(Some(OperatorError::StageSchema(format!(
+                    "row conservation failed: {} rows read, but {accounted} accounted for \
+                     (written, duplicates, skipped); this is a bug in abridge",
+                    manifest.rows_read
+                )))),
+            }
+        });
         let result = match outcome {
             Ok(report) => {
                 manifest.status = RunStatus::Committed;
                 manifest.rows_written = report.rows;
+                manifest.rows_failed = report.rows_failed;
+                manifest.rows_filtered = report.rows_filtered;
                 manifest.files = report.files.iter().map(|f| file_name(f)).collect();
                 Ok(())
             }
             Err(cause) => {
                 manifest.status = RunStatus::Failed;
-                manifest.rows_written = self.progress.written.snapshot().rows_out;
-                manifest.files = finished_files(&self.run_dir);
+                // What the table holds now: what earlier attempts and this one published.
+                if let Ok((report, _)) = published_files(&run_dir) {
+                    manifest.rows_written = report.rows;
+                    manifest.rows_failed = report.rows_failed;
+                    manifest.rows_filtered = report.rows_filtered;
+                    manifest.files = report.files.iter().map(|f| file_name(f)).collect();
+                }
                 Err(match cause {
                     Some(source) => PipelineError::RunFailed {
-                        run_id: self.run_id.clone(),
-                        run_dir: self.run_dir.clone(),
+                        run_id: run_id.clone(),
+                        run_dir: run_dir.clone(),
                         source: Box::new(source),
                     },
                     None => PipelineError::Interrupted {
-                        run_id: self.run_id.clone(),
-                        run_dir: self.run_dir.clone(),
+                        run_id: run_id.clone(),
+                        run_dir: run_dir.clone(),
                     },
                 })
             }
         };
-        if let Err(err) = &result {
-            manifest.error = Some(err.to_string());
+        match result {
+            Ok(()) => {
+                manifest.write(&run_dir).map_err(io(&run_dir))?;
+                Ok(manifest)
+            }
+            Err(err) => {
+                manifest.error = Some(err.to_string());
+                // Best effort: on a full disk the manifest may not fit either, and the
+                // run's own error is the one to report (it stays resumable either way).
+                let _ = manifest.write(&run_dir);
+                Err(err)
+            }
         }
-        manifest.write(&self.run_dir).map_err(io(&self.run_dir))?;
-        result.map(|()| manifest)
     }
 }
 
@@ -439,18 +546,8 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn finished_files(run_dir: &Path) -> Vec<String> {
-    let mut files: Vec<String> = std::fs::read_dir(run_dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| file_name(&e.path()))
-                .filter(|n| n.starts_with("part-") && n.ends_with(".parquet"))
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
+fn output_of(run_dir: &Path) -> &Path {
+    run_dir.parent().unwrap_or(Path::new("."))
 }
 
 /// Fixed-width UTC timestamps, so that they sort as text.

@@ -477,6 +477,13 @@ pub struct RunConfig {
     /// Default: 2.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+    /// Incremental runs: skip tickets that an earlier committed run of this output table
+    /// processed with the same content (`content_hash`) and the same settings for
+    /// everything that decides a row's result (column mapping, encoder, filter,
+    /// summarizer, metrics). A ticket whose text changed is processed again. Default:
+    /// false (every run processes all of its input).
+    #[serde(default)]
+    pub skip_done: bool,
 }
 
 impl Default for RunConfig {
@@ -484,6 +491,7 @@ impl Default for RunConfig {
         Self {
             batch_size: default_batch_size(),
             channel_capacity: default_channel_capacity(),
+            skip_done: false,
         }
     }
 }
@@ -499,6 +507,28 @@ fn default_batch_size() -> usize {
 }
 fn default_channel_capacity() -> usize {
     2
+}
+
+fn diff_values(path: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let sub = match path {
+                    "" => key.clone(),
+                    _ => format!("{path}.{key}"),
+                };
+                match (a.get(key), b.get(key)) {
+                    (Some(x), Some(y)) => diff_values(&sub, x, y, out),
+                    _ => out.push(sub),
+                }
+            }
+        }
+        (a, b) if a != b => out.push(path.to_string()),
+        _ => {}
+    }
 }
 
 /// Keys whose values are filesystem paths, resolved against the job file's folder.
@@ -628,6 +658,61 @@ impl Job {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "job".into())
         })
+    }
+
+    /// A digest of the settings that decide a row's result, for `run.skip_done`: the
+    /// column mapping and the `[embed]`, `[filter]`, `[summarize]` and `[metrics]`
+    /// sections, less what only changes speed (batch sizes, devices, requests in flight).
+    pub fn results_fingerprint(&self) -> String {
+        let c = &self.config;
+        let mut value = toml::Table::new();
+        let mut put = |key: &str, v: Result<toml::Value, toml::ser::Error>| {
+            if let Ok(v) = v {
+                value.insert(key.into(), v);
+            }
+        };
+        put("columns", toml::Value::try_from(&c.input.columns));
+        put("drop", toml::Value::try_from(&c.input.drop));
+        if let Some(embed) = &c.embed {
+            put("embed", toml::Value::try_from(embed));
+        }
+        if let Some(filter) = &c.filter {
+            put("filter", toml::Value::try_from(filter));
+        }
+        if let Some(summarize) = &c.summarize {
+            put("summarize", toml::Value::try_from(summarize));
+        }
+        put("metrics", toml::Value::try_from(c.metrics));
+        for (section, key) in [
+            ("embed", "batch_size"),
+            ("embed", "device"),
+            ("summarize", "device"),
+            ("summarize", "in_flight"),
+            ("summarize", "paged_attention"),
+            ("summarize", "isq"),
+        ] {
+            if let Some(toml::Value::Table(t)) = value.get_mut(section) {
+                t.remove(key);
+            }
+        }
+        let text = toml::to_string(&value).unwrap_or_default();
+        blake3::hash(text.as_bytes()).to_hex()[..16].to_string()
+    }
+
+    /// The keys whose values differ between this job and `recorded` (the `_job.toml` of a
+    /// run), as dotted paths; empty when they are the same job.
+    pub fn differences(&self, recorded: &str) -> Vec<String> {
+        // Both sides through the same text form, so that floats compare as written.
+        let parse = |text: &str| text.parse::<toml::Table>().map(toml::Value::Table);
+        let now = toml::to_string_pretty(&self.config)
+            .map_err(|e| e.to_string())
+            .and_then(|text| parse(&text).map_err(|e| e.to_string()));
+        let (Ok(now), Ok(then)) = (now, parse(recorded)) else {
+            return vec!["(the recorded job does not parse)".into()];
+        };
+        let mut out = Vec::new();
+        diff_values("", &now, &then, &mut out);
+        out
     }
 
     /// The resolved configuration as TOML, every default spelled out: the record of a run.

@@ -14,6 +14,7 @@ pub mod job;
 pub mod lock;
 pub mod progress;
 pub mod report;
+pub mod resume;
 pub mod retrieval;
 pub mod run;
 pub mod sample;

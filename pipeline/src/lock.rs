@@ -4,14 +4,16 @@
 //! meeting in tantivy's lock or interleaving their commits.
 //!
 //! The lock records its holder's pid, the pid's start time (so a recycled pid is not
-//! taken for the holder) and host. A lock whose holder is gone (killed, machine rebooted)
-//! is stale: the next run clears it and says so. Clearing is safe against two runs
+//! taken for the holder) and host, and the holder touches it every 15 s. A lock whose
+//! holder is gone (killed, machine rebooted) is stale: on the holder's host, told by the
+//! pid; from another host (shards sharing a volume), by two minutes without a heartbeat.
+//! The next run clears it and says so. Shards of a split job each take their own lock. Clearing is safe against two runs
 //! clearing at once: the stale file is renamed aside (only one rename succeeds) and
 //! checked to be the one judged stale before anything else happens.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +22,10 @@ use crate::PipelineError;
 /// The lock file's name: `_`-prefixed, so readers of the table skip it.
 pub const LOCK_FILE: &str = "_abridge.lock";
 
-/// A lock file younger than this that cannot be parsed is being written by its holder.
-const WRITING_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a holder touches its lock.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// A lock of another host untouched this long belongs to a dead run.
+const HEARTBEAT_MISSED: Duration = Duration::from_secs(120);
 
 /// Who holds the lock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,10 +50,17 @@ impl Holder {
         }
     }
 
-    /// Whether the holder may still be running: on another host nobody can tell, so yes.
-    fn alive(&self) -> bool {
+    /// Whether the holder may still be running. On its own host, asked by pid and start
+    /// time; from another host (shards on a shared volume), by its heartbeat: a holder
+    /// touches its lock every [`HEARTBEAT`], so a lock untouched for [`HEARTBEAT_MISSED`]
+    /// is stale.
+    fn alive(&self, lock: &Path) -> bool {
         if self.host != host() {
-            return true;
+            let age = std::fs::metadata(lock)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            return age.is_none_or(|age| age < HEARTBEAT_MISSED);
         }
         match (start_ticks(self.pid), self.start_ticks) {
             (Some(now), Some(then)) => now == then,
@@ -68,75 +79,128 @@ pub struct OutputLock {
     /// The output folder, when taking the lock created it: removed again if the run
     /// leaves it empty (a job that fails before any row writes nothing).
     created: Option<PathBuf>,
+    /// Dropped with the lock, which stops the heartbeat thread.
+    _heartbeat: mpsc::Sender<()>,
 }
 
 impl OutputLock {
     /// Takes the lock of the output folder `output` for `run_id`. Returns the lock and,
     /// when a stale lock was cleared, a note saying whose.
     pub fn acquire(output: &Path, run_id: &str) -> Result<(Self, Option<String>), PipelineError> {
+        Self::acquire_file(output, LOCK_FILE, run_id)
+    }
+
+    /// [`OutputLock::acquire`] with another lock file name in `output`: each shard of a
+    /// split job has its own, so that shards run side by side.
+    pub fn acquire_file(
+        output: &Path,
+        file_name: &str,
+        run_id: &str,
+    ) -> Result<(Self, Option<String>), PipelineError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| PipelineError::Io { path, source }
         };
         let created = (!output.exists()).then(|| output.to_path_buf());
         std::fs::create_dir_all(output).map_err(io(output))?;
-        let path = output.join(LOCK_FILE);
+        let path = output.join(file_name);
         let mut cleared = None;
+        // The holder is written whole to a private file and linked into place: a lock
+        // file never exists half-written, even if the process is killed while taking it.
+        let staged = output.join(format!(".{file_name}.{}", std::process::id()));
+        let holder = serde_json::to_vec_pretty(&Holder::this_process(run_id))
+            .map_err(std::io::Error::other)
+            .map_err(io(&staged))?;
+        std::fs::write(&staged, &holder)
+            .and_then(|()| std::fs::File::open(&staged)?.sync_all())
+            .map_err(io(&staged))?;
+        let linked = Self::link(&staged, &path, output, &mut cleared);
+        let _ = std::fs::remove_file(&staged);
+        linked?;
+        let (heartbeat, stop) = mpsc::channel();
+        let touched = path.clone();
+        std::thread::spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(HEARTBEAT) {
+                let _ = std::fs::File::options()
+                    .append(true)
+                    .open(&touched)
+                    .and_then(|f| f.set_modified(SystemTime::now()));
+            }
+        });
+        let lock = Self {
+            path,
+            created,
+            _heartbeat: heartbeat,
+        };
+        Ok((lock, cleared))
+    }
+
+    fn link(
+        staged: &Path,
+        path: &Path,
+        output: &Path,
+        cleared: &mut Option<String>,
+    ) -> Result<(), PipelineError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PipelineError::Io { path, source }
+        };
         for _ in 0..3 {
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut file) => {
-                    let holder = serde_json::to_vec_pretty(&Holder::this_process(run_id))
-                        .map_err(std::io::Error::other)
-                        .map_err(io(&path))?;
-                    file.write_all(&holder)
-                        .and_then(|()| file.sync_all())
-                        .map_err(io(&path))?;
-                    return Ok((Self { path, created }, cleared));
-                }
+            match std::fs::hard_link(staged, path) {
+                Ok(()) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
                     match serde_json::from_str::<Holder>(&text) {
-                        Ok(holder) if holder.alive() => {
+                        Ok(holder) if holder.alive(path) => {
                             return Err(PipelineError::Locked {
                                 output: output.to_path_buf(),
                                 holder: format!(
                                     "run {} (pid {} on {}, since {})",
                                     holder.run_id, holder.pid, holder.host, holder.since
                                 ),
-                                lock: path,
+                                lock: path.to_path_buf(),
                             });
                         }
                         Ok(holder) => {
-                            if clear_stale(&path, &text)? {
-                                cleared = Some(format!(
+                            if clear_stale(path, &text)? {
+                                *cleared = Some(format!(
                                     "cleared a stale lock of run {} (pid {} on {}, since {}, no \
                                      longer running)",
                                     holder.run_id, holder.pid, holder.host, holder.since
                                 ));
                             }
                         }
-                        Err(_) if younger_than(&path, WRITING_GRACE) => {
-                            return Err(PipelineError::Locked {
-                                output: output.to_path_buf(),
-                                holder: "a run that is taking the lock right now".into(),
-                                lock: path,
-                            });
-                        }
                         Err(_) => {
-                            if clear_stale(&path, &text)? {
-                                cleared = Some("cleared an unreadable stale lock".into());
+                            if clear_stale(path, &text)? {
+                                *cleared = Some("cleared an unreadable stale lock".into());
                             }
                         }
                     }
                 }
-                Err(e) => return Err(io(&path)(e)),
+                Err(e) => return Err(io(path)(e)),
             }
         }
         Err(PipelineError::Locked {
             output: output.to_path_buf(),
             holder: "other runs contending for it".into(),
-            lock: path,
+            lock: path.to_path_buf(),
         })
+    }
+}
+
+impl OutputLock {
+    /// Names another run as the holder (a run that turned out to resume an earlier one).
+    pub fn relabel(&self, run_id: &str) -> Result<(), PipelineError> {
+        let io = |source| PipelineError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let holder = serde_json::to_vec_pretty(&Holder::this_process(run_id))
+            .map_err(std::io::Error::other)
+            .map_err(io)?;
+        let temp = self.path.with_extension("relabel");
+        std::fs::write(&temp, holder).map_err(io)?;
+        std::fs::rename(&temp, &self.path).map_err(io)
     }
 }
 
@@ -172,14 +236,6 @@ fn clear_stale(path: &Path, stale: &str) -> Result<bool, PipelineError> {
     }
     let _ = std::fs::remove_file(&aside);
     Ok(true)
-}
-
-fn younger_than(path: &Path, age: std::time::Duration) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|elapsed| elapsed < age)
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
@@ -252,17 +308,27 @@ mod tests {
             assert!(note.contains("stale") && note.contains("crashed"), "{note}");
         }
 
-        // Garbage that is old is stale too; fresh garbage is a holder mid-write.
+        // A lock is linked into place whole, so garbage is never a holder mid-write.
         let path = dir.path().join(LOCK_FILE);
         std::fs::write(&path, "{").expect("write");
-        assert!(OutputLock::acquire(dir.path(), "next").is_err());
-        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(old))
-            .expect("age the file");
-        let (_lock, note) = OutputLock::acquire(dir.path(), "next").expect("stale");
+        let (lock, note) = OutputLock::acquire(dir.path(), "next").expect("stale");
         assert!(note.is_some_and(|n| n.contains("unreadable")));
+        drop(lock);
+
+        // Another host's holder (a shard on a shared volume) lives while it heartbeats.
+        let elsewhere = Holder {
+            host: "another-host".into(),
+            ..Holder::this_process("shard-run")
+        };
+        std::fs::write(&path, serde_json::to_string(&elsewhere).expect("json")).expect("write");
+        assert!(OutputLock::acquire(dir.path(), "next").is_err());
+        let silent = SystemTime::now() - HEARTBEAT_MISSED - Duration::from_secs(1);
+        std::fs::File::options()
+            .append(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(silent))
+            .expect("age the lock");
+        let (_lock, note) = OutputLock::acquire(dir.path(), "next").expect("stale");
+        assert!(note.is_some_and(|n| n.contains("shard-run")));
     }
 }

@@ -18,8 +18,9 @@ use abridge_pipeline::executor::{self, RunOptions};
 use abridge_pipeline::job::Job;
 use abridge_pipeline::progress::{ProgressMode, ProgressReporter};
 use abridge_pipeline::report;
+use abridge_pipeline::resume::ResumeMode;
 use abridge_pipeline::retrieval::{self, SearchMode};
-use abridge_pipeline::run::RunManifest;
+use abridge_pipeline::run::{RunManifest, ShardRecord};
 use abridge_pipeline::sample::{SampleOptions, write_sample};
 use abridge_pipeline::sql::{OutputFormat, SqlSession, write_results};
 use anyhow::Context;
@@ -122,6 +123,55 @@ struct RunArgs {
     /// Print the run's manifest as JSON on stdout when it ends.
     #[arg(long)]
     json: bool,
+    /// Continue the job's unfinished run (killed, failed or interrupted): rows its earlier
+    /// attempts committed are kept, the rest are processed. Without this flag a run still
+    /// continues an unfinished run of the same job, and says so; with it, having nothing
+    /// to continue is an error.
+    #[arg(long, conflicts_with = "fresh")]
+    resume: bool,
+    /// Start a new run even if the last one did not finish (it is left as it was).
+    #[arg(long)]
+    fresh: bool,
+    /// Process only shard I of N (0 ≤ I < N): the tickets whose stable id hash falls in
+    /// it. The N shards, run anywhere, together process the input once; their output
+    /// folders form one run of the table. Needs --run-group.
+    #[arg(long, value_name = "I/N", value_parser = parse_shard, requires = "run_group")]
+    shard: Option<(u32, u32)>,
+    /// The name the shards of one run share (e.g. the scheduler's job name or the night's
+    /// date). A shard's folder is run_id=GROUP.IofN; rerunning it resumes it.
+    #[arg(long, value_name = "NAME", requires = "shard", value_parser = parse_group)]
+    run_group: Option<String>,
+}
+
+fn parse_shard(value: &str) -> Result<(u32, u32), String> {
+    let (i, n) = value
+        .split_once('/')
+        .ok_or_else(|| format!("`{value}`: expected I/N, e.g. 0/4"))?;
+    let number = |s: &str| {
+        s.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("`{value}`: `{s}` is not a whole number"))
+    };
+    let (i, n) = (number(i)?, number(n)?);
+    if n == 0 || i >= n {
+        return Err(format!(
+            "`{value}`: the shard number must be below the shard count (0 ≤ I < N)"
+        ));
+    }
+    Ok((i, n))
+}
+
+fn parse_group(value: &str) -> Result<String, String> {
+    let fine = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    match fine {
+        true => Ok(value.to_string()),
+        false => Err(format!(
+            "`{value}`: use letters, digits, `-`, `_` and `.` (it names a folder)"
+        )),
+    }
 }
 
 #[derive(Args)]
@@ -290,7 +340,22 @@ fn message(err: &anyhow::Error) -> String {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let job = Job::load(&args.job, &args.set).map_err(PipelineError::from)?;
-    let options = RunOptions { limit: args.limit };
+    let options = RunOptions {
+        limit: args.limit,
+        resume: match (args.resume, args.fresh) {
+            (true, _) => ResumeMode::Required,
+            (_, true) => ResumeMode::Fresh,
+            _ => ResumeMode::Auto,
+        },
+        shard: args
+            .shard
+            .zip(args.run_group.clone())
+            .map(|((index, count), group)| ShardRecord {
+                index,
+                count,
+                group,
+            }),
+    };
     let prepared = executor::prepare(job, &options).await?;
     let mode = ProgressMode::detect(args.quiet || args.json);
     if !args.quiet {
@@ -329,16 +394,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn summary(m: &RunManifest) -> String {
+    let attempts = match m.attempts {
+        1 => String::new(),
+        n => format!(" (attempt {n})"),
+    };
     let mut out = format!(
-        "run {} committed in {:.1}s: {} rows read, {} written ({} with errors, {} filtered out), {} duplicates dropped\n",
-        m.run_id,
-        m.elapsed_s,
-        m.rows_read,
-        m.rows_written,
-        m.rows_failed,
-        m.rows_filtered,
-        m.duplicates_dropped
+        "run {} committed in {:.1}s{attempts}: {} rows written ({} with errors, {} filtered out)\n",
+        m.run_id, m.elapsed_s, m.rows_written, m.rows_failed, m.rows_filtered,
     );
+    // Row conservation, as checked at the end of the run: every row read is accounted for.
+    let new_rows = m.rows_read.saturating_sub(
+        m.rows_resumed + m.rows_skipped_done + m.rows_other_shards + m.duplicates_dropped,
+    );
+    let mut parts = vec![format!("{new_rows} written now")];
+    for (n, what) in [
+        (m.rows_resumed, "committed by earlier attempts"),
+        (m.rows_skipped_done, "done by earlier runs (skip_done)"),
+        (m.rows_other_shards, "in other shards"),
+        (m.duplicates_dropped, "duplicates"),
+    ] {
+        if n > 0 {
+            parts.push(format!("{n} {what}"));
+        }
+    }
+    out.push_str(&format!(
+        "  {} rows read = {}\n",
+        m.rows_read,
+        parts.join(" + ")
+    ));
     out.push_str(&format!(
         "  {:<13} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}\n",
         "stage", "rows in", "rows out", "failed", "dropped", "filtered", "busy ms"

@@ -87,10 +87,56 @@ pub struct RunManifest {
     pub duplicates_dropped: u64,
     /// Data files written, relative to the run folder.
     pub files: Vec<String>,
-    /// Per-stage counters, in pipeline order.
+    /// Input rows that earlier attempts of this run had committed (a resumed run skips
+    /// them). Absent in older runs.
+    #[serde(default)]
+    pub rows_resumed: u64,
+    /// Input rows skipped because an earlier run summarized them unchanged (`skip_done`).
+    #[serde(default)]
+    pub rows_skipped_done: u64,
+    /// Input rows left to the other shards (`--shard`).
+    #[serde(default)]
+    pub rows_other_shards: u64,
+    /// How many times the run was started (1, plus one per resume).
+    #[serde(default = "one")]
+    pub attempts: u32,
+    /// Digest of the settings that decide a row's result ([`crate::job::Job::results_fingerprint`]):
+    /// `run.skip_done` trusts only runs with the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// `--limit`, when given: a run resumes only with the same limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// The shard this run processed, when the job was split (`--shard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardRecord>,
+    /// Per-stage counters, in pipeline order (of the last attempt).
     pub stages: Vec<StageSummary>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One shard of a job split by `--shard i/n` and grouped by `--run-group`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// The shard's number, from 0.
+    pub index: u32,
+    /// How many shards.
+    pub count: u32,
+    /// The name every shard of the run shares.
+    pub group: String,
+}
+
+impl ShardRecord {
+    /// The run id of this shard: its group, shard and count, so that a restarted shard
+    /// finds (and resumes) its own folder.
+    pub fn run_id(&self) -> String {
+        format!("{}.{}of{}", self.group, self.index, self.count)
+    }
 }
 
 /// An input file a run could not read.
@@ -132,8 +178,61 @@ pub fn new_run_id() -> String {
     )
 }
 
+/// Where a new run's folder is prepared before it appears under its name: hidden, so
+/// that readers and [`committed_runs`] skip it.
+pub fn staged_dir(run_dir: &Path) -> PathBuf {
+    let name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    run_dir.with_file_name(format!(".{name}{STAGED_SUFFIX}"))
+}
+
+const STAGED_SUFFIX: &str = ".new";
+
+/// Removes run folders that were being prepared when their process died. The caller
+/// holds the output's lock.
+pub fn remove_staged_dirs(output: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(output) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with(&format!(".{RUN_DIR_PREFIX}")) && name.ends_with(STAGED_SUFFIX) {
+            std::fs::remove_dir_all(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Flushes a folder's entries (a rename in it) to disk.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// The committed runs of an output table, oldest first.
 pub fn committed_runs(output: &Path) -> std::io::Result<Vec<(PathBuf, RunManifest)>> {
+    let mut runs = all_runs(output)?;
+    runs.retain(|(_, m)| m.status == RunStatus::Committed);
+    Ok(runs)
+}
+
+/// The newest unsharded run of an output table if it did not finish (it is running,
+/// failed, or its process died), with its folder.
+pub fn unfinished_run(output: &Path) -> std::io::Result<Option<(PathBuf, RunManifest)>> {
+    let mut runs = all_runs(output)?;
+    runs.retain(|(_, m)| m.shard.is_none());
+    Ok(runs.pop().filter(|(_, m)| m.status != RunStatus::Committed))
+}
+
+/// Every run of an output table with a readable manifest, oldest first.
+fn all_runs(output: &Path) -> std::io::Result<Vec<(PathBuf, RunManifest)>> {
     let mut runs = Vec::new();
     let entries = match std::fs::read_dir(output) {
         Ok(entries) => entries,
@@ -148,9 +247,7 @@ pub fn committed_runs(output: &Path) -> std::io::Result<Vec<(PathBuf, RunManifes
         if !is_run || !path.is_dir() {
             continue;
         }
-        if let Ok(manifest) = RunManifest::read(&path)
-            && manifest.status == RunStatus::Committed
-        {
+        if let Ok(manifest) = RunManifest::read(&path) {
             runs.push((path, manifest));
         }
     }

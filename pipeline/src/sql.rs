@@ -60,8 +60,9 @@ impl SqlSession {
         self.register_files(name, &files).await
     }
 
-    /// Registers an output table: `summaries` is its latest committed run, `runs` all of
-    /// its committed runs. Returns the latest run's folder, if there is one.
+    /// Registers an output table: `summaries` is its latest committed run (every committed
+    /// shard of it, when it was split with `--shard`), `runs` all of its committed runs.
+    /// Returns the latest run's folder, if there is one.
     pub async fn register_output(
         &mut self,
         output: &Path,
@@ -70,13 +71,25 @@ impl SqlSession {
             path: output.to_path_buf(),
             source,
         })?;
-        let Some((latest, _)) = runs.last() else {
+        let Some((latest, newest)) = runs.last() else {
             return Ok(None);
         };
         let latest = latest.clone();
+        let group = newest.shard.as_ref().map(|s| (s.group.clone(), s.count));
+        let shards: Vec<PathBuf> = runs
+            .iter()
+            .filter(|(_, m)| {
+                let same = m.shard.as_ref().map(|s| (s.group.clone(), s.count));
+                group.is_some() && same == group
+            })
+            .map(|(dir, _)| dir.clone())
+            .collect();
+        let summaries = match shards.is_empty() {
+            true => vec![latest.clone()],
+            false => shards,
+        };
         let all: Vec<PathBuf> = runs.into_iter().map(|(dir, _)| dir).collect();
-        self.register_run_dirs("summaries", std::slice::from_ref(&latest))
-            .await?;
+        self.register_run_dirs("summaries", &summaries).await?;
         self.register_run_dirs("runs", &all).await?;
         Ok(Some(latest))
     }
