@@ -269,6 +269,13 @@ fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
     let reference_manifest = RunManifest::read(&reference_dir)?;
     let reference_docs = TicketIndex::open(&dir.path().join("reference/index"))?.num_docs()?;
     assert!(reference.len() > 40, "{} rows", reference.len());
+    // The tiny random model loops ("fififi..."): its summaries are cut and flagged.
+    assert!(
+        reference
+            .iter()
+            .any(|r| r.contains("finish_reason=repetition") && r.contains("summary=fi |")),
+        "no summary was cut as a loop"
+    );
     assert_eq!(
         reference_docs,
         reference_manifest.rows_written - reference_manifest.rows_failed,

@@ -41,6 +41,9 @@ pub const PROMPT_VERSION: &str = "prompt_version";
 pub const PROMPT_TOKENS: &str = "prompt_tokens";
 /// Column: tokens generated.
 pub const COMPLETION_TOKENS: &str = "completion_tokens";
+/// Column: why the summary ended: `stop` (the model ended it), `length` (it used all of
+/// `max_new_tokens`), or `repetition` (it ran into a loop, cut to one occurrence).
+pub const FINISH_REASON: &str = "finish_reason";
 /// Column: milliseconds the engine spent on the row (its retry included), queueing not.
 pub const LATENCY_MS: &str = "latency_ms";
 /// Column: glossary terms in the text that the summary lost.
@@ -163,6 +166,7 @@ impl Summarize {
             PROMPT_VERSION,
             PROMPT_TOKENS,
             COMPLETION_TOKENS,
+            FINISH_REASON,
             LATENCY_MS,
             GLOSSARY_MISSED,
             SUMMARY_SAMPLES,
@@ -202,6 +206,7 @@ fn output_fields(samples: usize) -> Vec<Field> {
         Field::new(PROMPT_VERSION, DataType::Utf8, true),
         Field::new(PROMPT_TOKENS, DataType::Int32, true),
         Field::new(COMPLETION_TOKENS, DataType::Int32, true),
+        Field::new(FINISH_REASON, DataType::Utf8, true),
         Field::new(LATENCY_MS, DataType::Int64, true),
         Field::new(GLOSSARY_MISSED, text_list(), true),
     ];
@@ -282,6 +287,7 @@ struct Summary {
     missed: Vec<String>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    finish: &'static str,
     latency: Duration,
 }
 
@@ -417,7 +423,15 @@ impl Shared {
             self.template.literals(),
             &self.settings.rules,
         );
+        let (text, finish) = match cut_repetition(&text) {
+            Some(cut) => (cut, "repetition"),
+            None if generation.completion_tokens >= self.settings.sampling.max_new_tokens => {
+                (text, "length")
+            }
+            None => (text, "stop"),
+        };
         Summary {
+            finish,
             samples: Vec::new(),
             missed: glossary_missed(&self.settings.glossary, source, &text),
             text,
@@ -447,6 +461,7 @@ impl Shared {
         let mut version = StringBuilder::new();
         let mut prompt_tokens = Int32Builder::new();
         let mut completion_tokens = Int32Builder::new();
+        let mut finish = StringBuilder::new();
         let mut latency = Int64Builder::new();
         let mut missed = ListBuilder::new(StringBuilder::new());
         let mut samples = ListBuilder::new(StringBuilder::new());
@@ -461,6 +476,7 @@ impl Shared {
                     version.append_value(&self.prompt_version);
                     prompt_tokens.append_value(clamp_i32(s.prompt_tokens));
                     completion_tokens.append_value(clamp_i32(s.completion_tokens));
+                    finish.append_value(s.finish);
                     latency.append_value(s.latency.as_millis().min(i64::MAX as u128) as i64);
                     for term in &s.missed {
                         missed.values().append_value(term);
@@ -487,6 +503,7 @@ impl Shared {
             summary.append_null();
             prompt_tokens.append_null();
             completion_tokens.append_null();
+            finish.append_null();
             latency.append_null();
             missed.append(false);
             samples.append(false);
@@ -507,6 +524,7 @@ impl Shared {
             Arc::new(version.finish()),
             Arc::new(prompt_tokens.finish()),
             Arc::new(completion_tokens.finish()),
+            Arc::new(finish.finish()),
             Arc::new(latency.finish()),
             Arc::new(missed.finish()),
         ]);
@@ -515,6 +533,37 @@ impl Shared {
         }
         Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
     }
+}
+
+/// Repeats of one unit at the end of a text that make it a runaway loop.
+const LOOP_REPEATS: usize = 4;
+/// Longest unit looked for, in characters.
+const LOOP_UNIT: usize = 32;
+/// Shortest looping tail worth cutting, in characters (so `!!!!` or `...` stay).
+const LOOP_CHARS: usize = 12;
+
+/// The text with a loop at its end cut to one occurrence of the loop's unit, or `None`
+/// when it has none. Small models under greedy decoding fall into such loops and fill
+/// the token budget with them; the repeats say nothing. A loop is the shortest unit (up
+/// to [`LOOP_UNIT`] characters) repeated at least [`LOOP_REPEATS`] times in a row up to
+/// the end (the last repeat may be partial), over at least [`LOOP_CHARS`] characters.
+fn cut_repetition(text: &str) -> Option<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let n = chars.len();
+    for unit in 1..=LOOP_UNIT.min(n / LOOP_REPEATS) {
+        // The periodic tail: from `start` on, every char equals the one a unit before.
+        let mut start = n;
+        while start > unit && chars[start - 1] == chars[start - 1 - unit] {
+            start -= 1;
+        }
+        let start = start - unit;
+        let tail = n - start;
+        if tail >= LOOP_CHARS && tail / unit >= LOOP_REPEATS {
+            let kept: String = chars[..start + unit].iter().collect();
+            return Some(kept.trim_end().to_string());
+        }
+    }
+    None
 }
 
 fn clamp_i32(n: usize) -> i32 {
@@ -621,6 +670,30 @@ mod tests {
         );
         // Single characters are not anchors: "." must survive.
         assert_eq!(clean("Done.", "x", ["."].into_iter(), &[]), "Done.");
+    }
+
+    #[test]
+    fn runaway_loops_are_cut_to_one_occurrence() {
+        let cut = |t: &str| cut_repetition(t);
+        assert_eq!(cut("fifififififififi").as_deref(), Some("fi"));
+        assert_eq!(
+            cut("Printer offline. Printer offline. Printer offline. Printer offline. Prin")
+                .as_deref(),
+            Some("Printer offline.")
+        );
+        assert_eq!(
+            cut("打印机离线打印机离线打印机离线打印机离线").as_deref(),
+            Some("打印机离线")
+        );
+        for fine in [
+            "",
+            "The printer is offline again!!!!",
+            "VPN drops; reset the token...",
+            "ha ha ha",
+            "Printer offline. Printer offline. Printer offline.",
+        ] {
+            assert_eq!(cut(fine), None, "{fine}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub const RESERVED: &[&str] = &[
     "prompt_version",
     "prompt_tokens",
     "completion_tokens",
+    "finish_reason",
     "latency_ms",
     "glossary_missed",
     "summary_samples",
