@@ -609,3 +609,119 @@ fn a_full_disk_fails_the_run_cleanly_and_a_resume_completes_it() -> TestResult {
     );
     Ok(())
 }
+
+/// Runs `abridge ARGS` with failpoints set (`FAILPOINTS`, the `fail` crate's syntax).
+fn run_failing(failpoints: &str, args: &[&str]) -> Output {
+    abridge()
+        .args(args)
+        .env("FAILPOINTS", failpoints)
+        .output()
+        .expect("the abridge binary runs")
+}
+
+/// Failpoints in the generator, the sink and between a file's publication and the index
+/// commit: generator errors land in their rows' `error`; a failing publish is retried,
+/// and when it keeps failing the run fails cleanly and a resume completes it; a crash
+/// between the two commits is repaired by the resume (the index catches up).
+#[test]
+fn injected_failures_fail_rows_retry_commits_and_survive_a_crash_between_commits() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let job = full_job(dir.path(), 40)?;
+    let job_arg = job.to_str().unwrap_or_default();
+    let with = |name: &str, extra: &[&'static str]| -> Vec<String> {
+        let mut args = vec!["run".to_string(), job_arg.to_string(), "--json".into()];
+        args.extend(elsewhere(dir.path(), name));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    fn strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let out = run(&strs(&with("reference", &[])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reference_manifest: RunManifest = serde_json::from_slice(&out.stdout)?;
+    let reference = table_rows(&[only_run(&dir.path().join("reference/out"))?])?;
+    let reference_docs = TicketIndex::open(&dir.path().join("reference/index"))?.num_docs()?;
+
+    // Three generator requests fail: three more rows with an error, the run commits.
+    let out = run_failing(
+        "summarize::generate=3*return",
+        &strs(&with("generator", &[])),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest: RunManifest = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(manifest.rows_failed, reference_manifest.rows_failed + 3);
+    let rows = table_rows(&[only_run(&dir.path().join("generator/out"))?])?;
+    let injected = rows
+        .iter()
+        .filter(|r| r.contains("error=summarize: injected generator error"))
+        .count();
+    assert_eq!(injected, 3);
+
+    // The engine fails a decoding step (a panic): the rows in that batch fail, the
+    // engine restarts its batch and every other row is summarized as in the reference.
+    let out = run_failing(
+        "seqgpt::step=3*off->1*panic(injected)->off",
+        &strs(&with("engine", &[])),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest: RunManifest = serde_json::from_slice(&out.stdout)?;
+    let lost = manifest.rows_failed - reference_manifest.rows_failed;
+    assert!((1..=8).contains(&lost), "{lost} rows failed with the step");
+    let rows = table_rows(&[only_run(&dir.path().join("engine/out"))?])?;
+    let restarted = rows
+        .iter()
+        .filter(|r| r.contains("the engine restarted its batch"))
+        .count();
+    assert_eq!(restarted as u64, lost);
+    let untouched: Vec<_> = rows.iter().filter(|r| !r.contains("restarted")).collect();
+    assert!(
+        untouched.iter().all(|r| reference.contains(r)),
+        "the other rows are the reference's"
+    );
+
+    // Two failed publishes are retried away: the table is the reference's.
+    let out = run_failing("sink::publish=2*return", &strs(&with("retried", &[])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_rows(
+        &table_rows(&[only_run(&dir.path().join("retried/out"))?])?,
+        &reference,
+        "publish retried vs reference",
+    );
+
+    // Publishing keeps failing: the run fails naming the file; a resume completes it.
+    let out = run_failing("sink::publish=return", &strs(&with("unpublished", &[])));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("part-00000.parquet") && err.contains("after 3 attempts"),
+        "{err}"
+    );
+    let out = run(&strs(&with("unpublished", &["--resume"])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_rows(
+        &table_rows(&[only_run(&dir.path().join("unpublished/out"))?])?,
+        &reference,
+        "resumed after failed publishes vs reference",
+    );
+
+    // The process dies after publishing its third file, before the index commits it.
+    let out = run_failing(
+        "index::before_commit=2*off->return",
+        &strs(&with("crashed", &[])),
+    );
+    assert!(!out.status.success(), "the process aborted");
+    let run_dir = only_run(&dir.path().join("crashed/out"))?;
+    assert_eq!(published(&run_dir), 3);
+    let out = run(&strs(&with("crashed", &["--resume"])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("brought in step"), "{}", stderr(&out));
+    assert_same_rows(
+        &table_rows(&[run_dir])?,
+        &reference,
+        "resumed after a crash between commits vs reference",
+    );
+    let docs = TicketIndex::open(&dir.path().join("crashed/index"))?.num_docs()?;
+    assert_eq!(docs, reference_docs, "the index holds the table's tickets");
+    Ok(())
+}

@@ -665,6 +665,8 @@ impl PublishObserver for RunIndexer {
     }
 
     fn published(&self, files: usize) -> Result<(), OperatorError> {
+        // The fault tests crash the process here: the file is published, the index not.
+        fail::fail_point!("index::before_commit", |_| std::process::abort());
         let position = IndexPosition {
             run_id: self.run_id.clone(),
             files: Some(files),

@@ -87,6 +87,10 @@ impl SinkReport {
 }
 
 const ID: &str = "id";
+/// Tries at publishing a finished file before the run fails.
+const PUBLISH_ATTEMPTS: u32 = 3;
+/// Wait before the second try; each later one waits 4 times longer.
+const PUBLISH_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The files that earlier attempts of a run published in `dir`, with their rows counted
 /// and the ids they hold; unpublished temporaries left by a crash are removed (the caller
@@ -312,10 +316,6 @@ impl RunFiles {
         let Some(file) = self.current.take() else {
             return Ok(());
         };
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| OperatorError::Io { path, source }
-        };
         let handle = file
             .writer
             .into_inner()
@@ -323,12 +323,34 @@ impl RunFiles {
                 path: file.temp.clone(),
                 source,
             })?;
-        handle.sync_all().map_err(io(&file.temp))?;
+        // Publishing is retried: on network filesystems a sync or rename can fail once and
+        // then succeed. The bytes are written; only making them durable and visible is
+        // repeated, and every step is idempotent.
+        let publish = || -> std::io::Result<()> {
+            fail::fail_point!("sink::publish", |_| Err(std::io::Error::other(
+                "injected I/O error (failpoint sink::publish)"
+            )));
+            handle.sync_all()?;
+            if file.temp.exists() {
+                std::fs::rename(&file.temp, &file.path)?;
+            }
+            File::open(&self.sink.dir)?.sync_all()
+        };
+        let mut attempt = 1;
+        while let Err(source) = publish() {
+            if attempt == PUBLISH_ATTEMPTS {
+                return Err(OperatorError::Io {
+                    path: file.path.clone(),
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!("cannot publish after {attempt} attempts: {source}"),
+                    ),
+                });
+            }
+            std::thread::sleep(PUBLISH_BACKOFF * 4u32.pow(attempt - 1));
+            attempt += 1;
+        }
         drop(handle);
-        std::fs::rename(&file.temp, &file.path).map_err(io(&file.path))?;
-        File::open(&self.sink.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.sink.dir))?;
         self.report.rows += file.counts.rows;
         self.report.rows_failed += file.counts.rows_failed;
         self.report.rows_filtered += file.counts.rows_filtered;

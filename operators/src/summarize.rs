@@ -369,6 +369,9 @@ impl Shared {
     }
 
     async fn summarize_row(&self, prompt: String, key: u64, source: &str) -> Outcome {
+        fail::fail_point!("summarize::generate", |_| Outcome::Failed(
+            "summarize: injected generator error (failpoint summarize::generate)".into()
+        ));
         let request = |prompt: String| GenerationRequest {
             prompt,
             sampling: self.settings.sampling.clone(),

@@ -139,7 +139,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         None => OutputLock::acquire(output, &fresh_id)?,
     };
     notes.extend(cleared);
-    let attempt = resume::plan(
+    let mut attempt = resume::plan(
         &job,
         options.resume,
         options.limit,
@@ -169,7 +169,11 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let admit = Admit::try_new(&normalized, shard, done).map_err(doesnt_fit)?;
     let dedup = Deduplicate::try_new(normalized)
         .map_err(doesnt_fit)?
-        .resuming(attempt.committed_ids.iter().map(String::as_str));
+        .resuming(
+            std::mem::take(&mut attempt.committed_ids)
+                .iter()
+                .map(String::as_str),
+        );
     let mut stages: Vec<(Box<dyn Operator>, OperatorMetrics)> = vec![
         (Box::new(normalize), OperatorMetrics::default()),
         (Box::new(admit), OperatorMetrics::default()),

@@ -292,6 +292,8 @@ fn main() -> ExitCode {
         }
     }));
     let cli = Cli::parse();
+    // Failpoints named by FAILPOINTS (test builds only; see operators' fault tests).
+    let _failpoints = fail::FailScenario::setup();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -124,7 +124,6 @@ pub fn plan(
         }
         None => run::unfinished_run(output).map_err(io)?,
     };
-    let new_id = || fresh_id.to_string();
     let Some((run_dir, manifest)) = unfinished else {
         let last = committed_runs(output).map_err(io)?.pop();
         if let (ResumeMode::Required, Some((_, last))) = (mode, last) {
@@ -135,7 +134,9 @@ pub fn plan(
                 last.run_id
             )));
         }
-        return Ok(Attempt::fresh(job, new_id(), None));
+        let note = (mode == ResumeMode::Required)
+            .then(|| "--resume: the job has no run yet; starting its first".to_string());
+        return Ok(Attempt::fresh(job, fresh_id.to_string(), note));
     };
     let recorded = std::fs::read_to_string(run_dir.join(JOB_RECORD)).unwrap_or_default();
     let mut changed = job.differences(&recorded);
@@ -167,7 +168,7 @@ pub fn plan(
         ))),
         (ResumeMode::Fresh, _) => Ok(Attempt::fresh(
             job,
-            new_id(),
+            fresh_id.to_string(),
             Some(format!(
                 "run {} did not finish; starting a new run (--fresh), the unfinished one is left \
                  as it was and is not part of the table's committed runs",
@@ -185,7 +186,7 @@ pub fn plan(
         ))),
         (ResumeMode::Auto, false) => Ok(Attempt::fresh(
             job,
-            new_id(),
+            fresh_id.to_string(),
             Some(format!(
                 "{}: starting a new run (the unfinished one is left as it was)",
                 describe()

@@ -8,6 +8,7 @@
 //! a row's summary depends only on (seed, key, position), never on its batch neighbours.
 
 use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
@@ -117,7 +118,11 @@ impl Generator for SeqGptGenerator {
         let answer = self.submit(request);
         Box::pin(async move {
             answer?.await.map_err(|_| {
-                GeneratorError::EngineGone("the BLOOM engine dropped a request".into())
+                GeneratorError::Request(
+                    "the BLOOM engine dropped the request (an engine error; later requests are \
+                     served)"
+                        .into(),
+                )
             })?
         })
     }
@@ -174,11 +179,31 @@ impl Engine {
             }
             let free = self.max_batch.saturating_sub(running.len());
             let joining: Vec<Pending> = (0..free).map_while(|_| waiting.pop_front()).collect();
+            // An engine error that panics (a kernel, an index out of range) fails the
+            // requests it was serving and nothing else: the batch restarts empty, the
+            // model's weights are read-only and unharmed, and later requests are served.
             if !joining.is_empty() {
-                running.extend(self.admit(joining));
+                // A panic here drops the group's replies: those rows fail as dropped.
+                if let Ok(admitted) = catch_unwind(AssertUnwindSafe(|| self.admit(joining))) {
+                    running.extend(admitted);
+                }
             }
-            if !running.is_empty() {
-                self.step(&mut running);
+            if !running.is_empty()
+                && let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.step(&mut running)))
+            {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                for sequence in running.drain(..) {
+                    let _ = sequence
+                        .pending
+                        .reply
+                        .send(Err(GeneratorError::Request(format!(
+                            "BLOOM engine error ({why}); the engine restarted its batch"
+                        ))));
+                }
             }
         }
     }
@@ -232,6 +257,7 @@ impl Engine {
     /// sequences are answered and leave. A failed step fails the sequences in it (their
     /// rows record why) and the engine goes on with the next requests.
     fn step(&self, running: &mut Vec<Running>) {
+        fail::fail_point!("seqgpt::step");
         let tokens: Vec<u32> = running
             .iter()
             .map(|s| s.generated.last().copied().unwrap_or_default())
