@@ -104,6 +104,34 @@ fn elsewhere(dir: &Path, name: &str) -> Vec<String> {
     ]
 }
 
+/// An uninterrupted run of the job into `dir/reference` (its own table and index): what
+/// the faulted runs are compared with.
+struct Reference {
+    rows: Vec<String>,
+    manifest: RunManifest,
+    /// Tickets in its index.
+    docs: u64,
+    /// How long it took, start to end.
+    took: Duration,
+}
+
+fn reference_run(dir: &Path, job: &Path) -> Result<Reference, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let out = abridge()
+        .args(["run", job.to_str().unwrap_or_default(), "--quiet"])
+        .args(elsewhere(dir, "reference"))
+        .output()?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let took = started.elapsed();
+    let run_dir = only_run(&dir.join("reference/out"))?;
+    Ok(Reference {
+        rows: table_rows(std::slice::from_ref(&run_dir))?,
+        manifest: RunManifest::read(&run_dir)?,
+        docs: TicketIndex::open(&dir.join("reference/index"))?.num_docs()?,
+        took,
+    })
+}
+
 /// The only run folder of an output table.
 fn only_run(output: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let runs: Vec<PathBuf> = std::fs::read_dir(output)?
@@ -257,17 +285,12 @@ fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
     let job = full_job(dir.path(), 80)?;
     let job_arg = job.to_str().unwrap_or_default();
 
-    let started = Instant::now();
-    let mut args = vec!["run", job_arg, "--quiet"];
-    let reference_args = elsewhere(dir.path(), "reference");
-    args.extend(reference_args.iter().map(String::as_str));
-    let out = run(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let whole = started.elapsed();
-    let reference_dir = only_run(&dir.path().join("reference/out"))?;
-    let reference = table_rows(std::slice::from_ref(&reference_dir))?;
-    let reference_manifest = RunManifest::read(&reference_dir)?;
-    let reference_docs = TicketIndex::open(&dir.path().join("reference/index"))?.num_docs()?;
+    let Reference {
+        rows: reference,
+        manifest: reference_manifest,
+        docs: reference_docs,
+        took: whole,
+    } = reference_run(dir.path(), &job)?;
     assert!(reference.len() > 40, "{} rows", reference.len());
     // The tiny random model loops ("fififi..."): its summaries are cut and flagged.
     assert!(
@@ -366,13 +389,7 @@ fn four_shards_side_by_side_make_the_table_of_one_run() -> TestResult {
     let dir = tempfile::tempdir()?;
     let job = full_job(dir.path(), 60)?;
     let job_arg = job.to_str().unwrap_or_default();
-    let mut args = vec!["run", job_arg, "--quiet"];
-    let reference_args = elsewhere(dir.path(), "reference");
-    args.extend(reference_args.iter().map(String::as_str));
-    let out = run(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let reference_dir = only_run(&dir.path().join("reference/out"))?;
-    let reference = table_rows(std::slice::from_ref(&reference_dir))?;
+    let reference = reference_run(dir.path(), &job)?.rows;
 
     let shards: Vec<_> = (0..4)
         .map(|i| {
@@ -563,12 +580,7 @@ fn a_full_disk_fails_the_run_cleanly_and_a_resume_completes_it() -> TestResult {
     };
     let job = full_job(dir.path(), 80)?;
     let job_arg = job.to_str().unwrap_or_default();
-    let mut args = vec!["run", job_arg, "--quiet"];
-    let reference_args = elsewhere(dir.path(), "reference");
-    args.extend(reference_args.iter().map(String::as_str));
-    let out = run(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let reference = table_rows(&[only_run(&dir.path().join("reference/out"))?])?;
+    let reference = reference_run(dir.path(), &job)?.rows;
 
     // Room for a few data files, not for all of them.
     let ballast = disk.0.join("ballast");
@@ -637,11 +649,12 @@ fn injected_failures_fail_rows_retry_commits_and_survive_a_crash_between_commits
     fn strs(args: &[String]) -> Vec<&str> {
         args.iter().map(String::as_str).collect()
     }
-    let out = run(&strs(&with("reference", &[])));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let reference_manifest: RunManifest = serde_json::from_slice(&out.stdout)?;
-    let reference = table_rows(&[only_run(&dir.path().join("reference/out"))?])?;
-    let reference_docs = TicketIndex::open(&dir.path().join("reference/index"))?.num_docs()?;
+    let Reference {
+        rows: reference,
+        manifest: reference_manifest,
+        docs: reference_docs,
+        ..
+    } = reference_run(dir.path(), &job)?;
 
     // Three generator requests fail: three more rows with an error, the run commits.
     let out = run_failing(

@@ -20,6 +20,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
 use crate::dedup::digest;
+use crate::filter::string_column;
 use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
 
 /// One of `count` shards, numbered from 0.
@@ -100,9 +101,7 @@ impl Admit {
 }
 
 fn strings<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, OperatorError> {
-    batch
-        .column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+    string_column(batch, name)
         .ok_or_else(|| OperatorError::StageSchema(format!("admit: `{name}` is not a Utf8 column")))
 }
 

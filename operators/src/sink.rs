@@ -2,8 +2,10 @@
 //!
 //! Each file is written under a hidden temporary name, flushed to disk and only then
 //! renamed to `part-NNNNN.parquet`; a reader listing the folder sees whole files or none,
-//! and a failure part-way leaves every finished file intact. Encoding and compression are
-//! CPU work, so they run on a blocking thread fed by a bounded channel.
+//! and a failure part-way leaves every finished file intact. Published files are a run's
+//! checkpoints: a resumed run's sink continues after them ([`published_files`]), and a
+//! [`PublishObserver`] (the search index) commits right after each one. Encoding and
+//! compression are CPU work, so they run on a blocking thread fed by a bounded channel.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -316,13 +318,18 @@ impl RunFiles {
         let Some(file) = self.current.take() else {
             return Ok(());
         };
-        let handle = file
-            .writer
-            .into_inner()
-            .map_err(|source| OperatorError::WriteFailed {
+        // An unpublished file's bytes are removed on failure: on a full disk they are
+        // what a resume needs back.
+        let abandon = |err: OperatorError| {
+            let _ = std::fs::remove_file(&file.temp);
+            err
+        };
+        let handle = file.writer.into_inner().map_err(|source| {
+            abandon(OperatorError::WriteFailed {
                 path: file.temp.clone(),
                 source,
-            })?;
+            })
+        })?;
         // Publishing is retried: on network filesystems a sync or rename can fail once and
         // then succeed. The bytes are written; only making them durable and visible is
         // repeated, and every step is idempotent.
@@ -339,13 +346,13 @@ impl RunFiles {
         let mut attempt = 1;
         while let Err(source) = publish() {
             if attempt == PUBLISH_ATTEMPTS {
-                return Err(OperatorError::Io {
+                return Err(abandon(OperatorError::Io {
                     path: file.path.clone(),
                     source: std::io::Error::new(
                         source.kind(),
                         format!("cannot publish after {attempt} attempts: {source}"),
                     ),
-                });
+                }));
             }
             std::thread::sleep(PUBLISH_BACKOFF * 4u32.pow(attempt - 1));
             attempt += 1;
