@@ -6,6 +6,7 @@ with what transformers computes for them, which abridge's BLOOM must reproduce (
     ~/.cache/abridge/st-venv/bin/python scripts/make-bloom-fixture.py
     (any Python with torch, transformers and tokenizers)
     ... make-bloom-fixture.py --shape-560m DIR   # BLOOM-560m's shape, random (benchmarks)
+    ... make-bloom-fixture.py --shape LAYERS HIDDEN HEADS DIR   # any shape, random (std 0.2)
 
 Two shapes: 4 heads (a power of two) and 6 heads (not: ALiBi slopes then interleave a
 second series). Each folder holds config.json, tokenizer.json (a small byte-level BPE
@@ -96,24 +97,39 @@ def make(name, heads, hidden, weights):
     print(f"{out}: vocab {config.vocab_size}, hidden {hidden}, heads {heads}")
 
 
-def random_560m(out):
-    """BLOOM-560m's shape (SeqGPT-560M's) with random weights, for benchmarks: what a
-    forward pass costs does not depend on trained weights. Stored in float16, as
-    SeqGPT-560M is. The tokenizer is the tiny one."""
+def random_shape(out, layers, hidden, heads, half=False, vocab=0, std=0.0):
+    """A BLOOM of any shape with random weights (float16 when `half`), with the tiny
+    tokenizer: for benchmarks (what a forward pass costs does not depend on trained
+    weights) and for checking one implementation against another on the same weights
+    (e.g. the CUDA kernels, which take head sizes of 64 and up, against the CPU path)."""
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer(out)
+    vocab_size = tokenizer(out).get_vocab_size()
+    if vocab:
+        vocab_size = vocab
     torch.manual_seed(560)
-    config = BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16,
+    config = BloomConfig(vocab_size=vocab_size, hidden_size=hidden, n_layer=layers, n_head=heads,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    BloomForCausalLM(config).eval().half().save_pretrained(out)
+    model = BloomForCausalLM(config).eval()
+    if std:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, std)
+    if half:
+        model = model.half()
+    model.save_pretrained(out)
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "padding_side": "left"}))
-    print(f"{out}: BLOOM-560m shape, random weights")
+    print(f"{out}: BLOOM with {layers} layers, hidden {hidden}, {heads} heads, random weights")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--shape-560m":
-        random_560m(Path(sys.argv[2]))
+        # BLOOM-560m's shape (SeqGPT-560M's), stored in float16 as SeqGPT-560M is.
+        random_shape(Path(sys.argv[2]), 24, 1024, 16, half=True, vocab=250880)
+    elif len(sys.argv) == 6 and sys.argv[1] == "--shape":
+        layers, hidden, heads = (int(x) for x in sys.argv[2:5])
+        # Weights at std 0.2, as the fixtures': clear argmaxes, attention that matters.
+        random_shape(Path(sys.argv[5]), layers, hidden, heads, std=0.2)
     else:
         make("bloom-tiny-4h", heads=4, hidden=64, weights="safetensors")
         make("bloom-tiny-6h", heads=6, hidden=96, weights="bin")

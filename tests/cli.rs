@@ -1424,12 +1424,23 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
     )?;
     let first = run_json(&job, &[])?;
     assert_eq!(first.rows_failed, 0);
-    // One sequence at a time instead of batches of three: the very same summaries.
+    // One sequence at a time instead of batches of three, and batches with their keys and
+    // values in the blocks of a paged pool (as on a GPU): the very same summaries.
     let second = run_json(&job, &["--set", "summarize.in_flight=1"])?;
+    let paged = run_json(
+        &job,
+        &[
+            "--set",
+            "summarize.paged_attention.enabled=true",
+            "--set",
+            "summarize.paged_attention.block_size=8",
+        ],
+    )?;
     let (a, b) = (
         run_rows(&job, &first.run_id)?,
         run_rows(&job, &second.run_id)?,
     );
+    let c = run_rows(&job, &paged.run_id)?;
     for r in a.as_array().ok_or("rows")? {
         assert!(r["summary"].as_str().is_some_and(|s| !s.is_empty()), "{r}");
         assert!(
@@ -1451,6 +1462,11 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
     };
     assert_eq!(a.as_array().map(Vec::len), Some(5));
     assert_eq!(summaries(&a), summaries(&b), "same seed, same summaries");
+    assert_eq!(
+        summaries(&a),
+        summaries(&c),
+        "paged attention, same summaries"
+    );
 
     // The same checkpoint through mistral.rs is refused with a pointer to this backend.
     let out = abridge(&[

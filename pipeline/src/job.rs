@@ -252,7 +252,9 @@ pub struct SummarizeConfig {
     /// with mistral.rs 1 on CPU, where it runs one sequence at a time (its batching
     /// without PagedAttention mixes sequences up, and was slower there anyway:
     /// scripts/bench-summarize), and 8 on CUDA with PagedAttention (on an H100, 32
-    /// concurrent requests stalled mistral.rs 0.8.1: scripts/gpu-check).
+    /// concurrent requests stalled mistral.rs 0.8.1: scripts/gpu-check); the seqgpt
+    /// engine on CUDA 256 (a GPU step costs about the same for 1 or 256 sequences; its
+    /// paged KV cache admits as many as its memory budget holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<usize>,
     /// `cpu` (default), `cuda` or `cuda:N`.
@@ -261,7 +263,7 @@ pub struct SummarizeConfig {
     /// In-situ quantization of safetensors weights at load: `Q4K`, `Q8_0`, `4`, `8` ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isq: Option<String>,
-    /// PagedAttention's KV cache (CUDA; on by default there).
+    /// PagedAttention's KV cache (CUDA, both backends; on by default there).
     #[serde(default)]
     pub paged_attention: PagedAttentionConfig,
 }
@@ -367,16 +369,18 @@ pub struct RuleConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PagedAttentionConfig {
-    /// Default: on with CUDA, off on CPU (where it is not available).
+    /// Default: on with CUDA, off on CPU. On CPU mistral.rs refuses it; the seqgpt engine
+    /// runs the same blocks with attention in Rust, slower than its default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// KV-cache size in MiB (wins over `gpu_memory_fraction`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_mb: Option<usize>,
-    /// Share of GPU memory for the KV cache, e.g. 0.8. Default: room for 4096 tokens.
+    /// Share of GPU memory for the KV cache, e.g. 0.8. Default: room for 4096 tokens
+    /// (mistral.rs); half the memory free after loading (seqgpt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_fraction: Option<f32>,
-    /// Tokens per block: 8, 16 or 32. Default: mistral.rs's choice.
+    /// Tokens per block: 8, 16 or 32. Default: mistral.rs's choice; 16 (seqgpt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
 }
@@ -397,8 +401,12 @@ impl SummarizeConfig {
 
     /// `in_flight`, or the default for `device`.
     pub fn in_flight(&self) -> usize {
-        let serial = self.backend == Backend::Mistralrs && self.device.trim() == "cpu";
-        self.in_flight.unwrap_or(if serial { 1 } else { 8 })
+        let cpu = self.device.trim() == "cpu";
+        self.in_flight.unwrap_or(match self.backend {
+            Backend::Mistralrs if cpu => 1,
+            Backend::Seqgpt if !cpu => 256,
+            _ => 8,
+        })
     }
 }
 
@@ -1116,6 +1124,11 @@ path = "/abs/out"
             "输入: {text}\n抽取: 故障,原因\n输出: [GEN]"
         );
         assert_eq!(seqgpt.in_flight(), 8);
+        let on_gpu = SummarizeConfig {
+            device: "cuda".into(),
+            ..seqgpt.clone()
+        };
+        assert_eq!(on_gpu.in_flight(), 256, "the GPU batch engine");
         // With downloads allowed, a value that is no path stays a hub id.
         let hub = load(
             &format!(

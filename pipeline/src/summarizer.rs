@@ -5,11 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use abridge_operators::OperatorError;
-use abridge_operators::generator::mistralrs::{
-    MistralRsGenerator, MistralRsOptions, PagedAttention, PromptFormat,
-};
+use abridge_operators::generator::mistralrs::{MistralRsGenerator, MistralRsOptions, PromptFormat};
 use abridge_operators::generator::seqgpt::SeqGptGenerator;
-use abridge_operators::generator::{GeneratorError, Sampling, SharedGenerator};
+use abridge_operators::generator::{GeneratorError, PagedAttention, Sampling, SharedGenerator};
 use abridge_operators::summarize::{Rewrite, Summarize, SummarizeSettings};
 use arrow::datatypes::SchemaRef;
 
@@ -56,6 +54,12 @@ pub async fn summarize_stage(
     };
     // Checked before the model loads: a bad template should not cost a minute of loading.
     abridge_operators::template::Template::parse(&settings.template, input).map_err(doesnt_fit)?;
+    let paged_attention = PagedAttention {
+        enabled: config.paged_attention.enabled,
+        gpu_memory_mb: config.paged_attention.gpu_memory_mb,
+        gpu_memory_fraction: config.paged_attention.gpu_memory_fraction,
+        block_size: config.paged_attention.block_size,
+    };
     let (generator, how) = match config.backend {
         Backend::Mistralrs => {
             let options = MistralRsOptions {
@@ -64,12 +68,7 @@ pub async fn summarize_stage(
                 device,
                 isq: config.isq.clone(),
                 max_num_seqs: config.in_flight(),
-                paged_attention: PagedAttention {
-                    enabled: config.paged_attention.enabled,
-                    gpu_memory_mb: config.paged_attention.gpu_memory_mb,
-                    gpu_memory_fraction: config.paged_attention.gpu_memory_fraction,
-                    block_size: config.paged_attention.block_size,
-                },
+                paged_attention,
                 prompt_format: match config.prompt_format {
                     PromptFormatConfig::Auto => PromptFormat::Auto,
                     PromptFormatConfig::Chat => PromptFormat::Chat,
@@ -89,11 +88,12 @@ pub async fn summarize_stage(
         Backend::Seqgpt => {
             let dir = PathBuf::from(&config.model);
             let batch = config.in_flight();
-            let generator =
-                tokio::task::spawn_blocking(move || SeqGptGenerator::load(&dir, &device, batch))
-                    .await
-                    .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string()), job_path))?
-                    .map_err(|e| model_error(e, job_path))?;
+            let generator = tokio::task::spawn_blocking(move || {
+                SeqGptGenerator::load(&dir, &device, batch, &paged_attention)
+            })
+            .await
+            .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string()), job_path))?
+            .map_err(|e| model_error(e, job_path))?;
             (
                 Arc::new(generator) as SharedGenerator,
                 "as raw text (BLOOM)",

@@ -24,7 +24,8 @@ use mistralrs::{
 };
 
 use super::{
-    Generation, GenerationRequest, Generator, GeneratorError, Sampling, pick_token, uniform_draw,
+    Generation, GenerationRequest, Generator, GeneratorError, PagedAttention, Sampling, pick_token,
+    uniform_draw,
 };
 
 /// How prompts reach the model.
@@ -35,20 +36,6 @@ pub enum PromptFormat {
     Auto,
     Chat,
     Raw,
-}
-
-/// KV-cache memory for PagedAttention (CUDA only).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PagedAttention {
-    /// Off on CPU, where mistral.rs has no paged kernels; on by default on CUDA.
-    pub enabled: Option<bool>,
-    /// The cache's size in MiB; wins over `gpu_memory_fraction`.
-    pub gpu_memory_mb: Option<usize>,
-    /// The share of free GPU memory the cache may take (mistral.rs's default: enough for
-    /// a 4096-token context).
-    pub gpu_memory_fraction: Option<f32>,
-    /// Tokens per cache block (8, 16 or 32).
-    pub block_size: Option<usize>,
 }
 
 /// What to load and how.

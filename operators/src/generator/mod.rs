@@ -7,6 +7,7 @@
 
 pub mod bloom;
 pub mod mistralrs;
+pub mod paged;
 pub mod seqgpt;
 mod skinny;
 
@@ -93,6 +94,23 @@ pub trait Generator: Send + Sync {
             requests.into_iter().map(|r| self.generate(r)),
         ))
     }
+}
+
+/// PagedAttention's KV cache: the job file's `[summarize.paged_attention]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PagedAttention {
+    /// Default: on with CUDA. On the CPU mistral.rs has no paged kernels; the seqgpt
+    /// engine runs the same blocks with attention in Rust there, slower than its default
+    /// per-sequence caches (it is how the block bookkeeping is tested without a GPU).
+    pub enabled: Option<bool>,
+    /// The cache's size in MiB; wins over `gpu_memory_fraction`.
+    pub gpu_memory_mb: Option<usize>,
+    /// The share of free GPU memory the cache may take. Defaults: mistral.rs's (room for
+    /// a 4096-token context); the seqgpt engine takes half of what is free once the model
+    /// is loaded.
+    pub gpu_memory_fraction: Option<f32>,
+    /// Tokens per cache block (8, 16 or 32); default 16 (seqgpt) or mistral.rs's choice.
+    pub block_size: Option<usize>,
 }
 
 /// Shared handle to a generator.

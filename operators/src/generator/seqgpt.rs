@@ -14,13 +14,17 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{D, Device, Tensor};
 use futures::channel::oneshot;
 use futures::future::BoxFuture;
 use tokenizers::Tokenizer;
 
 use super::bloom::{Bloom, SequenceCache};
-use super::{Generation, GenerationRequest, Generator, GeneratorError, pick_token, uniform_draw};
+use super::paged::{BlockTable, DEFAULT_BLOCK_SIZE, KERNEL_HEAD_SIZES, PagedKv};
+use super::{
+    Generation, GenerationRequest, Generator, GeneratorError, PagedAttention, pick_token,
+    uniform_draw,
+};
 
 /// A BLOOM checkpoint ready to summarize.
 pub struct SeqGptGenerator {
@@ -49,31 +53,62 @@ struct Running {
 
 impl SeqGptGenerator {
     /// Loads the checkpoint in `dir` (config.json, tokenizer.json, weights) and starts its
-    /// engine, which decodes up to `max_batch` sequences at a time.
-    pub fn load(dir: &Path, device: &Device, max_batch: usize) -> Result<Self, GeneratorError> {
+    /// engine, which decodes up to `max_batch` sequences at a time, with its keys and
+    /// values in a paged pool as `paged` says (on CUDA by default).
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        max_batch: usize,
+        paged: &PagedAttention,
+    ) -> Result<Self, GeneratorError> {
         let model = Bloom::load(dir, device)?;
+        let max_batch = max_batch.max(1);
+        let paged = paged_cache(&model, device, paged, max_batch).map_err(|reason| {
+            GeneratorError::Load {
+                model: dir.display().to_string(),
+                reason: format!("summarize.paged_attention: {reason}"),
+            }
+        })?;
         let tokenizer =
             Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| GeneratorError::Load {
                 model: dir.display().to_string(),
                 reason: format!("tokenizer.json: {e}"),
             })?;
+        Self::start(
+            model,
+            tokenizer,
+            max_batch,
+            paged,
+            dir.display().to_string(),
+        )
+    }
+
+    /// Starts the engine thread over a loaded model.
+    fn start(
+        model: Bloom,
+        tokenizer: Tokenizer,
+        max_batch: usize,
+        paged: Option<PagedKv>,
+        name: String,
+    ) -> Result<Self, GeneratorError> {
         let tokenizer = Arc::new(tokenizer);
         let (queue, inbox) = mpsc::channel();
         let engine = Engine {
             model,
             tokenizer: Arc::clone(&tokenizer),
-            max_batch: max_batch.max(1),
+            max_batch,
+            paged,
         };
         std::thread::Builder::new()
             .name("abridge-bloom".into())
             .spawn(move || engine.run(inbox))
             .map_err(|e| GeneratorError::Load {
-                model: dir.display().to_string(),
+                model: name.clone(),
                 reason: format!("starting the engine thread: {e}"),
             })?;
         Ok(Self {
             tokenizer,
-            name: dir.display().to_string(),
+            name,
             queue,
         })
     }
@@ -150,24 +185,98 @@ impl Generator for SeqGptGenerator {
     }
 }
 
+/// The paged KV cache `settings` ask for, or none. On by default on CUDA where the
+/// kernels take the model's head size (otherwise decoding attends on the host); the
+/// budget is `gpu_memory_mb`, or a share of the GPU memory free after loading (half by
+/// default), or on the CPU room for `max_batch` sequences of 4,096 tokens.
+fn paged_cache(
+    model: &Bloom,
+    device: &Device,
+    settings: &PagedAttention,
+    max_batch: usize,
+) -> Result<Option<PagedKv>, String> {
+    let config = model.config();
+    let head_dim = config.hidden_size / config.n_head;
+    let enabled = settings
+        .enabled
+        .unwrap_or(!device.is_cpu() && KERNEL_HEAD_SIZES.contains(&head_dim));
+    if !enabled {
+        return Ok(None);
+    }
+    let block_size = settings.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    let block_bytes = PagedKv::block_bytes(config.n_layer, config.hidden_size, block_size);
+    let budget = match settings.gpu_memory_mb {
+        Some(mb) => mb << 20,
+        None if device.is_cpu() => max_batch * 4096_usize.div_ceil(block_size) * block_bytes,
+        None => {
+            let share = f64::from(settings.gpu_memory_fraction.unwrap_or(0.5));
+            (free_gpu_memory(device)? as f64 * share) as usize
+        }
+    };
+    let blocks = budget / block_bytes;
+    if blocks == 0 {
+        return Err(format!(
+            "a budget of {} MiB holds no block ({} KiB for {block_size} tokens of this model)",
+            budget >> 20,
+            block_bytes >> 10
+        ));
+    }
+    PagedKv::new(
+        blocks,
+        block_size,
+        config.n_layer,
+        config.n_head,
+        head_dim,
+        device,
+    )
+    .map(Some)
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(feature = "cuda")]
+fn free_gpu_memory(device: &Device) -> Result<usize, String> {
+    let cuda = device.as_cuda_device().map_err(|e| e.to_string())?;
+    cuda.cuda_stream()
+        .context()
+        .mem_get_info()
+        .map(|(free, _total)| free)
+        .map_err(|e| format!("asking the GPU for its free memory: {e:?}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn free_gpu_memory(device: &Device) -> Result<usize, String> {
+    Err(format!("{device:?} needs abridge built with `cuda`"))
+}
+
 /// The model and its decoding loop, owned by the engine thread.
 struct Engine {
     model: Bloom,
     tokenizer: Arc<Tokenizer>,
     max_batch: usize,
+    /// The block pool of the keys and values, when attention is paged.
+    paged: Option<PagedKv>,
 }
+
+/// Prompts joining the batch, each with its blocks when attention is paged.
+type Group = Vec<(Pending, Option<BlockTable>)>;
 
 impl Engine {
     /// Serves requests until every sender is gone and the last sequence has finished.
-    fn run(self, inbox: Receiver<Pending>) {
+    fn run(mut self, inbox: Receiver<Pending>) {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
         let mut running: Vec<Running> = Vec::new();
         let mut open = true;
         loop {
-            if running.is_empty() && waiting.is_empty() {
-                match inbox.recv() {
-                    Ok(pending) => waiting.push_back(pending),
-                    Err(_) => return,
+            if running.is_empty() {
+                // Also takes back the blocks of sequences an engine panic dropped.
+                if let Some(kv) = &mut self.paged {
+                    kv.pool.reset();
+                }
+                if waiting.is_empty() {
+                    match inbox.recv() {
+                        Ok(pending) => waiting.push_back(pending),
+                        Err(_) => return,
+                    }
                 }
             }
             while open {
@@ -177,8 +286,7 @@ impl Engine {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            let free = self.max_batch.saturating_sub(running.len());
-            let joining: Vec<Pending> = (0..free).map_while(|_| waiting.pop_front()).collect();
+            let joining = self.take(&mut waiting, running.len());
             // An engine error that panics (a kernel, an index out of range) fails the
             // requests it was serving and nothing else: the batch restarts empty, the
             // model's weights are read-only and unharmed, and later requests are served.
@@ -196,37 +304,82 @@ impl Engine {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a panic".into());
-                for sequence in running.drain(..) {
-                    let _ = sequence
-                        .pending
-                        .reply
-                        .send(Err(GeneratorError::Request(format!(
-                            "BLOOM engine error ({why}); the engine restarted its batch"
-                        ))));
+                for mut sequence in running.drain(..) {
+                    sequence.failed = Some(format!(
+                        "BLOOM engine error ({why}); the engine restarted its batch"
+                    ));
+                    self.finish(sequence);
                 }
             }
         }
     }
 
-    /// Prefills new sequences together and samples their first tokens; returns those
-    /// that go on (the others are answered: failed, or finished after one token). When
-    /// the group's prefill fails, each prompt is tried alone, so that one bad prompt
-    /// fails only its own row.
-    fn admit(&self, group: Vec<Pending>) -> Vec<Running> {
+    /// The waiting prompts that join the batch now: while it has room and, with paged
+    /// attention, while the pool has the blocks for a prompt and its longest answer (a
+    /// prompt that could never fit fails; one that does not fit yet waits for blocks).
+    fn take(&mut self, waiting: &mut VecDeque<Pending>, running: usize) -> Group {
+        let mut group = Vec::new();
+        while running + group.len() < self.max_batch {
+            let Some(next) = waiting.front() else { break };
+            let table = match &mut self.paged {
+                None => None,
+                Some(kv) => {
+                    let tokens = next.prompt.len() + next.request.sampling.max_new_tokens;
+                    let needed = kv.pool.blocks_for(tokens);
+                    if needed > kv.pool.total() {
+                        let reason = format!(
+                            "the prompt and its answer need {tokens} tokens of KV cache \
+                             ({needed} blocks), the cache holds {} blocks: raise \
+                             summarize.paged_attention.gpu_memory_mb, or lower \
+                             max_input_tokens or max_new_tokens",
+                            kv.pool.total()
+                        );
+                        if let Some(pending) = waiting.pop_front() {
+                            let _ = pending.reply.send(Err(GeneratorError::Request(reason)));
+                        }
+                        continue;
+                    }
+                    match kv.pool.reserve(tokens) {
+                        Some(table) => Some(table),
+                        None => break,
+                    }
+                }
+            };
+            if let Some(pending) = waiting.pop_front() {
+                group.push((pending, table));
+            }
+        }
+        group
+    }
+
+    /// Prefills new sequences together and picks their first tokens; returns those that
+    /// go on (the others are answered: failed, or finished after one token). When the
+    /// group's prefill fails, each prompt is tried alone, so that one bad prompt fails
+    /// only its own row.
+    fn admit(&mut self, group: Group) -> Vec<Running> {
         let prompts: Vec<(&[u32], usize)> = group
             .iter()
-            .map(|p| (p.prompt.as_slice(), p.request.sampling.max_new_tokens))
+            .map(|(p, _)| (p.prompt.as_slice(), p.request.sampling.max_new_tokens))
             .collect();
-        let prefilled = match self.model.prefill(&prompts) {
+        let tables: Vec<BlockTable> = group.iter().filter_map(|(_, t)| t.clone()).collect();
+        let draws: Vec<(&GenerationRequest, usize)> =
+            group.iter().map(|(p, _)| (&p.request, 0)).collect();
+        let paged = self.paged.as_mut().map(|kv| (kv, tables.as_slice()));
+        let prefilled = self
+            .model
+            .prefill(&prompts, paged)
+            .and_then(|(logits, caches)| Ok((self.next_tokens(&draws, &logits)?, caches)));
+        let (next, caches) = match prefilled {
             Ok(prefilled) => prefilled,
             Err(_) if group.len() > 1 => {
                 return group
                     .into_iter()
-                    .flat_map(|p| self.admit(vec![p]))
+                    .flat_map(|one| self.admit(vec![one]))
                     .collect();
             }
             Err(e) => {
-                for pending in group {
+                for (pending, table) in group {
+                    self.release(table);
                     let _ = pending
                         .reply
                         .send(Err(GeneratorError::Request(format!("BLOOM: {e}"))));
@@ -235,7 +388,7 @@ impl Engine {
             }
         };
         let mut going_on = Vec::with_capacity(group.len());
-        for (pending, (logits, cache)) in group.into_iter().zip(prefilled) {
+        for (((pending, _), cache), next) in group.into_iter().zip(caches).zip(next) {
             let mut sequence = Running {
                 pending,
                 cache,
@@ -243,7 +396,7 @@ impl Engine {
                 failed: None,
             };
             if sequence.pending.request.sampling.max_new_tokens == 0
-                || self.sample(&mut sequence, &logits)
+                || self.advance(&mut sequence, next)
             {
                 self.finish(sequence);
             } else {
@@ -253,10 +406,10 @@ impl Engine {
         going_on
     }
 
-    /// Feeds every running sequence its newest token and samples the next; finished
+    /// Feeds every running sequence its newest token and picks the next; finished
     /// sequences are answered and leave. A failed step fails the sequences in it (their
     /// rows record why) and the engine goes on with the next requests.
-    fn step(&self, running: &mut Vec<Running>) {
+    fn step(&mut self, running: &mut Vec<Running>) {
         fail::fail_point!("seqgpt::step");
         let tokens: Vec<u32> = running
             .iter()
@@ -266,26 +419,26 @@ impl Engine {
             let mut caches: Vec<&mut SequenceCache> =
                 running.iter_mut().map(|s| &mut s.cache).collect();
             self.model
-                .decode_step(&tokens, &mut caches)
-                .and_then(|l| l.to_vec2::<f32>())
+                .decode_step(&tokens, &mut caches, self.paged.as_mut())
         };
-        let logits = match logits {
-            Ok(logits) => logits,
+        let draws: Vec<(&GenerationRequest, usize)> = running
+            .iter()
+            .map(|s| (&s.pending.request, s.generated.len()))
+            .collect();
+        let next = logits.and_then(|logits| self.next_tokens(&draws, &logits));
+        let next = match next {
+            Ok(next) => next,
             Err(e) => {
-                for sequence in running.drain(..) {
-                    let _ = sequence
-                        .pending
-                        .reply
-                        .send(Err(GeneratorError::Request(format!(
-                            "BLOOM decoding step: {e}"
-                        ))));
+                for mut sequence in running.drain(..) {
+                    sequence.failed = Some(format!("BLOOM decoding step: {e}"));
+                    self.finish(sequence);
                 }
                 return;
             }
         };
         let mut still = Vec::with_capacity(running.len());
-        for (mut sequence, logits) in running.drain(..).zip(logits) {
-            if self.sample(&mut sequence, &logits) {
+        for (mut sequence, next) in running.drain(..).zip(next) {
+            if self.advance(&mut sequence, next) {
                 self.finish(sequence);
             } else {
                 still.push(sequence);
@@ -294,36 +447,73 @@ impl Engine {
         *running = still;
     }
 
-    /// Draws the next token into `sequence`; true when the sequence is done (end of
-    /// sequence drawn, `max_new_tokens` reached, or failed: NaN logits, from broken
-    /// weights or an overflow, fail the row rather than decode garbage).
-    fn sample(&self, sequence: &mut Running, logits: &[f32]) -> bool {
-        if logits.iter().any(|l| l.is_nan()) {
+    /// The next token of each row of `logits` `(rows, vocab)`, drawn for its request at
+    /// its generated position; `None` where the row is NaN (broken weights or an
+    /// overflow), which fails that row rather than decode garbage.
+    fn next_tokens(
+        &self,
+        draws: &[(&GenerationRequest, usize)],
+        logits: &Tensor,
+    ) -> candle_core::Result<Vec<Option<u32>>> {
+        let greedy = draws.iter().all(|(r, _)| r.sampling.temperature <= 0.0);
+        if greedy && !logits.device().is_cpu() {
+            // On a GPU a row of logits is a megabyte (BLOOM's 250,880 words) to copy to
+            // the host per token; only the argmax and a sum (NaN when a logit is) cross.
+            let best = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let sums = logits.sum(D::Minus1)?.to_vec1::<f32>()?;
+            return Ok(best
+                .into_iter()
+                .zip(sums)
+                .map(|(best, sum)| (!sum.is_nan()).then_some(best))
+                .collect());
+        }
+        let rows = logits.to_vec2::<f32>()?;
+        Ok(rows
+            .iter()
+            .zip(draws)
+            .map(|(row, (request, position))| {
+                if row.iter().any(|l| l.is_nan()) {
+                    return None;
+                }
+                let sampling = &request.sampling;
+                let draw = uniform_draw(sampling.seed, request.key, *position as u64);
+                Some(pick_token(row, sampling.temperature, sampling.top_p, draw) as u32)
+            })
+            .collect())
+    }
+
+    /// Takes `next` into `sequence`; true when the sequence is done (end of sequence,
+    /// `max_new_tokens` reached, or NaN logits).
+    fn advance(&self, sequence: &mut Running, next: Option<u32>) -> bool {
+        let Some(next) = next else {
             sequence.failed = Some(format!(
                 "BLOOM: the model's logits are NaN at generated token {}",
                 sequence.generated.len() + 1
             ));
             return true;
-        }
-        let request = &sequence.pending.request;
-        let sampling = &request.sampling;
-        let step = sequence.generated.len() as u64;
-        let draw = uniform_draw(sampling.seed, request.key, step);
-        let next = pick_token(logits, sampling.temperature, sampling.top_p, draw) as u32;
+        };
         if Some(next) == self.model.config().eos_token_id {
             return true;
         }
         sequence.generated.push(next);
-        sequence.generated.len() >= sampling.max_new_tokens
+        sequence.generated.len() >= sequence.pending.request.sampling.max_new_tokens
     }
 
-    fn finish(&self, sequence: Running) {
+    fn release(&mut self, table: Option<BlockTable>) {
+        if let (Some(kv), Some(table)) = (&mut self.paged, table) {
+            kv.pool.release(table);
+        }
+    }
+
+    /// Answers a sequence that is done and gives its blocks back.
+    fn finish(&mut self, sequence: Running) {
         let Running {
             pending,
+            cache,
             generated,
             failed,
-            ..
         } = sequence;
+        self.release(cache.into_blocks());
         if let Some(reason) = failed {
             let _ = pending.reply.send(Err(GeneratorError::Request(reason)));
             return;
@@ -349,7 +539,8 @@ mod tests {
 
     fn fixture() -> (SeqGptGenerator, serde_json::Value, std::path::PathBuf) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
-        let generator = SeqGptGenerator::load(&dir, &Device::Cpu, 4).expect("fixture model");
+        let generator = SeqGptGenerator::load(&dir, &Device::Cpu, 4, &PagedAttention::default())
+            .expect("fixture model");
         let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
         (generator, serde_json::from_str(&text).expect("JSON"), dir)
     }
@@ -422,8 +613,34 @@ mod tests {
     #[tokio::test]
     async fn a_batch_answers_as_one_sequence_at_a_time_does() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-6h");
-        let serial = SeqGptGenerator::load(&dir, &Device::Cpu, 1).expect("model");
-        let batched = SeqGptGenerator::load(&dir, &Device::Cpu, 3).expect("model");
+        let own = PagedAttention::default();
+        let serial = SeqGptGenerator::load(&dir, &Device::Cpu, 1, &own).expect("model");
+        let batched = SeqGptGenerator::load(&dir, &Device::Cpu, 3, &own).expect("model");
+        // The same batch with its keys and values in the blocks of a pool: one large
+        // enough for all (the job file's way), and one of 12 blocks of 4 tokens, where
+        // prompts wait for the blocks of finished sequences, and a prompt longer than the
+        // whole pool fails alone.
+        let pool = PagedAttention {
+            enabled: Some(true),
+            gpu_memory_mb: Some(1),
+            block_size: Some(8),
+            ..PagedAttention::default()
+        };
+        let paged = SeqGptGenerator::load(&dir, &Device::Cpu, 3, &pool).expect("model");
+        let model = Bloom::load(&dir, &Device::Cpu).expect("model");
+        let config = model.config().clone();
+        let small = PagedKv::new(
+            12,
+            4,
+            config.n_layer,
+            config.n_head,
+            config.hidden_size / config.n_head,
+            &Device::Cpu,
+        )
+        .expect("pool");
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
+        let scarce = SeqGptGenerator::start(model, tokenizer, 3, Some(small), "scarce".into())
+            .expect("engine");
         // Eight requests for a batch of three: prompts of different lengths and different
         // budgets, so sequences leave at different steps and waiting ones join mid-way.
         let prompts = [
@@ -451,16 +668,31 @@ mod tests {
                 .into_iter()
                 .map(|g| g.expect("serial answer"))
                 .collect();
-        let together = batched.generate_batch(requests.clone()).await;
-        for ((a, b), r) in one_by_one.iter().zip(together).zip(&requests) {
-            let b = b.expect("batched answer");
-            assert_eq!(
-                (&a.text, a.completion_tokens),
-                (&b.text, b.completion_tokens)
-            );
-            assert!(b.completion_tokens <= r.sampling.max_new_tokens);
+        let too_long = 12 * 4 + 1 - one_by_one[4].prompt_tokens;
+        for (name, engine) in [
+            ("batched", &batched),
+            ("paged", &paged),
+            ("scarce", &scarce),
+        ] {
+            let together = engine.generate_batch(requests.clone()).await;
+            for (i, ((a, b), r)) in one_by_one.iter().zip(together).zip(&requests).enumerate() {
+                let b = b.unwrap_or_else(|e| panic!("{name} {i}: {e}"));
+                assert_eq!(
+                    (&a.text, a.completion_tokens),
+                    (&b.text, b.completion_tokens),
+                    "{name} {i}"
+                );
+                assert!(b.completion_tokens <= r.sampling.max_new_tokens);
+            }
         }
         assert!(one_by_one.iter().any(|g| g.completion_tokens > 3));
+        let mut long = requests[4].clone();
+        long.sampling.max_new_tokens = too_long;
+        let err = scarce.generate(long).await.expect_err("more than the pool");
+        assert!(err.to_string().contains("12 blocks"), "{err}");
+        // The engine goes on.
+        let again = scarce.generate(requests[0].clone()).await.expect("answer");
+        assert_eq!(again.text, one_by_one[0].text);
     }
 
     #[tokio::test]
@@ -478,7 +710,9 @@ mod tests {
         weights.insert(name.into(), broken);
         candle_core::safetensors::save(&weights, copy.path().join("model.safetensors"))
             .expect("save");
-        let generator = SeqGptGenerator::load(copy.path(), &Device::Cpu, 2).expect("model");
+        let generator =
+            SeqGptGenerator::load(copy.path(), &Device::Cpu, 2, &PagedAttention::default())
+                .expect("model");
         for _ in 0..2 {
             let err = generator
                 .generate(request("The printer is offline", 0.0, 1))
