@@ -154,7 +154,10 @@ impl BertEncoder {
         let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
         let types = Tensor::from_vec(types, (n, len), &self.device)?;
         let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &types, padded.then_some(&mask))?;
+        let lens: Vec<usize> = encodings.iter().map(|e| e.len().max(1)).collect();
+        let hidden = self
+            .model
+            .forward(&ids, &types, padded.then_some(&mask), &lens)?;
         let pooled = pool(&hidden, &mask, self.pooling == Pooling::Mean)?;
         Ok(l2_normalize(&pooled)?)
     }

@@ -128,13 +128,15 @@ impl BertNet {
         })
     }
 
-    /// Token vectors `(batch, seq, hidden)` for `ids` and `types` `(batch, seq)`; `mask`
-    /// (1 for tokens, 0 for padding) is `None` when no row is padded.
+    /// Token vectors `(batch, seq, hidden)` for `ids` and `types` `(batch, seq)`, right
+    /// padded: row `b` has `lens[b]` tokens; `mask` (1 for tokens, 0 for padding) is `None`
+    /// when no row is padded.
     pub(super) fn forward(
         &self,
         ids: &Tensor,
         types: &Tensor,
         mask: Option<&Tensor>,
+        lens: &[usize],
     ) -> candle_core::Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let device = ids.device();
@@ -153,7 +155,7 @@ impl BertNet {
             None => None,
         };
         for layer in &self.layers {
-            x = self.layer(layer, &x, batch, seq, mask.as_ref())?;
+            x = self.layer(layer, &x, (batch, seq), mask.as_ref(), lens)?;
         }
         x.reshape((batch, seq, self.hidden))
     }
@@ -162,9 +164,9 @@ impl BertNet {
         &self,
         layer: &Layer,
         x: &Tensor,
-        batch: usize,
-        seq: usize,
+        (batch, seq): (usize, usize),
         mask: Option<&Tensor>,
+        lens: &[usize],
     ) -> candle_core::Result<Tensor> {
         let (heads, head_dim) = (self.heads, self.head_dim);
         // (tokens, 3·hidden) → (3, batch, heads, seq, head_dim), one copy.
@@ -175,11 +177,12 @@ impl BertNet {
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = match mask {
+            _ if scores.device().is_cpu() => super::kernels::masked_softmax(scores, lens)?,
+            Some(mask) => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?,
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
         let context = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -190,7 +193,7 @@ impl BertNet {
             .forward(&(layer.attention_out.forward(&context)? + x)?)?;
         let up = layer.up.forward(&attended)?;
         let up = match layer.act {
-            HiddenAct::Gelu => up.gelu_erf()?,
+            HiddenAct::Gelu => super::kernels::gelu_erf(up)?,
             HiddenAct::GeluApproximate => up.gelu()?,
             HiddenAct::Relu => up.relu()?,
         };

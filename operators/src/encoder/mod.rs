@@ -8,6 +8,7 @@
 
 pub mod bert;
 mod bert_net;
+mod kernels;
 
 use std::path::PathBuf;
 use std::sync::Arc;
