@@ -170,9 +170,7 @@ impl BertNet {
     ) -> candle_core::Result<Tensor> {
         let (heads, head_dim) = (self.heads, self.head_dim);
         // (tokens, 3·hidden) → (3, batch, heads, seq, head_dim), one copy.
-        let qkv = layer
-            .qkv
-            .forward(x)?
+        let qkv = super::kernels::linear(&layer.qkv, x)?
             .reshape((batch, seq, 3, heads, head_dim))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
@@ -190,8 +188,8 @@ impl BertNet {
             .reshape((batch * seq, self.hidden))?;
         let attended = layer
             .attention_norm
-            .forward(&(layer.attention_out.forward(&context)? + x)?)?;
-        let up = layer.up.forward(&attended)?;
+            .forward(&(super::kernels::linear(&layer.attention_out, &context)? + x)?)?;
+        let up = super::kernels::linear(&layer.up, &attended)?;
         let up = match layer.act {
             HiddenAct::Gelu => super::kernels::gelu_erf(up)?,
             HiddenAct::GeluApproximate => up.gelu()?,
@@ -199,7 +197,7 @@ impl BertNet {
         };
         layer
             .out_norm
-            .forward(&(layer.down.forward(&up)? + &attended)?)
+            .forward(&(super::kernels::linear(&layer.down, &up)? + &attended)?)
     }
 }
 

@@ -1,5 +1,5 @@
-//! The encoder's two costliest steps outside its matrix products, as in-place CPU kernels
-//! the compiler vectorizes (candle's are scalar or go through broadcasting copies):
+//! The encoder's costliest steps outside its matrix products, as in-place CPU kernels the
+//! compiler vectorizes (candle's are scalar or go through broadcasting copies):
 //!
 //! - BERT's exact GELU, `x · Φ(x)`: candle calls a scalar `erff` per value. Here the error
 //!   function is Abramowitz & Stegun's 7.1.26 (absolute error under 1.5e-7) over a
@@ -8,8 +8,10 @@
 //!   strided copy as large as the scores) and then takes the softmax. Here each row's
 //!   softmax runs over its real keys and the padded ones get 0, which is what the additive
 //!   mask of the most negative float gives.
+//! - a linear layer's bias added to each row of its product (candle's broadcast add walks a
+//!   strided index per value).
 
-use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
 /// `x · Φ(x)` over `x`, in place on the CPU (candle's own kernel elsewhere).
@@ -20,6 +22,57 @@ pub(super) fn gelu_erf(x: Tensor) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     x.inplace_op1(&GeluErf)?;
     Ok(x)
+}
+
+/// `x · weightᵀ + bias` for `x` `(rows, in)`, the bias added in place on the CPU.
+pub(super) fn linear(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::Module;
+    match layer.bias() {
+        Some(bias) if x.device().is_cpu() && x.rank() == 2 => {
+            let product = x.matmul(&layer.weight().t()?)?.contiguous()?;
+            product.inplace_op2(&bias.contiguous()?, &AddRows)?;
+            Ok(product)
+        }
+        _ => layer.forward(x),
+    }
+}
+
+struct AddRows;
+
+impl InplaceOp2 for AddRows {
+    fn name(&self) -> &'static str {
+        "add-rows-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        rows: &mut CpuStorage,
+        rows_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(rows), CpuStorage::F32(bias)) = (rows, bias) else {
+            candle_core::bail!("add-rows-in-place takes f32 values");
+        };
+        let (Some((start, end)), Some((bias_start, bias_end))) = (
+            rows_layout.contiguous_offsets(),
+            bias_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("add-rows-in-place takes contiguous tensors");
+        };
+        let bias = &bias[bias_start..bias_end];
+        if bias.is_empty() || !(end - start).is_multiple_of(bias.len()) {
+            candle_core::bail!("a bias of {} for {} values", bias.len(), end - start);
+        }
+        rows[start..end]
+            .par_chunks_mut(bias.len() * 64)
+            .for_each(|chunk| {
+                for row in chunk.chunks_exact_mut(bias.len()) {
+                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                }
+            });
+        Ok(())
+    }
 }
 
 /// Softmax over the last dimension of attention scores `(batch, heads, queries, keys)`,
@@ -170,6 +223,21 @@ mod tests {
         assert_eq!(gelu(100.0), 100.0);
         assert_eq!(exp_negative(0.0), 1.0);
         assert!((exp_negative(-1.0) - (-1f32).exp()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn linear_adds_the_bias_to_every_row() {
+        let weight = Tensor::randn(0f32, 1.0, (5, 3), &Device::Cpu).expect("weight");
+        let bias = Tensor::randn(0f32, 1.0, 5, &Device::Cpu).expect("bias");
+        let layer = candle_nn::Linear::new(weight, Some(bias));
+        let x = Tensor::randn(0f32, 1.0, (7, 3), &Device::Cpu).expect("x");
+        let theirs = candle_core::Module::forward(&layer, &x)
+            .and_then(|t| t.to_vec2::<f32>())
+            .expect("candle");
+        let ours = linear(&layer, &x)
+            .and_then(|t| t.to_vec2::<f32>())
+            .expect("ours");
+        assert_eq!(theirs, ours);
     }
 
     #[test]
