@@ -3,13 +3,15 @@
 //! Same weights and numerics as candle-transformers' `BertModel` (and so as
 //! transformers), with less work per layer: the three attention projections are one
 //! matmul (weights concatenated at load, the query pre-scaled by 1/√d so the scores need
-//! no division), the softmax is candle's fused last-dimension kernel, batches without
-//! padding skip the mask, and every projection runs on a 2-D (tokens × hidden) matrix, so
-//! each is one large matmul.
+//! no division), every projection runs on a 2-D (tokens × hidden) matrix, so each is one
+//! large matmul, and on the CPU the bias, the padded softmax and GELU are in-place
+//! vectorized kernels ([`super::kernels`]).
 
 use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
+
+use super::kernels;
 
 pub(super) struct BertNet {
     word: Embedding,
@@ -170,14 +172,14 @@ impl BertNet {
     ) -> candle_core::Result<Tensor> {
         let (heads, head_dim) = (self.heads, self.head_dim);
         // (tokens, 3·hidden) → (3, batch, heads, seq, head_dim), one copy.
-        let qkv = super::kernels::linear(&layer.qkv, x)?
+        let qkv = kernels::linear(&layer.qkv, x)?
             .reshape((batch, seq, 3, heads, head_dim))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
         let scores = q.matmul(&k.t()?)?;
         let probs = match mask {
-            _ if scores.device().is_cpu() => super::kernels::masked_softmax(scores, lens)?,
+            _ if scores.device().is_cpu() => kernels::masked_softmax(scores, lens)?,
             Some(mask) => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?,
             None => candle_nn::ops::softmax_last_dim(&scores)?,
         };
@@ -188,16 +190,16 @@ impl BertNet {
             .reshape((batch * seq, self.hidden))?;
         let attended = layer
             .attention_norm
-            .forward(&(super::kernels::linear(&layer.attention_out, &context)? + x)?)?;
-        let up = super::kernels::linear(&layer.up, &attended)?;
+            .forward(&(kernels::linear(&layer.attention_out, &context)? + x)?)?;
+        let up = kernels::linear(&layer.up, &attended)?;
         let up = match layer.act {
-            HiddenAct::Gelu => super::kernels::gelu_erf(up)?,
+            HiddenAct::Gelu => kernels::gelu_erf(up)?,
             HiddenAct::GeluApproximate => up.gelu()?,
             HiddenAct::Relu => up.relu()?,
         };
         layer
             .out_norm
-            .forward(&(super::kernels::linear(&layer.down, &up)? + &attended)?)
+            .forward(&(kernels::linear(&layer.down, &up)? + &attended)?)
     }
 }
 
