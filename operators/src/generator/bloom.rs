@@ -634,7 +634,7 @@ impl Bloom {
                     let qkv = qkv
                         .narrow(0, offset, len)?
                         .reshape((len, heads, 3, head_dim))?;
-                    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.contiguous();
+                    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
                     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
                     match (&mut paged, &slots) {
                         (Some((kv, _)), Some(slots)) => kv.write(layer, &k, &v, &slots[i])?,
@@ -723,7 +723,7 @@ impl Bloom {
                 for (layer, block) in self.blocks.iter().enumerate() {
                     hidden = self.block_forward(block, &hidden, |qkv| {
                         let qkv = qkv.reshape((batch, heads, 3, head_dim))?;
-                        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.contiguous();
+                        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
                         kv.write(layer, &part(1)?, &part(2)?, step.slots())?;
                         kv.attend(layer, &part(0)?, &step)
                     })?;
