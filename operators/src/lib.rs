@@ -14,6 +14,7 @@ mod error;
 pub mod filter;
 pub mod generator;
 pub mod index;
+mod kernels;
 mod metrics;
 pub mod normalize;
 mod operator;

@@ -5,13 +5,13 @@
 //! matmul (weights concatenated at load, the query pre-scaled by 1/√d so the scores need
 //! no division), every projection runs on a 2-D (tokens × hidden) matrix, so each is one
 //! large matmul, and on the CPU the bias, the padded softmax and GELU are in-place
-//! vectorized kernels ([`super::kernels`]).
+//! vectorized kernels ([`crate::kernels`]).
 
 use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use super::kernels;
+use crate::kernels;
 
 pub(super) struct BertNet {
     word: Embedding,

@@ -8,7 +8,6 @@
 
 pub mod bert;
 mod bert_net;
-mod kernels;
 
 use std::path::PathBuf;
 use std::sync::Arc;

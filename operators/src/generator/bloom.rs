@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use super::paged::{BlockTable, PagedKv};
 use super::{GeneratorError, skinny};
+use crate::kernels;
 
 /// What `config.json` says of a BLOOM checkpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -266,16 +267,14 @@ pub(super) fn attend(
     let mut scores: Vec<f32> = (0..tokens)
         .map(|t| {
             let key = &keys[t * stride + head * dim..][..dim];
-            let dot: f32 = query.iter().zip(key).map(|(q, k)| q * k).sum();
-            dot * scale + slope * t as f32
+            kernels::dot(query, key) * scale + slope * t as f32
         })
         .collect();
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0;
-    for s in &mut scores {
-        *s = (*s - max).exp();
-        total += *s;
-    }
+    scores
+        .iter_mut()
+        .for_each(|s| *s = kernels::exp_negative(*s - max));
+    let total: f32 = kernels::lanes(&scores, 0.0, |a, b| a + b);
     out.fill(0.0);
     for (t, p) in scores.iter().enumerate() {
         let weight = p / total;
@@ -493,7 +492,7 @@ impl Bloom {
         let attended = (self.project(&block.dense, half(1), &context)? + residual)?;
         let normed = block.post_norm.forward(&attended)?;
         let residual = if post { &normed } else { &attended };
-        let up = self.project(&block.up, half(2), &normed)?.gelu()?;
+        let up = kernels::gelu_tanh(self.project(&block.up, half(2), &normed)?)?;
         self.project(&block.down, half(3), &up)? + residual
     }
 
@@ -553,7 +552,7 @@ impl Bloom {
         } else {
             let product = x.matmul(&weight.t()?)?;
             match bias {
-                Some(bias) => product.broadcast_add(bias)?,
+                Some(bias) => kernels::add_rows(product, bias)?,
                 None => product,
             }
         };

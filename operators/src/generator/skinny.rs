@@ -14,7 +14,7 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 32;
 
 /// Weight rows (`n × k`, row-major) as they are kept: f32, or the half precision a
-/// checkpoint came in, widened to f32 block by block as they are read (exactly: every
+/// checkpoint came in, widened to f32 as they are read (exactly: every
 /// f16 and bf16 value is an f32 value), which halves the memory a decoding step reads.
 #[derive(Clone, Copy)]
 pub enum WeightRows<'a> {
@@ -33,9 +33,6 @@ impl WeightRows<'_> {
     }
 }
 
-/// Weight rows per task when they are widened first: the widened block stays in L2.
-const HALF_ROWS_PER_TASK: usize = 8;
-
 /// `out (rows × n) = x (rows × k) · wᵀ (+ bias)`, with `w` `(n × k)` row-major, as a
 /// linear layer stores it.
 pub fn matmul_t(x: &[f32], rows: usize, w: WeightRows, bias: Option<&[f32]>, out: &mut [f32]) {
@@ -50,45 +47,88 @@ pub fn matmul_t(x: &[f32], rows: usize, w: WeightRows, bias: Option<&[f32]>, out
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n, "matmul_t: bias");
     }
-    // Computed weight row by weight row (`n × rows`), then laid out as `rows × n`.
-    let mut by_weight = vec![0f32; n * rows];
-    match w {
-        WeightRows::F32(w) => by_weight
-            .par_chunks_mut(ROWS_PER_TASK * rows)
-            .zip(w.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(out, w)| dot_rows(x, rows, k, w, out)),
-        WeightRows::F16(w) => widened(x, rows, k, w, &mut by_weight, |w, f| {
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(w, f)
-        }),
-        WeightRows::Bf16(w) => widened(x, rows, k, w, &mut by_weight, |w, f| {
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(w, f)
-        }),
+    // Each task takes ROWS_PER_TASK weight rows and writes the matching columns of every
+    // output row, straight where they belong (no transposed copy to allocate and walk).
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(ROWS_PER_TASK))
+        .map(|_| Vec::with_capacity(rows))
+        .collect();
+    for row in out.chunks_mut(n.max(1)) {
+        for (columns, task) in row.chunks_mut(ROWS_PER_TASK).zip(&mut tasks) {
+            task.push(columns);
+        }
     }
-    for (j, column) in by_weight.chunks_exact(rows).enumerate() {
-        let b = bias.map_or(0.0, |b| b[j]);
-        for (r, value) in column.iter().enumerate() {
-            out[r * n + j] = value + b;
+    match w {
+        WeightRows::F32(w) => by_tasks(x, k, w, bias, tasks),
+        WeightRows::F16(w) => by_tasks(x, k, w, bias, tasks),
+        WeightRows::Bf16(w) => by_tasks(x, k, w, bias, tasks),
+    }
+}
+
+fn by_tasks<T: Weight>(
+    x: &[f32],
+    k: usize,
+    w: &[T],
+    bias: Option<&[f32]>,
+    tasks: Vec<Vec<&mut [f32]>>,
+) {
+    tasks
+        .into_par_iter()
+        .zip(w.par_chunks(ROWS_PER_TASK * k))
+        .enumerate()
+        .for_each(|(t, (mut out, w))| {
+            let bias = bias.map(|b| &b[t * ROWS_PER_TASK..][..w.len() / k]);
+            dot_rows(x, k, w, bias, &mut out);
+        });
+}
+
+/// A weight value as stored: f32, used where it lies, or half precision, widened to f32
+/// two rows at a time into a buffer that stays in L1 (exactly: every f16 and bf16 value
+/// is an f32 value), which halves the memory a decoding step reads. (Widening in the
+/// product's loop instead, eight values at a time, went through a stack copy per call
+/// and ran at half the speed.)
+trait Weight: Copy + Sync {
+    fn widen(values: &[Self], out: &mut [f32]);
+    /// The values themselves when they are f32 already.
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        let _ = values;
+        None
+    }
+}
+
+impl Weight for f32 {
+    fn widen(values: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(values);
+    }
+    fn as_f32(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+}
+
+impl Weight for half::f16 {
+    /// From the bits, in a loop the compiler vectorizes (the `half` crate's slice
+    /// conversion calls its F16C kernel through a function pointer per eight values): the
+    /// exponent and mantissa moved into an f32's place and scaled by 2^112, the difference
+    /// of the exponent biases, which gets subnormals right too; infinities and NaNs keep
+    /// an all-ones exponent.
+    fn widen(values: &[half::f16], out: &mut [f32]) {
+        for (o, h) in out.iter_mut().zip(values) {
+            let bits = u32::from(h.to_bits());
+            let magnitude = bits & 0x7fff;
+            let sign = (bits & 0x8000) << 16;
+            let finite = (f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000)).to_bits();
+            let special = (magnitude << 13) | 0x7f80_0000;
+            *o = f32::from_bits(if magnitude >= 0x7c00 { special } else { finite } | sign);
         }
     }
 }
 
-/// [`dot_rows`] over half-precision weights, widened a block of rows at a time.
-fn widened<T: Sync>(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    w: &[T],
-    by_weight: &mut [f32],
-    widen: impl Fn(&[T], &mut [f32]) + Sync,
-) {
-    by_weight
-        .par_chunks_mut(HALF_ROWS_PER_TASK * rows)
-        .zip(w.par_chunks(HALF_ROWS_PER_TASK * k))
-        .for_each_init(Vec::new, |block, (out, w)| {
-            block.resize(w.len(), 0.0);
-            widen(w, block);
-            dot_rows(x, rows, k, block, out);
-        });
+impl Weight for half::bf16 {
+    /// bf16 is the high half of an f32.
+    fn widen(values: &[half::bf16], out: &mut [f32]) {
+        for (o, h) in out.iter_mut().zip(values) {
+            *o = f32::from_bits(u32::from(h.to_bits()) << 16);
+        }
+    }
 }
 
 /// Lanes of one SIMD register (AVX2: 8 × f32); the loops below are written over arrays of
@@ -113,51 +153,75 @@ fn multiply_add(acc: &mut Lanes, a: &Lanes, b: &Lanes) {
     }
 }
 
-/// `out[j * rows + r] = w_j · x_r` for the weight rows `w` (each `k` long), two weight rows
-/// against four input rows at a time: eight accumulators, each weight block loaded once
-/// and used for four inputs (input rows stay in L1; weights stream from memory once).
-fn dot_rows(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
-    fn split(row: &[f32]) -> (&[Lanes], &[f32]) {
-        row.as_chunks::<LANES>()
-    }
-    let n = w.len() / k;
-    let x_rows: Vec<(&[Lanes], &[f32])> = x.chunks_exact(k).map(split).collect();
+/// `out[r][j] = w_j · x_r (+ bias[j])` for the weight rows `w` (each `k` long), two weight
+/// rows against four input rows at a time ([`block_2x4`]); weights stream from memory once.
+fn dot_rows<T: Weight>(x: &[f32], k: usize, w: &[T], bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+    let (rows, n) = (out.len(), w.len() / k);
+    let x_rows: Vec<(&[Lanes], &[f32])> = x.chunks_exact(k).map(<[f32]>::as_chunks).collect();
+    let mut widened = Vec::new();
     let mut j = 0;
     while j < n {
         let pair = (n - j).min(2);
+        let stored = &w[j * k..(j + pair) * k];
+        let pair_rows = T::as_f32(stored).unwrap_or_else(|| {
+            widened.resize(stored.len(), 0.0);
+            T::widen(stored, &mut widened);
+            &widened
+        });
         let w_rows = [
-            split(&w[j * k..(j + 1) * k]),
-            split(&w[(j + pair - 1) * k..(j + pair) * k]),
+            pair_rows[..k].as_chunks::<LANES>(),
+            pair_rows[(pair - 1) * k..].as_chunks::<LANES>(),
         ];
         let mut r = 0;
         while r < rows {
             let quad = (rows - r).min(4);
             let xs: [(&[Lanes], &[f32]); 4] = std::array::from_fn(|i| x_rows[r + i.min(quad - 1)]);
-            // Eight accumulators named by constant indices (zipped iterators, no indexing
-            // in the loop) so that they live in registers.
-            let mut acc = [[0f32; LANES]; 8];
-            let pairs = w_rows[0].0.iter().zip(w_rows[1].0);
-            let inputs = xs[0].0.iter().zip(xs[1].0).zip(xs[2].0.iter().zip(xs[3].0));
-            for ((a0, a1), ((v0, v1), (v2, v3))) in pairs.zip(inputs) {
-                multiply_add(&mut acc[0], a0, v0);
-                multiply_add(&mut acc[1], a0, v1);
-                multiply_add(&mut acc[2], a0, v2);
-                multiply_add(&mut acc[3], a0, v3);
-                multiply_add(&mut acc[4], a1, v0);
-                multiply_add(&mut acc[5], a1, v1);
-                multiply_add(&mut acc[6], a1, v2);
-                multiply_add(&mut acc[7], a1, v3);
-            }
+            let acc = block_2x4(
+                w_rows[0].0,
+                w_rows[1].0,
+                [xs[0].0, xs[1].0, xs[2].0, xs[3].0],
+            );
             for (p, (_, w_tail)) in w_rows.iter().enumerate().take(pair) {
                 for (i, (_, x_tail)) in xs.iter().enumerate().take(quad) {
                     let rest: f32 = w_tail.iter().zip(*x_tail).map(|(a, b)| a * b).sum();
-                    out[(j + p) * rows + r + i] = acc[4 * p + i].iter().sum::<f32>() + rest;
+                    let b = bias.map_or(0.0, |b| b[j + p]);
+                    out[r + i][j + p] = acc[4 * p + i].iter().sum::<f32>() + rest + b;
                 }
             }
             r += quad;
         }
         j += pair;
     }
+}
+
+/// The dot products of two weight rows with four input rows, over whole lanes. The eight
+/// accumulators are separate locals: an array indexed after the loop is kept in memory
+/// and stored on every iteration (that alone took a third of the time). Each weight block
+/// is widened and loaded once for four inputs.
+#[inline(always)]
+fn block_2x4(w0: &[Lanes], w1: &[Lanes], x: [&[Lanes]; 4]) -> [Lanes; 8] {
+    let [
+        mut c0,
+        mut c1,
+        mut c2,
+        mut c3,
+        mut c4,
+        mut c5,
+        mut c6,
+        mut c7,
+    ] = [[0f32; LANES]; 8];
+    let inputs = x[0].iter().zip(x[1]).zip(x[2].iter().zip(x[3]));
+    for ((a0, a1), ((v0, v1), (v2, v3))) in w0.iter().zip(w1).zip(inputs) {
+        multiply_add(&mut c0, a0, v0);
+        multiply_add(&mut c1, a0, v1);
+        multiply_add(&mut c2, a0, v2);
+        multiply_add(&mut c3, a0, v3);
+        multiply_add(&mut c4, a1, v0);
+        multiply_add(&mut c5, a1, v1);
+        multiply_add(&mut c6, a1, v2);
+        multiply_add(&mut c7, a1, v3);
+    }
+    [c0, c1, c2, c3, c4, c5, c6, c7]
 }
 
 #[cfg(test)]
@@ -201,6 +265,21 @@ mod tests {
                     prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_f16_widens_exactly() {
+        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let mut ours = vec![0f32; all.len()];
+        half::f16::widen(&all, &mut ours);
+        for (h, v) in all.iter().zip(ours) {
+            let expected = h.to_f32();
+            assert!(
+                expected.to_bits() == v.to_bits() || (expected.is_nan() && v.is_nan()),
+                "{:#x}: {expected} vs {v}",
+                h.to_bits()
+            );
         }
     }
 }

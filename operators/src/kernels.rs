@@ -1,9 +1,13 @@
-//! The encoder's costliest steps outside its matrix products, as in-place CPU kernels the
-//! compiler vectorizes (candle's are scalar or go through broadcasting copies):
+//! The models' costliest steps outside their matrix products (the encoder's and BLOOM's),
+//! as in-place CPU kernels the compiler vectorizes (candle's are scalar or go through
+//! broadcasting copies, and allocate a fresh tensor each, which for a prefill's activations
+//! means fresh pages from the kernel every time):
 //!
 //! - BERT's exact GELU, `x · Φ(x)`: candle calls a scalar `erff` per value. Here the error
 //!   function is Abramowitz & Stegun's 7.1.26 (absolute error under 1.5e-7) over a
 //!   branch-free `exp`.
+//! - BLOOM's tanh GELU, `½x(1 + tanh(u))`: candle calls scalar `tanhf`. Here as the equal
+//!   `x · σ(2u)`, over the same `exp`.
 //! - the attention softmax over right-padded keys: candle adds a broadcast mask tensor (a
 //!   strided copy as large as the scores) and then takes the softmax. Here each row's
 //!   softmax runs over its real keys and the padded ones get 0, which is what the additive
@@ -15,7 +19,7 @@ use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
 /// `x · Φ(x)` over `x`, in place on the CPU (candle's own kernel elsewhere).
-pub(super) fn gelu_erf(x: Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn gelu_erf(x: Tensor) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return x.gelu_erf();
     }
@@ -24,17 +28,37 @@ pub(super) fn gelu_erf(x: Tensor) -> candle_core::Result<Tensor> {
     Ok(x)
 }
 
+/// BLOOM's tanh-approximated GELU over `x`, in place on the CPU (candle's own kernel
+/// elsewhere).
+pub(crate) fn gelu_tanh(x: Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return x.gelu();
+    }
+    let x = x.contiguous()?;
+    x.inplace_op1(&GeluTanh)?;
+    Ok(x)
+}
+
 /// `x · weightᵀ + bias` for `x` `(rows, in)`, the bias added in place on the CPU.
-pub(super) fn linear(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn linear(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     use candle_core::Module;
     match layer.bias() {
         Some(bias) if x.device().is_cpu() && x.rank() == 2 => {
-            let product = x.matmul(&layer.weight().t()?)?.contiguous()?;
-            product.inplace_op2(&bias.contiguous()?, &AddRows)?;
-            Ok(product)
+            add_rows(x.matmul(&layer.weight().t()?)?, bias)
         }
         _ => layer.forward(x),
     }
+}
+
+/// `product (rows, n) + bias (n)` added to every row: in place on the CPU, a broadcast add
+/// elsewhere.
+pub(crate) fn add_rows(product: Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    if !product.device().is_cpu() || product.dtype() != candle_core::DType::F32 {
+        return product.broadcast_add(bias);
+    }
+    let product = product.contiguous()?;
+    product.inplace_op2(&bias.contiguous()?, &AddRows)?;
+    Ok(product)
 }
 
 struct AddRows;
@@ -77,7 +101,7 @@ impl InplaceOp2 for AddRows {
 
 /// Softmax over the last dimension of attention scores `(batch, heads, queries, keys)`,
 /// in place, where batch row `b` has `lens[b]` real keys (the rest are padding).
-pub(super) fn masked_softmax(scores: Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
+pub(crate) fn masked_softmax(scores: Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
     let (batch, heads, queries, keys) = scores.dims4()?;
     if lens.len() != batch || lens.iter().any(|&l| l == 0 || l > keys) {
         candle_core::bail!("key lengths {lens:?} for scores {:?}", scores.dims());
@@ -138,23 +162,60 @@ impl InplaceOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(values) = storage else {
-            candle_core::bail!("gelu-erf-in-place takes f32 values");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu-erf-in-place takes a contiguous tensor");
-        };
-        values[start..end]
-            .par_chunks_mut(1 << 14)
-            .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = gelu(*v)));
-        Ok(())
+        map_in_place(self.name(), storage, layout, gelu)
     }
+}
+
+struct GeluTanh;
+
+impl InplaceOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        map_in_place(self.name(), storage, layout, gelu_tanh_value)
+    }
+}
+
+/// `f` applied to every value of a contiguous f32 tensor, in parallel chunks.
+fn map_in_place(
+    name: &str,
+    storage: &mut CpuStorage,
+    layout: &Layout,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> candle_core::Result<()> {
+    let CpuStorage::F32(values) = storage else {
+        candle_core::bail!("{name} takes f32 values");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{name} takes a contiguous tensor");
+    };
+    values[start..end]
+        .par_chunks_mut(1 << 14)
+        .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = f(*v)));
+    Ok(())
+}
+
+/// `a · b` in 8 lanes (a plain sum of products is a chain of dependent scalar adds).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a_lanes, a_rest) = a.as_chunks::<8>();
+    let (b_lanes, b_rest) = b.as_chunks::<8>();
+    for (x, y) in a_lanes.iter().zip(b_lanes) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    let rest: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + rest
 }
 
 /// `values` folded with `op` in 8 lanes, then the lanes together: a shape the compiler
 /// vectorizes (a plain fold must keep its order, one value at a time).
 #[inline]
-fn lanes(values: &[f32], start: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn lanes(values: &[f32], start: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [start; 8];
     let chunks = values.chunks_exact(8);
     let rest = chunks.remainder();
@@ -180,10 +241,21 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * one_plus_erf
 }
 
+/// `½x(1 + tanh(u))`, `u = √(2/π)(x + 0.044715x³)`, as `x · σ(2u)` (the same value: `1 +
+/// tanh(u) = 2σ(2u)`), with `σ` from `e^(−2|u|)` so that the exponential never overflows.
+#[inline]
+fn gelu_tanh_value(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
+    let e = exp_negative(-2.0 * u.abs());
+    let sigmoid = if u >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    x * sigmoid
+}
+
 /// `e^x` for `x ≤ 0` (Cephes' `expf`: `2^n · e^r`, |r| ≤ ln 2 / 2, degree-6 polynomial);
 /// 0 below −87, where f32 would turn subnormal.
 #[inline]
-fn exp_negative(x: f32) -> f32 {
+pub(crate) fn exp_negative(x: f32) -> f32 {
     let x = x.max(-87.0);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
@@ -223,6 +295,40 @@ mod tests {
         assert_eq!(gelu(100.0), 100.0);
         assert_eq!(exp_negative(0.0), 1.0);
         assert!((exp_negative(-1.0) - (-1f32).exp()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn matches_candles_gelu_tanh() {
+        let values: Vec<f32> = (-20_000..=20_000).map(|i| i as f32 * 6e-4).collect();
+        let reference = Tensor::new(values.as_slice(), &Device::Cpu)
+            .and_then(|t| t.gelu())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("candle");
+        let ours = gelu_tanh(Tensor::new(values.as_slice(), &Device::Cpu).expect("tensor"))
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("ours");
+        for ((x, a), b) in values.iter().zip(&reference).zip(&ours) {
+            assert!(
+                (a - b).abs() <= 4e-7 * x.abs().max(1.0),
+                "gelu_tanh({x}): {a} vs {b}"
+            );
+        }
+        assert!(gelu_tanh_value(-100.0).abs() < 1e-30);
+        assert_eq!(gelu_tanh_value(100.0), 100.0);
+        assert_eq!(gelu_tanh_value(0.0), 0.0);
+    }
+
+    #[test]
+    fn dot_is_the_sum_of_products() {
+        for len in [0, 1, 7, 8, 9, 64, 100] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let expected: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x * y)).sum();
+            assert!(
+                (f64::from(dot(&a, &b)) - expected).abs() < 1e-5,
+                "length {len}"
+            );
+        }
     }
 
     #[test]
