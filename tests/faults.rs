@@ -335,7 +335,14 @@ fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
                     child.wait()?;
                     kills += 1;
                     files_at_kill.insert(only_run(&output).map_or(0, |d| published(&d)));
-                    continue;
+                    // A kill can land after the commit, while the process exits: that
+                    // run is finished, and there is nothing left to resume.
+                    let committed = only_run(&output)
+                        .and_then(|d| Ok(RunManifest::read(&d)?.status == RunStatus::Committed));
+                    if !committed.unwrap_or(false) {
+                        continue;
+                    }
+                    break;
                 }
             }
             let out = child.wait_with_output()?;

@@ -12,7 +12,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{D, Device, Tensor};
 use futures::channel::oneshot;
@@ -25,6 +25,9 @@ use super::{
     Generation, GenerationRequest, Generator, GeneratorError, PagedAttention, pick_token,
     uniform_draw,
 };
+
+/// How long an idle engine waits, after a request, for the others of its burst.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// A BLOOM checkpoint ready to summarize.
 pub struct SeqGptGenerator {
@@ -276,6 +279,18 @@ impl Engine {
                     match inbox.recv() {
                         Ok(pending) => waiting.push_back(pending),
                         Err(_) => return,
+                    }
+                    // Requests come in bursts (a batch of rows): an idle engine waits a
+                    // moment for the rest so that they are prefilled as one batch, not
+                    // the first alone (a 128-token prompt alone took 1.2 s on the 560m
+                    // shape, eight together 0.6 s each).
+                    let deadline = Instant::now() + GATHER;
+                    while waiting.len() < self.max_batch {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match inbox.recv_timeout(left) {
+                            Ok(pending) => waiting.push_back(pending),
+                            Err(_) => break,
+                        }
                     }
                 }
             }
