@@ -14,8 +14,7 @@ use rayon::prelude::*;
 const ROWS_PER_TASK: usize = 32;
 
 /// Weight rows (`n × k`, row-major) as they are kept: f32, or the half precision a
-/// checkpoint came in, widened to f32 as they are read (exactly: every
-/// f16 and bf16 value is an f32 value), which halves the memory a decoding step reads.
+/// checkpoint came in, widened to f32 as they are read (see [`Weight`]).
 #[derive(Clone, Copy)]
 pub enum WeightRows<'a> {
     F32(&'a [f32]),
@@ -64,6 +63,7 @@ pub fn matmul_t(x: &[f32], rows: usize, w: WeightRows, bias: Option<&[f32]>, out
     }
 }
 
+/// The tasks in parallel, task `t` over weight rows `t × ROWS_PER_TASK…`.
 fn by_tasks<T: Weight>(
     x: &[f32],
     k: usize,
