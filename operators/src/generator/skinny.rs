@@ -87,20 +87,13 @@ fn by_tasks<T: Weight>(
 /// product's loop instead, eight values at a time, went through a stack copy per call
 /// and ran at half the speed.)
 trait Weight: Copy + Sync {
-    fn widen(values: &[Self], out: &mut [f32]);
-    /// The values themselves when they are f32 already.
-    fn as_f32(values: &[Self]) -> Option<&[f32]> {
-        let _ = values;
-        None
-    }
+    /// `values` as f32: themselves, or widened into `buffer`.
+    fn as_f32<'a>(values: &'a [Self], buffer: &'a mut Vec<f32>) -> &'a [f32];
 }
 
 impl Weight for f32 {
-    fn widen(values: &[f32], out: &mut [f32]) {
-        out.copy_from_slice(values);
-    }
-    fn as_f32(values: &[f32]) -> Option<&[f32]> {
-        Some(values)
+    fn as_f32<'a>(values: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        values
     }
 }
 
@@ -110,8 +103,9 @@ impl Weight for half::f16 {
     /// exponent and mantissa moved into an f32's place and scaled by 2^112, the difference
     /// of the exponent biases, which gets subnormals right too; infinities and NaNs keep
     /// an all-ones exponent.
-    fn widen(values: &[half::f16], out: &mut [f32]) {
-        for (o, h) in out.iter_mut().zip(values) {
+    fn as_f32<'a>(values: &'a [half::f16], buffer: &'a mut Vec<f32>) -> &'a [f32] {
+        buffer.resize(values.len(), 0.0);
+        for (o, h) in buffer.iter_mut().zip(values) {
             let bits = u32::from(h.to_bits());
             let magnitude = bits & 0x7fff;
             let sign = (bits & 0x8000) << 16;
@@ -119,15 +113,18 @@ impl Weight for half::f16 {
             let special = (magnitude << 13) | 0x7f80_0000;
             *o = f32::from_bits(if magnitude >= 0x7c00 { special } else { finite } | sign);
         }
+        buffer
     }
 }
 
 impl Weight for half::bf16 {
     /// bf16 is the high half of an f32.
-    fn widen(values: &[half::bf16], out: &mut [f32]) {
-        for (o, h) in out.iter_mut().zip(values) {
+    fn as_f32<'a>(values: &'a [half::bf16], buffer: &'a mut Vec<f32>) -> &'a [f32] {
+        buffer.resize(values.len(), 0.0);
+        for (o, h) in buffer.iter_mut().zip(values) {
             *o = f32::from_bits(u32::from(h.to_bits()) << 16);
         }
+        buffer
     }
 }
 
@@ -163,11 +160,7 @@ fn dot_rows<T: Weight>(x: &[f32], k: usize, w: &[T], bias: Option<&[f32]>, out: 
     while j < n {
         let pair = (n - j).min(2);
         let stored = &w[j * k..(j + pair) * k];
-        let pair_rows = T::as_f32(stored).unwrap_or_else(|| {
-            widened.resize(stored.len(), 0.0);
-            T::widen(stored, &mut widened);
-            &widened
-        });
+        let pair_rows = T::as_f32(stored, &mut widened);
         let w_rows = [
             pair_rows[..k].as_chunks::<LANES>(),
             pair_rows[(pair - 1) * k..].as_chunks::<LANES>(),
@@ -271,9 +264,9 @@ mod tests {
     #[test]
     fn every_f16_widens_exactly() {
         let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
-        let mut ours = vec![0f32; all.len()];
-        half::f16::widen(&all, &mut ours);
-        for (h, v) in all.iter().zip(ours) {
+        let mut buffer = Vec::new();
+        let ours = half::f16::as_f32(&all, &mut buffer);
+        for (h, &v) in all.iter().zip(ours) {
             let expected = h.to_f32();
             assert!(
                 expected.to_bits() == v.to_bits() || (expected.is_nan() && v.is_nan()),
