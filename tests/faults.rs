@@ -132,16 +132,23 @@ fn reference_run(dir: &Path, job: &Path) -> Result<Reference, Box<dyn std::error
     })
 }
 
-/// The only run folder of an output table.
-fn only_run(output: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let runs: Vec<PathBuf> = std::fs::read_dir(output)?
+/// The run folders of an output table (none when it does not exist yet).
+fn run_dirs(output: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(output)
+        .into_iter()
+        .flatten()
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(RUN_DIR_PREFIX))
         })
-        .collect();
+        .collect()
+}
+
+/// The only run folder of an output table.
+fn only_run(output: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let runs = run_dirs(output);
     assert_eq!(runs.len(), 1, "one run in {}: {runs:?}", output.display());
     Ok(runs[0].clone())
 }
@@ -334,12 +341,15 @@ fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
                     child.kill()?; // SIGKILL
                     child.wait()?;
                     kills += 1;
-                    files_at_kill.insert(only_run(&output).map_or(0, |d| published(&d)));
-                    // A kill can land after the commit, while the process exits: that
-                    // run is finished, and there is nothing left to resume.
-                    let committed = only_run(&output)
-                        .and_then(|d| Ok(RunManifest::read(&d)?.status == RunStatus::Committed));
-                    if !committed.unwrap_or(false) {
+                    // The kill may land before the run folder exists (nothing to resume
+                    // yet: `--resume` starts the first run) or after the commit, while the
+                    // process exits (the run is finished: nothing left to resume).
+                    let run = run_dirs(&output).into_iter().next();
+                    files_at_kill.insert(run.as_deref().map_or(0, published));
+                    let committed = run.is_some_and(|d| {
+                        RunManifest::read(&d).is_ok_and(|m| m.status == RunStatus::Committed)
+                    });
+                    if !committed {
                         continue;
                     }
                     break;
