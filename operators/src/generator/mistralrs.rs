@@ -563,16 +563,16 @@ pub fn f32_copy(source: &Path, cache: &Path) -> Result<PathBuf, String> {
         &hash[..16],
         std::process::id()
     ));
+    let writing = format!("writing {}", partial.display());
     let written = File::create(&partial)
-        .map_err(|e| io(&format!("writing {}", partial.display()), e))
+        .map_err(|e| io(&writing, e))
         .and_then(|f| {
             let mut out = std::io::BufWriter::new(f);
-            gguf_file::write(&mut out, &metadata, &named)
-                .map_err(|e| format!("writing {}: {e}", partial.display()))?;
+            gguf_file::write(&mut out, &metadata, &named).map_err(|e| format!("{writing}: {e}"))?;
             out.into_inner()
-                .map_err(|e| io(&format!("writing {}", partial.display()), e.into_error()))?
+                .map_err(|e| io(&writing, e.into_error()))?
                 .sync_all()
-                .map_err(|e| io(&format!("writing {}", partial.display()), e))
+                .map_err(|e| io(&writing, e))
         })
         .and_then(|()| {
             std::fs::rename(&partial, &target)
