@@ -30,3 +30,13 @@ pub use operator::{BatchTransform, Operator, TransformStage, map_batches, then_b
 
 /// DataFusion's stream of record batches: what every operator consumes and produces.
 pub use datafusion::execution::SendableRecordBatchStream;
+
+/// abridge's cache folder: `$ABRIDGE_CACHE`, else `~/.cache/abridge` (the scripts' too).
+pub fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("ABRIDGE_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/abridge")
+        })
+}

@@ -68,7 +68,7 @@ pub async fn summarize_stage(
                 device,
                 isq: config.isq.clone(),
                 dequantize: config.dequantize,
-                f32_cache: abridge_operators::encoder::bert::cache_dir().join("f32"),
+                f32_cache: abridge_operators::cache_dir().join("f32"),
                 max_num_seqs: config.in_flight(),
                 paged_attention,
                 prompt_format: match config.prompt_format {

@@ -271,21 +271,12 @@ fn json<T: for<'de> Deserialize<'de>>(
     })
 }
 
-/// abridge's cache folder: `$ABRIDGE_CACHE`, else `~/.cache/abridge` (the scripts' too).
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("ABRIDGE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/abridge")
-        })
-}
-
 /// The model folder a test or benchmark uses: `$ABRIDGE_MODELS/<name>`, else the cache
 /// that scripts/fetch-models fills.
 pub fn cached_model_dir(name: &str) -> PathBuf {
     let models = std::env::var_os("ABRIDGE_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join("models"));
+        .unwrap_or_else(|| crate::cache_dir().join("models"));
     models.join(name)
 }
 

@@ -606,7 +606,8 @@ fn has_chat_template(source: &Source) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encoder::bert::{cache_dir, cached_model_dir};
+    use crate::cache_dir;
+    use crate::encoder::bert::cached_model_dir;
 
     async fn smollm2(max_num_seqs: usize) -> MistralRsGenerator {
         let options = MistralRsOptions {
