@@ -235,6 +235,16 @@ fn causal_mask(past: usize, new: usize, device: &Device) -> candle_core::Result<
     Tensor::from_vec(values, (new, tokens), device)
 }
 
+/// A prompt's causal mask plus ALiBi (`slopes` `(heads, 1, 1)` × key position),
+/// `(heads, len, len)`.
+fn causal_alibi(len: usize, slopes: &Tensor, device: &Device) -> candle_core::Result<Tensor> {
+    let positions: Vec<f32> = (0..len).map(|j| j as f32).collect();
+    let positions = Tensor::from_vec(positions, (1, 1, len), device)?;
+    causal_mask(0, len, device)?
+        .reshape((1, len, len))?
+        .broadcast_add(&slopes.broadcast_mul(&positions)?)
+}
+
 /// Runs `f` on the values of a contiguous f32 tensor in CPU memory, where they lie.
 fn with_cpu_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
@@ -592,28 +602,24 @@ impl Bloom {
             spans.push((offset, prompt.len()));
             offset += prompt.len();
         }
-        let slots = match &paged {
-            Some((kv, tables)) => Some(
-                tables
+        // With paged attention, per prompt: its slots in the pool, and its causal mask
+        // plus ALiBi, shared by all blocks.
+        let paged_prompts = match &paged {
+            Some((kv, tables)) => {
+                let slopes =
+                    Tensor::new(alibi_slopes(heads), &self.device)?.reshape((heads, 1, 1))?;
+                let prompts = tables
                     .iter()
                     .zip(&spans)
-                    .map(|(table, &(_, len))| kv.prompt_slots(table, len))
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-            ),
+                    .map(|(table, &(_, len))| {
+                        let bias = causal_alibi(len, &slopes, &self.device)?;
+                        Ok((kv.prompt_slots(table, len)?, bias))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Some(prompts)
+            }
             None => None,
         };
-        let slopes = Tensor::new(alibi_slopes(heads), &self.device)?.reshape((heads, 1, 1))?;
-        // Per prompt, the causal mask plus ALiBi (slope × key position), shared by blocks.
-        let biases = spans
-            .iter()
-            .map(|&(_, len)| {
-                let positions: Vec<f32> = (0..len).map(|j| j as f32).collect();
-                let positions = Tensor::from_vec(positions, (1, 1, len), &self.device)?;
-                causal_mask(0, len, &self.device)?
-                    .reshape((1, len, len))?
-                    .broadcast_add(&slopes.broadcast_mul(&positions)?)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let ids: Vec<u32> = prompts
             .iter()
             .flat_map(|(p, _)| p.iter().copied())
@@ -627,39 +633,31 @@ impl Bloom {
             .map(|_| Vec::with_capacity(self.config.n_layer))
             .collect();
         for (layer, block) in self.blocks.iter().enumerate() {
-            hidden = self.block_forward(block, &hidden, |qkv| {
-                let mut contexts = Vec::with_capacity(spans.len());
-                for (i, &(offset, len)) in spans.iter().enumerate() {
-                    let qkv = qkv
-                        .narrow(0, offset, len)?
-                        .reshape((len, heads, 3, head_dim))?;
-                    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
-                    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-                    match (&mut paged, &slots) {
-                        (Some((kv, _)), Some(slots)) => kv.write(layer, &k, &v, &slots[i])?,
-                        _ => {
-                            // Each token's heads in a row, with room to grow.
-                            let capacity = (len + prompts[i].1) * hidden_size;
-                            let rows = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-                                let mut out = Vec::with_capacity(capacity);
-                                out.extend(t.flatten_all()?.to_vec1::<f32>()?);
-                                Ok(out)
-                            };
-                            own[i].push((rows(&k)?, rows(&v)?));
-                        }
+            hidden = self.block_forward(block, &hidden, |qkv| match &mut paged {
+                None => self.attend_prompts_own(&qkv, &spans, prompts, &mut own),
+                Some((kv, _)) => {
+                    let paged_prompts = paged_prompts.as_deref().unwrap_or_default();
+                    let mut contexts = Vec::with_capacity(spans.len());
+                    for (&(offset, len), (slots, bias)) in spans.iter().zip(paged_prompts) {
+                        let qkv = qkv
+                            .narrow(0, offset, len)?
+                            .reshape((len, heads, 3, head_dim))?;
+                        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
+                        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                        kv.write(layer, &k, &v, slots)?;
+                        let heads_first = |t: Tensor| t.transpose(0, 1)?.contiguous();
+                        let (q, k, v) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
+                        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+                        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                        contexts.push(
+                            probs
+                                .matmul(&v)?
+                                .transpose(0, 1)?
+                                .reshape((len, hidden_size))?,
+                        );
                     }
-                    let heads_first = |t: Tensor| t.transpose(0, 1)?.contiguous();
-                    let (q, k, v) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
-                    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&biases[i])?;
-                    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                    contexts.push(
-                        probs
-                            .matmul(&v)?
-                            .transpose(0, 1)?
-                            .reshape((len, hidden_size))?,
-                    );
+                    Tensor::cat(&contexts, 0)
                 }
-                Tensor::cat(&contexts, 0)
             })?;
         }
         // Only the last position's logits: the LM head is the largest matrix of a small
@@ -740,6 +738,70 @@ impl Bloom {
             cache.len += 1;
         }
         self.lm_head(&self.final_norm.forward(&hidden)?)
+    }
+
+    /// A prefill's attention over caches of their own: each prompt's keys and values
+    /// become its cache rows (with room for its answer), then every (token, head) attends
+    /// causally over its prompt with [`attend`], in parallel. In Rust rather than as
+    /// tensor ops per prompt: those spent more time copying and launching (narrow,
+    /// transpose, mask) than multiplying, 0.75 s of a 5.5 s prefill of eight 128-token
+    /// prompts on the 560m shape.
+    fn attend_prompts_own(
+        &self,
+        qkv: &Tensor,
+        spans: &[(usize, usize)],
+        prompts: &[(&[u32], usize)],
+        own: &mut [Vec<(Vec<f32>, Vec<f32>)>],
+    ) -> candle_core::Result<Tensor> {
+        let (hidden_size, heads) = (self.config.hidden_size, self.config.n_head);
+        let head_dim = hidden_size / heads;
+        let slopes = alibi_slopes(heads);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        // Per token: heads × [q, k, v] × head_dim.
+        let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+        let token = |t: usize| &qkv[t * 3 * hidden_size..(t + 1) * 3 * hidden_size];
+        for ((&(offset, len), (_, answer)), layers) in spans.iter().zip(prompts).zip(&mut *own) {
+            let capacity = (len + answer) * hidden_size;
+            let (mut keys, mut values) =
+                (Vec::with_capacity(capacity), Vec::with_capacity(capacity));
+            for t in offset..offset + len {
+                for part in token(t).chunks_exact(3 * head_dim) {
+                    keys.extend_from_slice(&part[head_dim..2 * head_dim]);
+                    values.extend_from_slice(&part[2 * head_dim..]);
+                }
+            }
+            layers.push((keys, values));
+        }
+        // The prompt of each token and the token's place in it.
+        let places: Vec<(usize, usize)> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(_, len))| (0..len).map(move |t| (i, t)))
+            .collect();
+        let mut context = vec![0f32; places.len() * hidden_size];
+        context
+            .par_chunks_mut(head_dim)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (token_index, h) = (i / heads, i % heads);
+                let (prompt, t) = places[token_index];
+                let Some((keys, values)) = own[prompt].last() else {
+                    return;
+                };
+                let seen = (t + 1) * hidden_size;
+                let query = &token(token_index)[h * 3 * head_dim..][..head_dim];
+                attend(
+                    query,
+                    &keys[..seen],
+                    &values[..seen],
+                    h,
+                    heads,
+                    slopes[h],
+                    scale,
+                    out,
+                );
+            });
+        Tensor::from_vec(context, (places.len(), hidden_size), &self.device)
     }
 
     /// A decoding step's attention over caches of their own: appends each sequence's new
