@@ -9,8 +9,8 @@
 //!
 //! The inner loop is written with `pulp`'s vector types, dispatched at run time to
 //! AVX-512 or AVX2 (safe code: the workspace forbids `unsafe`). Left to the
-//! auto-vectorizer, the same loop over `[f32; 8]` arrays compiled to shuffles and scalar
-//! adds on one compiler version and to clean FMAs on another: 4.8x apart on the same CPU.
+//! auto-vectorizer, the same loop over `[f32; 8]` arrays had compiled to clean FMAs in an
+//! earlier build and to shuffles and scalar loads in a later one: 4.8x apart on one CPU.
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
@@ -102,7 +102,7 @@ fn by_tasks<T: Weight>(
 }
 
 /// A weight value as stored: f32, used where it lies, or half precision, widened to f32
-/// two rows at a time into a buffer that stays in L1 (exactly: every f16 and bf16 value
+/// a block of rows at a time into a buffer that stays in L1 (exactly: every f16 and bf16 value
 /// is an f32 value), which halves the memory a decoding step reads.
 trait Weight: Copy + Sync {
     /// `values` as f32: themselves, or widened into `buffer`.
@@ -185,7 +185,8 @@ impl<T: Weight> WithSimd for DotRows<'_, T> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         // Four weight rows by four inputs is sixteen accumulators: for AVX-512's 32
-        // registers (10–30% faster there than two rows); AVX2 has 16 and takes two rows.
+        // registers (3–4% faster there than two rows, 560m busy time); AVX2 has 16 and
+        // takes two rows.
         if S::REGISTER_COUNT >= 32 {
             self.rows_by::<S, 4>(simd);
         } else {
