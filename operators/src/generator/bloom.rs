@@ -16,8 +16,9 @@ use candle_nn::{Embedding, LayerNorm, Linear, Module, VarBuilder};
 use rayon::prelude::*;
 use serde::Deserialize;
 
+use super::GeneratorError;
 use super::paged::{BlockTable, PagedKv};
-use super::{GeneratorError, skinny};
+use super::skinny::{PackedRows, WeightRows};
 use crate::kernels;
 
 /// What `config.json` says of a BLOOM checkpoint.
@@ -137,31 +138,25 @@ struct Block {
     post_norm: LayerNorm,
     up: Linear,
     down: Linear,
-    /// qkv, dense, up, down in the checkpoint's half precision, for decoding on CPU.
-    half: Option<[HalfRows; 4]>,
+    /// qkv, dense, up, down packed for decoding steps on CPU.
+    packed: Option<[PackedRows; 4]>,
 }
 
-/// A weight matrix in the half precision its checkpoint stored it in.
-enum HalfRows {
-    F16(Vec<half::f16>),
-    Bf16(Vec<half::bf16>),
-}
-
-impl HalfRows {
-    /// `weight` (widened to f32 at load) back in `dtype`: exact, as the values came from it.
-    fn new(weight: &Tensor, dtype: DType) -> candle_core::Result<Self> {
-        let flat = weight.to_dtype(dtype)?.flatten_all()?;
-        Ok(match dtype {
-            DType::BF16 => HalfRows::Bf16(flat.to_vec1()?),
-            _ => HalfRows::F16(flat.to_vec1()?),
-        })
-    }
-
-    fn rows(&self) -> skinny::WeightRows<'_> {
-        match self {
-            HalfRows::F16(w) => skinny::WeightRows::F16(w),
-            HalfRows::Bf16(w) => skinny::WeightRows::Bf16(w),
+/// `weight` (widened to f32 at load) packed for [`PackedRows::matmul_t`] in `dtype`, the
+/// precision its checkpoint stored: half precision is exact, as the values came from it,
+/// and halves what a decoding step reads.
+fn pack(weight: &Tensor, dtype: DType) -> candle_core::Result<PackedRows> {
+    let (_, k) = weight.dims2()?;
+    match dtype {
+        DType::F16 => {
+            let values = weight.to_dtype(dtype)?.flatten_all()?.to_vec1()?;
+            Ok(PackedRows::new(WeightRows::F16(&values), k))
         }
+        DType::BF16 => {
+            let values = weight.to_dtype(dtype)?.flatten_all()?.to_vec1()?;
+            Ok(PackedRows::new(WeightRows::Bf16(&values), k))
+        }
+        _ => with_cpu_values(weight, |w| PackedRows::new(WeightRows::F32(w), k)),
     }
 }
 
@@ -195,8 +190,8 @@ pub struct SequenceCache {
 }
 
 enum SequenceKv {
-    /// Its own vectors per block, token after token (each token's heads in a row).
-    Own(Vec<(Vec<f32>, Vec<f32>)>),
+    /// Its own vectors, per block.
+    Own(Vec<HeadsKv>),
     /// Blocks of a [`PagedKv`] pool.
     Paged(BlockTable),
 }
@@ -221,7 +216,69 @@ impl SequenceCache {
     }
 }
 
-/// Rows of a decoding step up to which products go through [`skinny::matmul_t`]: past a
+/// A sequence's keys and values in one block, head by head: each head's keys (and values)
+/// lie together, token after token, so attention reads them in order. Token by token,
+/// with a token's heads side by side, a head's 64 values lay 4 KiB apart on the 560m
+/// shape: every key a page of its own, and a decoding step spent ~50 ms of its ~130 in
+/// attention that reads 0.2 GB.
+struct HeadsKv {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    heads: usize,
+    dim: usize,
+    /// Tokens each head has room for.
+    room: usize,
+    len: usize,
+}
+
+impl HeadsKv {
+    fn with_room(heads: usize, dim: usize, room: usize) -> Self {
+        Self {
+            keys: vec![0.0; heads * room * dim],
+            values: vec![0.0; heads * room * dim],
+            heads,
+            dim,
+            room,
+            len: 0,
+        }
+    }
+
+    /// Appends a token's keys and values from its fused projection (per head: query,
+    /// key, value); past the room made at the start, every head's run moves to a larger
+    /// one.
+    fn push(&mut self, qkv: &[f32]) {
+        let (heads, dim) = (self.heads, self.dim);
+        if self.len == self.room {
+            let room = (2 * self.room).max(16);
+            for vectors in [&mut self.keys, &mut self.values] {
+                let mut moved = vec![0.0; heads * room * dim];
+                for (to, from) in moved
+                    .chunks_exact_mut(room * dim)
+                    .zip(vectors.chunks_exact(self.room * dim))
+                {
+                    to[..from.len()].copy_from_slice(from);
+                }
+                *vectors = moved;
+            }
+            self.room = room;
+        }
+        for (h, part) in qkv.chunks_exact(3 * dim).enumerate() {
+            let at = (h * self.room + self.len) * dim;
+            self.keys[at..at + dim].copy_from_slice(&part[dim..2 * dim]);
+            self.values[at..at + dim].copy_from_slice(&part[2 * dim..]);
+        }
+        self.len += 1;
+    }
+
+    /// The keys and values of head `h`'s first `tokens` tokens.
+    fn head(&self, h: usize, tokens: usize) -> (&[f32], &[f32]) {
+        let at = h * self.room * self.dim;
+        let end = at + tokens.min(self.len) * self.dim;
+        (&self.keys[at..end], &self.values[at..end])
+    }
+}
+
+/// Rows of a decoding step up to which products go through [`PackedRows::matmul_t`]: past a
 /// few dozen rows, a GEMM's reuse of each loaded weight wins.
 const SKINNY_ROWS: usize = 32;
 
@@ -257,28 +314,22 @@ fn with_cpu_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::R
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
-/// Attention of one head's `query` over a sequence's cached `keys`/`values` (all heads,
-/// token after token) with BLOOM's ALiBi bias `slope × position`, written into `out`.
-/// Positions count from the sequence's first token: there is no padding here.
-#[allow(clippy::too_many_arguments)]
+/// Attention of one head's `query` over that head's cached `keys`/`values` (token after
+/// token) with BLOOM's ALiBi bias `slope × position`, written into `out`. Positions count
+/// from the sequence's first token: there is no padding here.
 pub(super) fn attend(
     query: &[f32],
     keys: &[f32],
     values: &[f32],
-    head: usize,
-    heads: usize,
     slope: f32,
     scale: f32,
     out: &mut [f32],
 ) {
     let dim = query.len();
-    let stride = heads * dim;
-    let tokens = keys.len() / stride;
-    let mut scores: Vec<f32> = (0..tokens)
-        .map(|t| {
-            let key = &keys[t * stride + head * dim..][..dim];
-            kernels::dot(query, key) * scale + slope * t as f32
-        })
+    let mut scores: Vec<f32> = keys
+        .chunks_exact(dim)
+        .enumerate()
+        .map(|(t, key)| kernels::dot(query, key) * scale + slope * t as f32)
         .collect();
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     scores
@@ -286,9 +337,8 @@ pub(super) fn attend(
         .for_each(|s| *s = kernels::exp_negative(*s - max));
     let total: f32 = kernels::lanes(&scores, 0.0, |a, b| a + b);
     out.fill(0.0);
-    for (t, p) in scores.iter().enumerate() {
+    for (p, value) in scores.iter().zip(values.chunks_exact(dim)) {
         let weight = p / total;
-        let value = &values[t * stride + head * dim..][..dim];
         for (o, v) in out.iter_mut().zip(value) {
             *o += weight * v;
         }
@@ -303,8 +353,8 @@ pub struct Bloom {
     blocks: Vec<Block>,
     final_norm: LayerNorm,
     device: Device,
-    /// The tied embeddings in the checkpoint's half precision, for decoding on CPU.
-    embeddings_half: Option<HalfRows>,
+    /// The tied embeddings packed for decoding steps on CPU.
+    embeddings_packed: Option<PackedRows>,
 }
 
 impl Bloom {
@@ -334,10 +384,10 @@ impl Bloom {
         let vb = VarBuilder::from_tensors(weights, DType::F32, device);
         let mut model = Self::from_weights(config, vb, device)
             .map_err(|e| fail(format!("weights do not match config.json: {e}")))?;
-        if device.is_cpu() && matches!(stored, DType::F16 | DType::BF16) {
+        if device.is_cpu() {
             model
-                .keep_half(stored)
-                .map_err(|e| fail(format!("keeping {stored:?} weights: {e}")))?;
+                .pack_for_decoding(stored)
+                .map_err(|e| fail(format!("packing {stored:?} weights: {e}")))?;
         }
         Ok(model)
     }
@@ -359,7 +409,7 @@ impl Bloom {
                     post_norm: norm(vb.pp("post_attention_layernorm"))?,
                     up: candle_nn::linear(h, 4 * h, vb.pp("mlp.dense_h_to_4h"))?,
                     down: candle_nn::linear(4 * h, h, vb.pp("mlp.dense_4h_to_h"))?,
-                    half: None,
+                    packed: None,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -370,23 +420,23 @@ impl Bloom {
             blocks,
             config,
             device: device.clone(),
-            embeddings_half: None,
+            embeddings_packed: None,
         })
     }
 
-    /// Keeps a `dtype` copy of every weight matrix for decoding steps, which read all of
-    /// them once per token: half the bytes of f32, the same values (prefill keeps the f32
-    /// copies, where candle's GEMM wants them).
-    fn keep_half(&mut self, dtype: DType) -> candle_core::Result<()> {
+    /// Keeps a copy of every weight matrix packed for decoding steps, which read all of
+    /// them once per token, in the precision the checkpoint stored (`dtype`). Prefill keeps
+    /// the f32 tensors, where candle's GEMM wants them.
+    fn pack_for_decoding(&mut self, dtype: DType) -> candle_core::Result<()> {
         for block in &mut self.blocks {
-            block.half = Some([
-                HalfRows::new(block.qkv.weight(), dtype)?,
-                HalfRows::new(block.dense.weight(), dtype)?,
-                HalfRows::new(block.up.weight(), dtype)?,
-                HalfRows::new(block.down.weight(), dtype)?,
+            block.packed = Some([
+                pack(block.qkv.weight(), dtype)?,
+                pack(block.dense.weight(), dtype)?,
+                pack(block.up.weight(), dtype)?,
+                pack(block.down.weight(), dtype)?,
             ]);
         }
-        self.embeddings_half = Some(HalfRows::new(self.embeddings.embeddings(), dtype)?);
+        self.embeddings_packed = Some(pack(self.embeddings.embeddings(), dtype)?);
         Ok(())
     }
 
@@ -497,20 +547,20 @@ impl Bloom {
         let post = self.config.apply_residual_connection_post_layernorm;
         let normed = block.input_norm.forward(hidden)?;
         let residual = if post { &normed } else { hidden };
-        let half = |i: usize| block.half.as_ref().map(|h| &h[i]);
-        let context = attention(self.project(&block.qkv, half(0), &normed)?)?;
-        let attended = (self.project(&block.dense, half(1), &context)? + residual)?;
+        let packed = |i: usize| block.packed.as_ref().map(|p| &p[i]);
+        let context = attention(self.project(&block.qkv, packed(0), &normed)?)?;
+        let attended = (self.project(&block.dense, packed(1), &context)? + residual)?;
         let normed = block.post_norm.forward(&attended)?;
         let residual = if post { &normed } else { &attended };
-        let up = kernels::gelu_tanh(self.project(&block.up, half(2), &normed)?)?;
-        self.project(&block.down, half(3), &up)? + residual
+        let up = kernels::gelu_tanh(self.project(&block.up, packed(2), &normed)?)?;
+        self.project(&block.down, packed(3), &up)? + residual
     }
 
     /// Logits of the final hidden states `(…, hidden)`: the tied embedding matrix.
     fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         self.project_with(
             self.embeddings.embeddings(),
-            self.embeddings_half.as_ref(),
+            self.embeddings_packed.as_ref(),
             None,
             hidden,
         )
@@ -520,21 +570,20 @@ impl Bloom {
     fn project(
         &self,
         linear: &Linear,
-        half: Option<&HalfRows>,
+        packed: Option<&PackedRows>,
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        self.project_with(linear.weight(), half, linear.bias(), x)
+        self.project_with(linear.weight(), packed, linear.bias(), x)
     }
 
     /// `x · weightᵀ (+ bias)` over the last dimension of `x`, as one 2-D product (a
     /// broadcast one would first copy the transposed weights per batch). A few rows on CPU
-    /// (a decoding step) go through [`skinny::matmul_t`], which reads each weight once
-    /// (its `half` copy when there is one); more rows (a prefill), or another device,
-    /// through candle's GEMM.
+    /// (a decoding step) go through the `packed` copy, which a product reads once; more
+    /// rows (a prefill), or another device, through candle's GEMM.
     fn project_with(
         &self,
         weight: &Tensor,
-        half: Option<&HalfRows>,
+        packed: Option<&PackedRows>,
         bias: Option<&Tensor>,
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
@@ -545,19 +594,12 @@ impl Bloom {
             *last = outputs;
         }
         let x = x.reshape((rows, inputs))?;
-        let product = if self.device.is_cpu() && rows <= SKINNY_ROWS {
+        let product = if let Some(packed) = packed.filter(|_| rows <= SKINNY_ROWS) {
             let bias = bias.map(Tensor::to_vec1::<f32>).transpose()?;
             let mut out = vec![0f32; rows * outputs];
-            with_cpu_values(&x, |x| match half {
-                Some(half) => {
-                    skinny::matmul_t(x, rows, half.rows(), bias.as_deref(), &mut out);
-                    Ok(())
-                }
-                None => with_cpu_values(weight, |w| {
-                    let w = skinny::WeightRows::F32(w);
-                    skinny::matmul_t(x, rows, w, bias.as_deref(), &mut out)
-                }),
-            })??;
+            with_cpu_values(&x, |x| {
+                packed.matmul_t(x, rows, bias.as_deref(), &mut out);
+            })?;
             Tensor::from_vec(out, (rows, outputs), &self.device)?
         } else {
             let product = x.matmul(&weight.t()?)?;
@@ -628,7 +670,7 @@ impl Bloom {
         let mut hidden = self
             .embeddings_norm
             .forward(&self.embeddings.forward(&ids)?)?;
-        let mut own: Vec<Vec<(Vec<f32>, Vec<f32>)>> = prompts
+        let mut own: Vec<Vec<HeadsKv>> = prompts
             .iter()
             .map(|_| Vec::with_capacity(self.config.n_layer))
             .collect();
@@ -751,7 +793,7 @@ impl Bloom {
         qkv: &Tensor,
         spans: &[(usize, usize)],
         prompts: &[(&[u32], usize)],
-        own: &mut [Vec<(Vec<f32>, Vec<f32>)>],
+        own: &mut [Vec<HeadsKv>],
     ) -> candle_core::Result<Tensor> {
         let (hidden_size, heads) = (self.config.hidden_size, self.config.n_head);
         let head_dim = hidden_size / heads;
@@ -761,16 +803,11 @@ impl Bloom {
         let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
         let token = |t: usize| &qkv[t * 3 * hidden_size..(t + 1) * 3 * hidden_size];
         for ((&(offset, len), (_, answer)), layers) in spans.iter().zip(prompts).zip(&mut *own) {
-            let capacity = (len + answer) * hidden_size;
-            let (mut keys, mut values) =
-                (Vec::with_capacity(capacity), Vec::with_capacity(capacity));
+            let mut kv = HeadsKv::with_room(heads, head_dim, len + answer);
             for t in offset..offset + len {
-                for part in token(t).chunks_exact(3 * head_dim) {
-                    keys.extend_from_slice(&part[head_dim..2 * head_dim]);
-                    values.extend_from_slice(&part[2 * head_dim..]);
-                }
+                kv.push(token(t));
             }
-            layers.push((keys, values));
+            layers.push(kv);
         }
         // The prompt of each token and the token's place in it.
         let places: Vec<(usize, usize)> = spans
@@ -785,21 +822,12 @@ impl Bloom {
             .for_each(|(i, out)| {
                 let (token_index, h) = (i / heads, i % heads);
                 let (prompt, t) = places[token_index];
-                let Some((keys, values)) = own[prompt].last() else {
+                let Some(kv) = own[prompt].last() else {
                     return;
                 };
-                let seen = (t + 1) * hidden_size;
+                let (keys, values) = kv.head(h, t + 1);
                 let query = &token(token_index)[h * 3 * head_dim..][..head_dim];
-                attend(
-                    query,
-                    &keys[..seen],
-                    &values[..seen],
-                    h,
-                    heads,
-                    slopes[h],
-                    scale,
-                    out,
-                );
+                attend(query, keys, values, slopes[h], scale, out);
             });
         Tensor::from_vec(context, (places.len(), hidden_size), &self.device)
     }
@@ -819,19 +847,11 @@ impl Bloom {
         let scale = 1.0 / (head_dim as f32).sqrt();
         // Per sequence: heads × [q, k, v] × head_dim.
         let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
-        let mut queries = vec![0f32; batch * hidden_size];
-        for (b, cache) in caches.iter_mut().enumerate() {
+        for (cache, token) in caches.iter_mut().zip(qkv.chunks_exact(3 * hidden_size)) {
             let SequenceKv::Own(layers) = &mut cache.kv else {
                 candle_core::bail!("a sequence in blocks in a step without its pool");
             };
-            let (keys, values) = &mut layers[layer];
-            let token = &qkv[b * 3 * hidden_size..(b + 1) * 3 * hidden_size];
-            for (h, part) in token.chunks_exact(3 * head_dim).enumerate() {
-                queries[(b * heads + h) * head_dim..][..head_dim]
-                    .copy_from_slice(&part[..head_dim]);
-                keys.extend_from_slice(&part[head_dim..2 * head_dim]);
-                values.extend_from_slice(&part[2 * head_dim..]);
-            }
+            layers[layer].push(token);
         }
         let mut own = Vec::with_capacity(batch);
         for cache in caches.iter() {
@@ -843,12 +863,12 @@ impl Bloom {
         let mut context = vec![0f32; batch * hidden_size];
         context
             .par_chunks_mut(head_dim)
-            .zip(queries.par_chunks(head_dim))
             .enumerate()
-            .for_each(|(i, (out, query))| {
+            .for_each(|(i, out)| {
                 let (b, h) = (i / heads, i % heads);
-                let (keys, values) = own[b];
-                attend(query, keys, values, h, heads, slopes[h], scale, out);
+                let query = &qkv[b * 3 * hidden_size + h * 3 * head_dim..][..head_dim];
+                let (keys, values) = own[b].head(h, own[b].len);
+                attend(query, keys, values, slopes[h], scale, out);
             });
         Tensor::from_vec(context, (batch, hidden_size), &self.device)
     }
@@ -1018,9 +1038,18 @@ mod tests {
                     .expect("save");
             }
             let half = Bloom::load(half.path(), &Device::Cpu).expect("half checkpoint");
-            assert!(half.embeddings_half.is_some() && half.blocks.iter().all(|b| b.half.is_some()));
+            let bytes = |model: &Bloom| {
+                let packed = model.blocks.iter().flat_map(|b| b.packed.iter().flatten());
+                let all: Vec<usize> = packed
+                    .chain(&model.embeddings_packed)
+                    .map(PackedRows::bytes_per_weight)
+                    .collect();
+                assert_eq!(all.len(), 4 * model.blocks.len() + 1, "every matrix packed");
+                all
+            };
+            assert!(bytes(&half).iter().all(|&b| b == 2));
             let wide = Bloom::load(wide.path(), &Device::Cpu).expect("f32 checkpoint");
-            assert!(wide.embeddings_half.is_none());
+            assert!(bytes(&wide).iter().all(|&b| b == 4));
             let prompts: Vec<(&[u32], usize)> = vec![(&[5, 17, 42], 2), (&[7, 8], 2)];
             let step = |model: &Bloom| {
                 let (_, mut caches) = model.prefill(&prompts, None).expect("prefill");
@@ -1094,6 +1123,35 @@ mod tests {
             err.contains("no weights") && err.contains("pytorch_model.bin"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn heads_kv_keeps_every_token_past_its_room() {
+        let (heads, dim) = (3, 2);
+        let mut kv = HeadsKv::with_room(heads, dim, 2);
+        // Token t, head h: query 0, key 100t + 10h + i, value -(that).
+        let token = |t: usize| -> Vec<f32> {
+            (0..heads)
+                .flat_map(|h| {
+                    let key = (0..dim).map(move |i| (100 * t + 10 * h + i) as f32);
+                    std::iter::repeat_n(0.0, dim)
+                        .chain(key.clone())
+                        .chain(key.map(|v| -v))
+                })
+                .collect()
+        };
+        for t in 0..37 {
+            kv.push(&token(t));
+        }
+        for h in 0..heads {
+            let (keys, values) = kv.head(h, 37);
+            let expected: Vec<f32> = (0..37)
+                .flat_map(|t| (0..dim).map(move |i| (100 * t + 10 * h + i) as f32))
+                .collect();
+            assert_eq!(keys, expected);
+            assert!(values.iter().zip(&expected).all(|(v, e)| *v == -e));
+            assert_eq!(kv.head(h, 5).0, &expected[..5 * dim]);
+        }
     }
 
     #[test]

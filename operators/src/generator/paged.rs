@@ -345,22 +345,21 @@ impl PagedKv {
                 let slopes = super::bloom::alibi_slopes(heads);
                 let mut context = vec![0f32; step.lens.len() * width];
                 for (b, (table, &len)) in step.tables.iter().zip(&step.lens).enumerate() {
-                    // The sequence's tokens in order, gathered from its blocks.
-                    let mut keys = Vec::with_capacity(len * width);
-                    let mut values = Vec::with_capacity(len * width);
-                    for p in 0..len {
-                        let at = table.slot(p, self.block_size()) as usize * width;
-                        keys.extend_from_slice(&cache_k[at..at + width]);
-                        values.extend_from_slice(&cache_v[at..at + width]);
-                    }
                     for (h, &slope) in slopes.iter().enumerate() {
+                        // The head's tokens in order, gathered from the sequence's blocks.
+                        let mut keys = Vec::with_capacity(len * head_dim);
+                        let mut values = Vec::with_capacity(len * head_dim);
+                        for p in 0..len {
+                            let slot = table.slot(p, self.block_size()) as usize;
+                            let at = slot * width + h * head_dim;
+                            keys.extend_from_slice(&cache_k[at..at + head_dim]);
+                            values.extend_from_slice(&cache_v[at..at + head_dim]);
+                        }
                         let at = (b * heads + h) * head_dim;
                         attend(
                             &queries[at..at + head_dim],
                             &keys,
                             &values,
-                            h,
-                            heads,
                             slope,
                             scale,
                             &mut context[at..at + head_dim],
