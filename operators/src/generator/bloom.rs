@@ -233,6 +233,7 @@ struct HeadsKv {
 
 impl HeadsKv {
     fn with_room(heads: usize, dim: usize, room: usize) -> Self {
+        let room = room.max(1);
         Self {
             keys: vec![0.0; heads * room * dim],
             values: vec![0.0; heads * room * dim],
