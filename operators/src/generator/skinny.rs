@@ -273,8 +273,9 @@ struct Task<'a, T> {
 
 impl<T> Task<'_, T> {
     /// The task's panels `R` input rows at a time: for each group of rows, the rows input
-    /// by input (`R` values per input, zeros past the last row), then each panel through
-    /// `product`, whose accumulators, `NV` vectors per row, hold the group's columns.
+    /// by input (`R` values per input; past the last row, the group before's values,
+    /// computed but not written), then each panel through `product`, whose accumulators,
+    /// `NV` vectors per row, hold the group's columns.
     #[inline(always)]
     fn by_groups<S: Simd, const R: usize, const NV: usize>(
         self,
@@ -367,8 +368,8 @@ fn outer_products<S: Simd, const R: usize, const NV: usize>(
 }
 
 /// How far ahead of the product the f16 kernel asks for panel values, in inputs (one
-/// cache line each): 4 KiB. Without it one core streamed a 514 MB matrix at ~8 GB/s, with
-/// it ~15 GB/s (16 to 128 lines measured; the hardware prefetcher alone fell behind).
+/// cache line each): 4 KiB. Without it two cores streamed a 514 MB matrix at ~7 GB/s, with
+/// it at 11–16 GB/s (16 to 128 lines measured; the hardware prefetcher alone fell behind).
 const PREFETCH: usize = 64;
 
 /// f16 panels on AVX-512: sixteen values widened per instruction (`vcvtph2ps`), in
