@@ -197,21 +197,6 @@ fn map_in_place(
     Ok(())
 }
 
-/// `a · b` in 8 lanes (a plain sum of products is a chain of dependent scalar adds).
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a_lanes, a_rest) = a.as_chunks::<8>();
-    let (b_lanes, b_rest) = b.as_chunks::<8>();
-    for (x, y) in a_lanes.iter().zip(b_lanes) {
-        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
-        }
-    }
-    let rest: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + rest
-}
-
 /// `values` folded with `op` in 8 lanes, then the lanes together: a shape the compiler
 /// vectorizes (a plain fold must keep its order, one value at a time).
 #[inline]
@@ -316,19 +301,6 @@ mod tests {
         assert!(gelu_tanh_value(-100.0).abs() < 1e-30);
         assert_eq!(gelu_tanh_value(100.0), 100.0);
         assert_eq!(gelu_tanh_value(0.0), 0.0);
-    }
-
-    #[test]
-    fn dot_is_the_sum_of_products() {
-        for len in [0, 1, 7, 8, 9, 64, 100] {
-            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
-            let expected: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(x * y)).sum();
-            assert!(
-                (f64::from(dot(&a, &b)) - expected).abs() < 1e-5,
-                "length {len}"
-            );
-        }
     }
 
     #[test]

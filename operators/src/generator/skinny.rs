@@ -129,6 +129,9 @@ impl PackedRows {
         }
         let bias = |t: usize| bias.map(|b| &b[t * columns..][..(n - t * columns).min(columns)]);
         let stride = PANELS_PER_TASK * k;
+        // The rows grouped once for all tasks (transposing them per task was an eighth of
+        // a product's time).
+        let x = &group_inputs(x, k, group_rows(arch.dispatch(Lanes)));
         match &self.panels {
             Panels::F32(p) => run_tasks(arch, x, k, p, stride, bias, tasks),
             #[cfg(target_arch = "x86_64")]
@@ -261,8 +264,45 @@ fn run_tasks<'a, T: PanelValue>(
         });
 }
 
+/// Rows per group of a product on vectors of `lanes` f32 (as `Task::with_simd` picks them).
+fn group_rows(lanes: usize) -> usize {
+    match lanes {
+        16 => 8,
+        8 | 4 => 2,
+        _ => 1,
+    }
+}
+
+/// The f32 lanes of an arch's vectors.
+struct Lanes;
+
+impl WithSimd for Lanes {
+    type Output = usize;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> usize {
+        S::F32_LANES
+    }
+}
+
+/// Rows of `k` inputs in groups of `group`, each group input by input (`group` values per
+/// input, zeros past the last row): the products broadcast one input of every row of a
+/// group after the other.
+fn group_inputs(x: &[f32], k: usize, group: usize) -> Vec<f32> {
+    let rows = x.len() / k;
+    let mut grouped = vec![0f32; rows.div_ceil(group) * group * k];
+    for (r, row) in x.chunks_exact(k).enumerate() {
+        let block = &mut grouped[r / group * group * k..][..group * k];
+        for (values, &v) in block.chunks_exact_mut(group).zip(row) {
+            values[r % group] = v;
+        }
+    }
+    grouped
+}
+
 /// One task: the columns of a few panels for every input row.
 struct Task<'a, T> {
+    /// The input rows as [`group_inputs`] lays them out for this arch.
     x: &'a [f32],
     k: usize,
     panels: &'a [[T; PANEL]],
@@ -272,10 +312,9 @@ struct Task<'a, T> {
 }
 
 impl<T> Task<'_, T> {
-    /// The task's panels `R` input rows at a time: for each group of rows, the rows input
-    /// by input (`R` values per input; past the last row, the group before's values,
-    /// computed but not written), then each panel through `product`, whose accumulators,
-    /// `NV` vectors per row, hold the group's columns.
+    /// The task's panels `R` input rows at a time: for each group of rows, each panel
+    /// through `product`, whose accumulators, `NV` vectors per row, hold the group's
+    /// columns (those of the rows past the last are computed but not written).
     #[inline(always)]
     fn by_groups<S: Simd, const R: usize, const NV: usize>(
         self,
@@ -289,16 +328,13 @@ impl<T> Task<'_, T> {
             mut out,
         } = self;
         let rows = out.len();
-        let mut inputs = vec![[0f32; R]; k];
-        for group in (0..rows).step_by(R) {
+        assert_eq!(x.len(), rows.div_ceil(R) * R * k, "rows grouped by {R}");
+        for (g, inputs) in x.chunks_exact(R * k).enumerate() {
+            let (inputs, _) = inputs.as_chunks::<R>();
+            let group = g * R;
             let members = (rows - group).min(R);
-            for (q, row) in x.chunks_exact(k).skip(group).take(members).enumerate() {
-                for (values, &v) in inputs.iter_mut().zip(row) {
-                    values[q] = v;
-                }
-            }
             for (p, panel) in panels.chunks_exact(k).enumerate() {
-                let acc = product(panel, &inputs);
+                let acc = product(panel, inputs);
                 let first = p * PANEL;
                 for (q, acc) in acc.iter().enumerate().take(members) {
                     let columns = &mut out[group + q][first..];
@@ -322,6 +358,7 @@ impl<T: PanelValue> WithSimd for Task<'_, T> {
     fn with_simd<S: Simd>(self, simd: S) {
         // Accumulators: R rows × NV vectors, within the registers, with room for the
         // panel's vectors and a broadcast input.
+        // `group_rows` must agree.
         match S::F32_LANES {
             16 => self.widened_by::<S, 8, 2>(simd),
             8 => self.widened_by::<S, 2, 4>(simd),
