@@ -359,18 +359,11 @@ impl WithSimd for Attend<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Attend {
-            query,
-            keys,
-            values,
-            slope,
-            scale,
-            out,
-        } = self;
-        let dim = query.len();
-        let (query, query_rest) = S::as_simd_f32s(query);
-        let mut scores = Vec::with_capacity(keys.len() / dim.max(1));
-        for (t, key) in keys.chunks_exact(dim).enumerate() {
+        let (scale, slope) = (self.scale, self.slope);
+        let dim = self.query.len();
+        let (query, query_rest) = S::as_simd_f32s(self.query);
+        let mut scores = Vec::with_capacity(self.keys.len() / dim.max(1));
+        for (t, key) in self.keys.chunks_exact(dim).enumerate() {
             let (key, key_rest) = S::as_simd_f32s(key);
             let mut acc = simd.splat_f32s(0.0);
             for (&q, &k) in query.iter().zip(key) {
@@ -387,7 +380,7 @@ impl WithSimd for Attend<'_> {
             *s = kernels::exp_negative(*s - max);
         }
         let total: f32 = kernels::lanes(&scores, 0.0, |a, b| a + b);
-        weigh_values(simd, &scores, total, values, out);
+        weigh_values(simd, &scores, total, self.values, self.out);
     }
 }
 

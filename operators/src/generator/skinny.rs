@@ -357,8 +357,7 @@ impl<T: PanelValue> WithSimd for Task<'_, T> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
         // Accumulators: R rows × NV vectors, within the registers, with room for the
-        // panel's vectors and a broadcast input.
-        // `group_rows` must agree.
+        // panel's vectors and a broadcast input (R as `group_rows` says).
         match S::F32_LANES {
             16 => self.widened_by::<S, 8, 2>(simd),
             8 => self.widened_by::<S, 2, 4>(simd),
