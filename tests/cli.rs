@@ -1468,6 +1468,36 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
         "paged attention, same summaries"
     );
 
+    // Rules that leave nothing of any answer: every row fails as empty, yet keeps the
+    // tokens and time its answer took (the same answers as the first run's).
+    let emptied = run_json(
+        &job,
+        &[
+            "--set",
+            "summarize.rules=[{pattern = '(?s).+', replace = ''}]",
+        ],
+    )?;
+    assert_eq!(emptied.rows_failed, 5);
+    let d = run_rows(&job, &emptied.run_id)?;
+    let counts =
+        |r: &serde_json::Value| (r["prompt_tokens"].clone(), r["completion_tokens"].clone());
+    for (r, first) in d
+        .as_array()
+        .into_iter()
+        .flatten()
+        .zip(a.as_array().into_iter().flatten())
+    {
+        assert_eq!(
+            r["error"].as_str(),
+            Some("summarize: the model returned an empty summary"),
+            "{r}"
+        );
+        assert!(r["summary"].is_null(), "{r}");
+        assert!(r["latency_ms"].as_u64().is_some(), "{r}");
+        assert_eq!(counts(r), counts(first), "{r}");
+    }
+    assert_eq!(d.as_array().map(Vec::len), Some(5));
+
     // The same checkpoint through mistral.rs is refused with a pointer to this backend.
     let out = abridge(&[
         "run",

@@ -277,6 +277,9 @@ impl Operator for Summarize {
 enum Outcome {
     Skipped,
     Failed(String),
+    /// The model answered, but nothing was left of it once cleaned: a failed row that
+    /// still records the tokens and time the answer took.
+    Empty(Summary),
     Done(Summary),
 }
 
@@ -399,7 +402,7 @@ impl Shared {
         }
         best.latency = latency;
         if best.text.is_empty() {
-            return Outcome::Failed("summarize: the model returned an empty summary".into());
+            return Outcome::Empty(best);
         }
         let draws = (1..self.settings.samples).map(|draw| {
             // Another random stream for the same row (and the same one in every run).
@@ -471,16 +474,32 @@ impl Shared {
         let mut failed = 0;
         for (row, outcome) in outcomes.into_iter().enumerate() {
             let old = old_errors.filter(|e| e.is_valid(row)).map(|e| e.value(row));
-            match outcome {
+            let ran = !matches!(outcome, Outcome::Skipped);
+            let (done, spent) = match outcome {
                 Outcome::Done(s) => {
                     error.append_option(old);
+                    (true, Some(s))
+                }
+                Outcome::Empty(s) => {
+                    failed += 1;
+                    error.append_value("summarize: the model returned an empty summary");
+                    (false, Some(s))
+                }
+                Outcome::Failed(reason) => {
+                    failed += 1;
+                    error.append_value(reason);
+                    (false, None)
+                }
+                Outcome::Skipped => {
+                    error.append_option(old);
+                    (false, None)
+                }
+            };
+            model.append_option(ran.then(|| self.generator.model()));
+            version.append_option(ran.then_some(&self.prompt_version));
+            match spent.as_ref().filter(|_| done) {
+                Some(s) => {
                     summary.append_value(&s.text);
-                    model.append_value(self.generator.model());
-                    version.append_value(&self.prompt_version);
-                    prompt_tokens.append_value(clamp_i32(s.prompt_tokens));
-                    completion_tokens.append_value(clamp_i32(s.completion_tokens));
-                    finish.append_value(s.finish);
-                    latency.append_value(s.latency.as_millis().min(i64::MAX as u128) as i64);
                     for term in &s.missed {
                         missed.values().append_value(term);
                     }
@@ -489,27 +508,27 @@ impl Shared {
                         samples.values().append_value(sample);
                     }
                     samples.append(true);
-                    continue;
                 }
-                Outcome::Failed(reason) => {
-                    failed += 1;
-                    error.append_value(reason);
-                    model.append_value(self.generator.model());
-                    version.append_value(&self.prompt_version);
-                }
-                Outcome::Skipped => {
-                    error.append_option(old);
-                    model.append_null();
-                    version.append_null();
+                None => {
+                    summary.append_null();
+                    missed.append(false);
+                    samples.append(false);
                 }
             }
-            summary.append_null();
-            prompt_tokens.append_null();
-            completion_tokens.append_null();
-            finish.append_null();
-            latency.append_null();
-            missed.append(false);
-            samples.append(false);
+            match spent {
+                Some(s) => {
+                    prompt_tokens.append_value(clamp_i32(s.prompt_tokens));
+                    completion_tokens.append_value(clamp_i32(s.completion_tokens));
+                    finish.append_value(s.finish);
+                    latency.append_value(s.latency.as_millis().min(i64::MAX as u128) as i64);
+                }
+                None => {
+                    prompt_tokens.append_null();
+                    completion_tokens.append_null();
+                    finish.append_null();
+                    latency.append_null();
+                }
+            }
         }
         metrics.add_failed(failed);
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
