@@ -923,6 +923,16 @@ fn run_rows(job: &Path, run_id: &str) -> Result<serde_json::Value, Box<dyn std::
 
 #[test]
 fn summarize_writes_repeatable_summaries_in_order_with_per_row_errors() -> TestResult {
+    summaries_in_order_with_per_row_errors("mistralrs")
+}
+
+/// The same through abridge's own batch engine (`backend = "llama"`) on the same GGUF.
+#[test]
+fn llama_backend_writes_repeatable_summaries_in_order_with_per_row_errors() -> TestResult {
+    summaries_in_order_with_per_row_errors("llama")
+}
+
+fn summaries_in_order_with_per_row_errors(backend: &str) -> TestResult {
     let dir = tempfile::tempdir()?;
     let input = dir.path().join("tickets.parquet");
     let long = "word ".repeat(9000);
@@ -946,10 +956,12 @@ fn summarize_writes_repeatable_summaries_in_order_with_per_row_errors() -> TestR
         ),
     ];
     write_tickets(&input, &tickets)?;
-    let settings = "temperature = 0.8\nseed = 7\nmax_input_tokens = 20000\nin_flight = 3\n\
-                    glossary = [\"VPN\"]\n\
-                    rules = [{ pattern = '(?i)^summary:\\s*', replace = '' }]\n";
-    let job = summarize_job(dir.path(), &input, settings)?;
+    let settings = format!(
+        "backend = \"{backend}\"\ntemperature = 0.8\nseed = 7\nmax_input_tokens = 20000\n\
+         in_flight = 3\nglossary = [\"VPN\"]\n\
+         rules = [{{ pattern = '(?i)^summary:\\s*', replace = '' }}]\n"
+    );
+    let job = summarize_job(dir.path(), &input, &settings)?;
     let first = run_json(&job, &[])?;
     assert_eq!(first.status, RunStatus::Committed);
     assert_eq!(first.rows_failed, 2, "the empty and the too-long ticket");
@@ -1063,7 +1075,7 @@ fn summarize_config_errors_are_clear_before_any_row() -> TestResult {
     std::fs::write(bloom.join("config.json"), r#"{"model_type": "bloom"}"#)?;
     let not_model = dir.path().join("empty");
     std::fs::create_dir_all(&not_model)?;
-    let cases: [(&str, &[&str]); 8] = [
+    let cases: [(&str, &[&str]); 10] = [
         (
             "prompt = \"Summarize this\"",
             &["summarize.prompt", "neither a preset"],
@@ -1087,6 +1099,14 @@ fn summarize_config_errors_are_clear_before_any_row() -> TestResult {
             &["neither config.json", "gguf"],
         ),
         ("backend = \"vllm\"", &["summarize.backend", "mistralrs"]),
+        (
+            &format!("model = \"{}\"\nbackend = \"llama\"", not_model.display()),
+            &["summarize.model", "holds no .gguf file"],
+        ),
+        (
+            "backend = \"llama\"\ndevice = \"cuda\"",
+            &["summarize.device"],
+        ),
     ];
     for (setting, says) in cases {
         // A later key wins in TOML only by rewriting the file: put the case's line first.

@@ -691,7 +691,7 @@ fn injected_failures_fail_rows_retry_commits_and_survive_a_crash_between_commits
     // The engine fails a decoding step (a panic): the rows in that batch fail, the
     // engine restarts its batch and every other row is summarized as in the reference.
     let out = run_failing(
-        "seqgpt::step=3*off->1*panic(injected)->off",
+        "batch::step=3*off->1*panic(injected)->off",
         &strs(&with("engine", &[])),
     );
     assert!(out.status.success(), "{}", stderr(&out));

@@ -39,6 +39,27 @@ pub(crate) fn gelu_tanh(x: Tensor) -> candle_core::Result<Tensor> {
     Ok(x)
 }
 
+/// Llama's MLP activation: for rows `[gate | up]` `(rows, 2f)`, `silu(gate) · up`
+/// `(rows, f)`, with `silu(x) = x · σ(x)`.
+pub(crate) fn swiglu(gate_up: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, width) = gate_up.dims2()?;
+    if !width.is_multiple_of(2) {
+        candle_core::bail!("gate and up rows of odd width {width}");
+    }
+    let f = width / 2;
+    let values = gate_up.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; rows * f];
+    out.par_chunks_mut(f)
+        .zip(values.par_chunks(width))
+        .for_each(|(out, row)| {
+            let (gate, up) = row.split_at(f);
+            for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+    Tensor::from_vec(out, (rows, f), gate_up.device())
+}
+
 /// `x · weightᵀ + bias` for `x` `(rows, in)`, the bias added in place on the CPU.
 pub(crate) fn linear(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     use candle_core::Module;
@@ -232,9 +253,14 @@ fn gelu(x: f32) -> f32 {
 fn gelu_tanh_value(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     let u = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
-    let e = exp_negative(-2.0 * u.abs());
-    let sigmoid = if u >= 0.0 { 1.0 } else { e } / (1.0 + e);
-    x * sigmoid
+    x * sigmoid(2.0 * u)
+}
+
+/// `1 / (1 + e^−x)`, from `e^(−|x|)` so that the exponential never overflows.
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    let e = exp_negative(-x.abs());
+    (if x >= 0.0 { 1.0 } else { e }) / (1.0 + e)
 }
 
 /// `e^x` for `x ≤ 0` (Cephes' `expf`: `2^n · e^r`, |r| ≤ ln 2 / 2, degree-6 polynomial);

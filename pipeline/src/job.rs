@@ -200,7 +200,9 @@ fn default_min_topic_score() -> f32 {
 #[serde(deny_unknown_fields)]
 pub struct SummarizeConfig {
     /// The engine. `mistralrs` (the default) loads every text architecture mistral.rs
-    /// knows (Llama, Qwen2/3, Gemma, Phi, Mistral ...) from GGUF or safetensors.
+    /// knows (Llama, Qwen2/3, Gemma, Phi, Mistral ...) from GGUF or safetensors; `llama`
+    /// runs Llama-architecture GGUF files (SmolLM2, Llama 3.x) on abridge's own batch
+    /// engine, on CPU; `seqgpt` runs BLOOM checkpoints (SeqGPT-560M) on it.
     #[serde(default)]
     pub backend: Backend,
     /// A `.gguf` file, a folder holding one, or a Hugging Face model folder.
@@ -345,6 +347,10 @@ pub enum Backend {
     /// abridge's BLOOM, for SeqGPT-560M, BLOOMZ and other BLOOM checkpoints (a Hugging
     /// Face folder: config.json, tokenizer.json, model.safetensors).
     Seqgpt,
+    /// abridge's batch engine for Llama-architecture GGUF files (a `.gguf` file, or a
+    /// folder holding one), on CPU: every decoding step multiplies the whole batch
+    /// through each weight once, where mistral.rs decodes one sequence at a time.
+    Llama,
 }
 
 /// How prompts reach the model.

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use abridge_operators::OperatorError;
+use abridge_operators::generator::batch::BatchGenerator;
 use abridge_operators::generator::mistralrs::{MistralRsGenerator, MistralRsOptions, PromptFormat};
-use abridge_operators::generator::seqgpt::SeqGptGenerator;
 use abridge_operators::generator::{GeneratorError, PagedAttention, Sampling, SharedGenerator};
 use abridge_operators::summarize::{Rewrite, Summarize, SummarizeSettings};
 use arrow::datatypes::SchemaRef;
@@ -91,7 +91,7 @@ pub async fn summarize_stage(
             let dir = PathBuf::from(&config.model);
             let batch = config.in_flight();
             let generator = tokio::task::spawn_blocking(move || {
-                SeqGptGenerator::load(&dir, &device, batch, &paged_attention)
+                BatchGenerator::load_bloom(&dir, &device, batch, &paged_attention)
             })
             .await
             .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string()), job_path))?
@@ -101,10 +101,71 @@ pub async fn summarize_stage(
                 "as raw text (BLOOM)",
             )
         }
+        Backend::Llama => {
+            let invalid = |message: String| JobError::Invalid {
+                path: job_path.to_path_buf(),
+                key: "summarize.model".into(),
+                message,
+            };
+            if config.device.trim() != "cpu" {
+                return Err(JobError::Invalid {
+                    path: job_path.to_path_buf(),
+                    key: "summarize.device".into(),
+                    message: "the `llama` backend runs on the CPU; use `mistralrs` on a GPU".into(),
+                }
+                .into());
+            }
+            let file = gguf_file(Path::new(&config.model)).map_err(invalid)?;
+            let batch = config.in_flight();
+            let chat = config.prompt_format != PromptFormatConfig::Raw;
+            let generator =
+                tokio::task::spawn_blocking(move || BatchGenerator::load_llama(&file, batch, chat))
+                    .await
+                    .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string()), job_path))?
+                    .map_err(|e| model_error(e, job_path))?;
+            let how = match generator.is_chat() {
+                true => "as the user turn of its chat template",
+                false if config.prompt_format == PromptFormatConfig::Chat => {
+                    return Err(JobError::Invalid {
+                        path: job_path.to_path_buf(),
+                        key: "summarize.prompt_format".into(),
+                        message: format!("`chat`, but {} has no chat template", config.model),
+                    }
+                    .into());
+                }
+                false => "as raw text (no chat template)",
+            };
+            (Arc::new(generator) as SharedGenerator, how)
+        }
     };
     let note = format!("summarize: {} gets prompts {how}", config.model);
     let stage = Summarize::try_new(generator, settings, input).map_err(doesnt_fit)?;
     Ok((stage, note))
+}
+
+/// The GGUF file `model` names: the file, or the only `.gguf` file in a folder.
+fn gguf_file(model: &Path) -> Result<PathBuf, String> {
+    if model.is_file() {
+        return Ok(model.to_path_buf());
+    }
+    let entries = std::fs::read_dir(model).map_err(|e| {
+        format!(
+            "{}: neither a GGUF file nor a folder ({e})",
+            model.display()
+        )
+    })?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(format!("{} holds no .gguf file", model.display())),
+        n => Err(format!(
+            "{} holds {n} .gguf files: name one in summarize.model",
+            model.display()
+        )),
+    }
 }
 
 fn model_error(e: GeneratorError, job_path: &Path) -> PipelineError {

@@ -146,7 +146,7 @@ struct Block {
 /// `weight` (widened to f32 at load) packed for [`PackedRows::matmul_t`] in `dtype`, the
 /// precision its checkpoint stored: half precision is exact, as the values came from it,
 /// and halves what a decoding step reads.
-fn pack(weight: &Tensor, dtype: DType) -> candle_core::Result<PackedRows> {
+pub(super) fn pack(weight: &Tensor, dtype: DType) -> candle_core::Result<PackedRows> {
     let (_, k) = weight.dims2()?;
     match dtype {
         DType::F16 => {
@@ -186,11 +186,11 @@ impl KvCache {
 /// One sequence's keys and values, per block: what [`Bloom::decode_step`] attends over and
 /// appends to.
 pub struct SequenceCache {
-    kv: SequenceKv,
-    len: usize,
+    pub(super) kv: SequenceKv,
+    pub(super) len: usize,
 }
 
-enum SequenceKv {
+pub(super) enum SequenceKv {
     /// Its own vectors, per block.
     Own(Vec<HeadsKv>),
     /// Blocks of a [`PagedKv`] pool.
@@ -222,7 +222,7 @@ impl SequenceCache {
 /// with a token's heads side by side, a head's 64 values lay 4 KiB apart on the 560m
 /// shape: every key a page of its own, and a decoding step spent ~50 ms of its ~130 in
 /// attention that reads 0.2 GB.
-struct HeadsKv {
+pub(super) struct HeadsKv {
     keys: Vec<f32>,
     values: Vec<f32>,
     heads: usize,
@@ -233,7 +233,7 @@ struct HeadsKv {
 }
 
 impl HeadsKv {
-    fn with_room(heads: usize, dim: usize, room: usize) -> Self {
+    pub(super) fn with_room(heads: usize, dim: usize, room: usize) -> Self {
         let room = room.max(1);
         Self {
             keys: vec![0.0; heads * room * dim],
@@ -245,10 +245,19 @@ impl HeadsKv {
         }
     }
 
-    /// Appends a token's keys and values from its fused projection (per head: query,
-    /// key, value); past the room made at the start, every head's run moves to a larger
-    /// one.
+    /// Appends a token's keys and values from BLOOM's fused projection (per head: query,
+    /// key, value).
     fn push(&mut self, qkv: &[f32]) {
+        let dim = self.dim;
+        self.push_with(|h| {
+            let part = &qkv[h * 3 * dim..(h + 1) * 3 * dim];
+            (&part[dim..2 * dim], &part[2 * dim..])
+        });
+    }
+
+    /// Appends a token whose key and value of head `h` are `parts(h)`; past the room made
+    /// at the start, every head's run moves to a larger one.
+    pub(super) fn push_with<'a>(&mut self, parts: impl Fn(usize) -> (&'a [f32], &'a [f32])) {
         let (heads, dim) = (self.heads, self.dim);
         if self.len == self.room {
             let room = (2 * self.room).max(16);
@@ -264,16 +273,17 @@ impl HeadsKv {
             }
             self.room = room;
         }
-        for (h, part) in qkv.chunks_exact(3 * dim).enumerate() {
+        for h in 0..heads {
+            let (key, value) = parts(h);
             let at = (h * self.room + self.len) * dim;
-            self.keys[at..at + dim].copy_from_slice(&part[dim..2 * dim]);
-            self.values[at..at + dim].copy_from_slice(&part[2 * dim..]);
+            self.keys[at..at + dim].copy_from_slice(key);
+            self.values[at..at + dim].copy_from_slice(value);
         }
         self.len += 1;
     }
 
     /// The keys and values of head `h`'s first `tokens` tokens.
-    fn head(&self, h: usize, tokens: usize) -> (&[f32], &[f32]) {
+    pub(super) fn head(&self, h: usize, tokens: usize) -> (&[f32], &[f32]) {
         let at = h * self.room * self.dim;
         let end = at + tokens.min(self.len) * self.dim;
         (&self.keys[at..end], &self.values[at..end])
@@ -282,7 +292,7 @@ impl HeadsKv {
 
 /// Rows of a decoding step up to which products go through [`PackedRows::matmul_t`]: past a
 /// few dozen rows, a GEMM's reuse of each loaded weight wins.
-const SKINNY_ROWS: usize = 32;
+pub(super) const SKINNY_ROWS: usize = 32;
 
 /// The additive causal mask of `new` queries after `past` cached tokens,
 /// `(new, past + new)`: 0 where a query may look, the most negative float where not.
@@ -305,7 +315,10 @@ fn causal_alibi(len: usize, slopes: &Tensor, device: &Device) -> candle_core::Re
 }
 
 /// Runs `f` on the values of a contiguous f32 tensor in CPU memory, where they lie.
-fn with_cpu_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(super) fn with_cpu_values<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("expected a tensor in CPU memory");
@@ -314,6 +327,40 @@ fn with_cpu_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::R
         candle_core::bail!("expected a contiguous tensor");
     };
     Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+}
+
+/// `x · weightᵀ (+ bias)` over the last dimension of `x`, as one 2-D product (a
+/// broadcast one would first copy the transposed weights per batch). A few rows on CPU
+/// (a decoding step) go through the `packed` copy, which a product reads once; more
+/// rows (a prefill), or another device, through candle's GEMM.
+pub(super) fn product(
+    weight: &Tensor,
+    packed: Option<&PackedRows>,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (outputs, inputs) = weight.dims2()?;
+    let mut dims = x.dims().to_vec();
+    let rows = x.elem_count() / inputs;
+    if let Some(last) = dims.last_mut() {
+        *last = outputs;
+    }
+    let x = x.reshape((rows, inputs))?;
+    let product = if let Some(packed) = packed.filter(|_| rows <= SKINNY_ROWS) {
+        let bias = bias.map(Tensor::to_vec1::<f32>).transpose()?;
+        let mut out = vec![0f32; rows * outputs];
+        with_cpu_values(&x, |x| {
+            packed.matmul_t(x, rows, bias.as_deref(), &mut out);
+        })?;
+        Tensor::from_vec(out, (rows, outputs), x.device())?
+    } else {
+        let product = x.matmul(&weight.t()?)?;
+        match bias {
+            Some(bias) => kernels::add_rows(product, bias)?,
+            None => product,
+        }
+    };
+    product.reshape(dims)
 }
 
 /// Attention of one head's `query` over that head's cached `keys`/`values` (token after
@@ -640,7 +687,7 @@ impl Bloom {
 
     /// Logits of the final hidden states `(…, hidden)`: the tied embedding matrix.
     fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        self.project_with(
+        product(
             self.embeddings.embeddings(),
             self.embeddings_packed.as_ref(),
             None,
@@ -655,42 +702,7 @@ impl Bloom {
         packed: Option<&PackedRows>,
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        self.project_with(linear.weight(), packed, linear.bias(), x)
-    }
-
-    /// `x · weightᵀ (+ bias)` over the last dimension of `x`, as one 2-D product (a
-    /// broadcast one would first copy the transposed weights per batch). A few rows on CPU
-    /// (a decoding step) go through the `packed` copy, which a product reads once; more
-    /// rows (a prefill), or another device, through candle's GEMM.
-    fn project_with(
-        &self,
-        weight: &Tensor,
-        packed: Option<&PackedRows>,
-        bias: Option<&Tensor>,
-        x: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let (outputs, inputs) = weight.dims2()?;
-        let mut dims = x.dims().to_vec();
-        let rows = x.elem_count() / inputs;
-        if let Some(last) = dims.last_mut() {
-            *last = outputs;
-        }
-        let x = x.reshape((rows, inputs))?;
-        let product = if let Some(packed) = packed.filter(|_| rows <= SKINNY_ROWS) {
-            let bias = bias.map(Tensor::to_vec1::<f32>).transpose()?;
-            let mut out = vec![0f32; rows * outputs];
-            with_cpu_values(&x, |x| {
-                packed.matmul_t(x, rows, bias.as_deref(), &mut out);
-            })?;
-            Tensor::from_vec(out, (rows, outputs), &self.device)?
-        } else {
-            let product = x.matmul(&weight.t()?)?;
-            match bias {
-                Some(bias) => kernels::add_rows(product, bias)?,
-                None => product,
-            }
-        };
-        product.reshape(dims)
+        product(linear.weight(), packed, linear.bias(), x)
     }
 
     /// Runs a group of new prompts through the model together, each with the room for

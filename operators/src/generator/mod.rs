@@ -5,10 +5,11 @@
 //! batches whatever requests are in flight (continuous batching), so callers keep many
 //! requests open rather than building batches themselves.
 
+pub mod batch;
 pub mod bloom;
+pub mod llama;
 pub mod mistralrs;
 pub mod paged;
-pub mod seqgpt;
 mod skinny;
 
 use std::sync::Arc;

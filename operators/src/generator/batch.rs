@@ -1,7 +1,9 @@
-//! The `seqgpt` backend: SeqGPT-560M and other BLOOM-family checkpoints through abridge's
-//! own BLOOM ([`super::bloom`]), as mistral.rs has no BLOOM.
+//! abridge's own batch engine, behind the `seqgpt` backend (SeqGPT-560M and other
+//! BLOOM-family checkpoints, [`super::bloom`]: mistral.rs has no BLOOM) and the `llama`
+//! backend (Llama-architecture GGUF files on CPU, [`super::llama`]: mistral.rs decodes
+//! one sequence at a time there).
 //!
-//! A batch engine on its own thread (the model never blocks the async runtime): requests
+//! The engine runs on its own thread (the model never blocks the async runtime): requests
 //! queue up; up to `max_batch` sequences decode together, one token each per step, and a
 //! finished sequence leaves at once while a waiting one is prefilled and joins the next
 //! step (continuous batching). Sampling is the shared [`pick_token`] / [`uniform_draw`], so
@@ -20,6 +22,7 @@ use futures::future::BoxFuture;
 use tokenizers::Tokenizer;
 
 use super::bloom::{Bloom, SequenceCache};
+use super::llama::{Llama, render_chat};
 use super::paged::{BlockTable, DEFAULT_BLOCK_SIZE, KERNEL_HEAD_SIZES, PagedKv};
 use super::{
     Generation, GenerationRequest, Generator, GeneratorError, PagedAttention, pick_token,
@@ -29,12 +32,113 @@ use super::{
 /// How long an idle engine waits, after a request, for the others of its burst.
 const GATHER: Duration = Duration::from_millis(5);
 
-/// A BLOOM checkpoint ready to summarize.
-pub struct SeqGptGenerator {
+/// A model the engine runs.
+pub trait BatchModel: Send + 'static {
+    /// Its family, in messages.
+    fn family(&self) -> &'static str;
+    fn eos_token_id(&self) -> Option<u32>;
+    /// Most tokens a sequence may hold (prompt and answer), where the model has a limit.
+    fn context_length(&self) -> Option<usize> {
+        None
+    }
+    /// New prompts run together (each with room for that many more tokens): the logits
+    /// of each one's last token `(prompts, vocab)` and their caches; with `paged`, the
+    /// keys and values go to the blocks of each prompt's table.
+    fn prefill(
+        &self,
+        prompts: &[(&[u32], usize)],
+        paged: Option<(&mut PagedKv, &[BlockTable])>,
+    ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)>;
+    /// One token for each sequence: the next token's logits `(batch, vocab)`.
+    fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SequenceCache],
+        paged: Option<&mut PagedKv>,
+    ) -> candle_core::Result<Tensor>;
+}
+
+impl BatchModel for Bloom {
+    fn family(&self) -> &'static str {
+        "BLOOM"
+    }
+
+    fn eos_token_id(&self) -> Option<u32> {
+        self.config().eos_token_id
+    }
+
+    fn prefill(
+        &self,
+        prompts: &[(&[u32], usize)],
+        paged: Option<(&mut PagedKv, &[BlockTable])>,
+    ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)> {
+        Bloom::prefill(self, prompts, paged)
+    }
+
+    fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SequenceCache],
+        paged: Option<&mut PagedKv>,
+    ) -> candle_core::Result<Tensor> {
+        Bloom::decode_step(self, tokens, caches, paged)
+    }
+}
+
+impl BatchModel for Llama {
+    fn family(&self) -> &'static str {
+        "Llama"
+    }
+
+    fn eos_token_id(&self) -> Option<u32> {
+        self.config().eos_token_id
+    }
+
+    fn context_length(&self) -> Option<usize> {
+        Some(self.config().context_length)
+    }
+
+    fn prefill(
+        &self,
+        prompts: &[(&[u32], usize)],
+        paged: Option<(&mut PagedKv, &[BlockTable])>,
+    ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)> {
+        if paged.is_some() {
+            candle_core::bail!("paged attention is not implemented for Llama in this engine");
+        }
+        Llama::prefill(self, prompts)
+    }
+
+    fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SequenceCache],
+        paged: Option<&mut PagedKv>,
+    ) -> candle_core::Result<Tensor> {
+        if paged.is_some() {
+            candle_core::bail!("paged attention is not implemented for Llama in this engine");
+        }
+        Llama::decode_step(self, tokens, caches)
+    }
+}
+
+/// A chat template and the token texts it may use.
+struct Chat {
+    template: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// A model on the batch engine, ready to summarize.
+pub struct BatchGenerator {
     tokenizer: Arc<Tokenizer>,
+    /// Prompts go in as the user turn of this template; raw without one.
+    chat: Option<Chat>,
     name: String,
     /// The engine's inbox; the engine thread ends when this is dropped.
     queue: Sender<Pending>,
+    family: &'static str,
+    context_length: Option<usize>,
 }
 
 /// A request waiting for the engine.
@@ -54,11 +158,11 @@ struct Running {
     failed: Option<String>,
 }
 
-impl SeqGptGenerator {
-    /// Loads the checkpoint in `dir` (config.json, tokenizer.json, weights) and starts its
-    /// engine, which decodes up to `max_batch` sequences at a time, with its keys and
-    /// values in a paged pool as `paged` says (on CUDA by default).
-    pub fn load(
+impl BatchGenerator {
+    /// Loads the BLOOM checkpoint in `dir` (config.json, tokenizer.json, weights) and
+    /// starts its engine, which decodes up to `max_batch` sequences at a time, with its
+    /// keys and values in a paged pool as `paged` says (on CUDA by default).
+    pub fn load_bloom(
         dir: &Path,
         device: &Device,
         max_batch: usize,
@@ -80,16 +184,52 @@ impl SeqGptGenerator {
         Self::start(
             model,
             tokenizer,
+            None,
             max_batch,
             paged,
             dir.display().to_string(),
         )
     }
 
+    /// Loads the Llama GGUF file `path` (on CPU) and starts its engine, which decodes up
+    /// to `max_batch` sequences at a time. Prompts go in as the user turn of the file's
+    /// chat template when `chat` and it has one.
+    pub fn load_llama(path: &Path, max_batch: usize, chat: bool) -> Result<Self, GeneratorError> {
+        // Decoding reads f16 copies of the dequantized weights: half the bytes per step.
+        let loaded = Llama::load(path, candle_core::DType::F16)?;
+        let chat = loaded.chat_template.filter(|_| chat).map(|template| Chat {
+            template,
+            bos_token: loaded.bos_token,
+            eos_token: loaded.eos_token,
+        });
+        if let Some(chat) = &chat {
+            render_chat(&chat.template, "", &chat.bos_token, &chat.eos_token).map_err(
+                |reason| GeneratorError::Load {
+                    model: path.display().to_string(),
+                    reason,
+                },
+            )?;
+        }
+        Self::start(
+            loaded.model,
+            loaded.tokenizer,
+            chat,
+            max_batch.max(1),
+            None,
+            path.display().to_string(),
+        )
+    }
+
+    /// Whether prompts go in as the user turn of a chat template.
+    pub fn is_chat(&self) -> bool {
+        self.chat.is_some()
+    }
+
     /// Starts the engine thread over a loaded model.
-    fn start(
-        model: Bloom,
+    fn start<M: BatchModel>(
+        model: M,
         tokenizer: Tokenizer,
+        chat: Option<Chat>,
         max_batch: usize,
         paged: Option<PagedKv>,
         name: String,
@@ -102,8 +242,10 @@ impl SeqGptGenerator {
             max_batch,
             paged,
         };
+        let family = engine.model.family();
+        let context_length = engine.model.context_length();
         std::thread::Builder::new()
-            .name("abridge-bloom".into())
+            .name(format!("abridge-{}", family.to_lowercase()))
             .spawn(move || engine.run(inbox))
             .map_err(|e| GeneratorError::Load {
                 model: name.clone(),
@@ -111,8 +253,11 @@ impl SeqGptGenerator {
             })?;
         Ok(Self {
             tokenizer,
+            chat,
             name,
             queue,
+            family,
+            context_length,
         })
     }
 
@@ -121,14 +266,34 @@ impl SeqGptGenerator {
         request: GenerationRequest,
     ) -> Result<oneshot::Receiver<Result<Generation, GeneratorError>>, GeneratorError> {
         let started = Instant::now();
+        let text = match &self.chat {
+            Some(chat) => render_chat(
+                &chat.template,
+                &request.prompt,
+                &chat.bos_token,
+                &chat.eos_token,
+            )
+            .map_err(GeneratorError::Request)?,
+            None => request.prompt.clone(),
+        };
         let prompt = self
             .tokenizer
-            .encode(request.prompt.as_str(), true)
+            .encode(text.as_str(), true)
             .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))?
             .get_ids()
             .to_vec();
         if prompt.is_empty() {
             return Err(GeneratorError::Request("the prompt has no tokens".into()));
+        }
+        if let Some(context) = self.context_length
+            && prompt.len() + request.sampling.max_new_tokens > context
+        {
+            return Err(GeneratorError::Request(format!(
+                "the prompt's {} tokens and up to {} new ones exceed the model's context of \
+                 {context} tokens: lower max_input_tokens",
+                prompt.len(),
+                request.sampling.max_new_tokens
+            )));
         }
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
@@ -137,14 +302,14 @@ impl SeqGptGenerator {
             started,
             reply,
         };
-        self.queue
-            .send(pending)
-            .map_err(|_| GeneratorError::EngineGone("the BLOOM engine thread ended".into()))?;
+        self.queue.send(pending).map_err(|_| {
+            GeneratorError::EngineGone(format!("the {} engine thread ended", self.family))
+        })?;
         Ok(answer)
     }
 }
 
-impl Generator for SeqGptGenerator {
+impl Generator for BatchGenerator {
     fn model(&self) -> &str {
         &self.name
     }
@@ -156,11 +321,11 @@ impl Generator for SeqGptGenerator {
         let answer = self.submit(request);
         Box::pin(async move {
             answer?.await.map_err(|_| {
-                GeneratorError::Request(
-                    "the BLOOM engine dropped the request (an engine error; later requests are \
-                     served)"
-                        .into(),
-                )
+                GeneratorError::Request(format!(
+                    "the {} engine dropped the request (an engine error; later requests are \
+                     served)",
+                    self.family
+                ))
             })?
         })
     }
@@ -252,8 +417,8 @@ fn free_gpu_memory(device: &Device) -> Result<usize, String> {
 }
 
 /// The model and its decoding loop, owned by the engine thread.
-struct Engine {
-    model: Bloom,
+struct Engine<M> {
+    model: M,
     tokenizer: Arc<Tokenizer>,
     max_batch: usize,
     /// The block pool of the keys and values, when attention is paged.
@@ -263,7 +428,7 @@ struct Engine {
 /// Prompts joining the batch, each with its blocks when attention is paged.
 type Group = Vec<(Pending, Option<BlockTable>)>;
 
-impl Engine {
+impl<M: BatchModel> Engine<M> {
     /// Serves requests until every sender is gone and the last sequence has finished.
     fn run(mut self, inbox: Receiver<Pending>) {
         let mut waiting: VecDeque<Pending> = VecDeque::new();
@@ -321,7 +486,8 @@ impl Engine {
                     .unwrap_or_else(|| "a panic".into());
                 for mut sequence in running.drain(..) {
                     sequence.failed = Some(format!(
-                        "BLOOM engine error ({why}); the engine restarted its batch"
+                        "{} engine error ({why}); the engine restarted its batch",
+                        self.model.family()
                     ));
                     self.finish(sequence);
                 }
@@ -395,9 +561,10 @@ impl Engine {
             Err(e) => {
                 for (pending, table) in group {
                     self.release(table);
-                    let _ = pending
-                        .reply
-                        .send(Err(GeneratorError::Request(format!("BLOOM: {e}"))));
+                    let _ = pending.reply.send(Err(GeneratorError::Request(format!(
+                        "{}: {e}",
+                        self.model.family()
+                    ))));
                 }
                 return Vec::new();
             }
@@ -425,7 +592,7 @@ impl Engine {
     /// sequences are answered and leave. A failed step fails the sequences in it (their
     /// rows record why) and the engine goes on with the next requests.
     fn step(&mut self, running: &mut Vec<Running>) {
-        fail::fail_point!("seqgpt::step");
+        fail::fail_point!("batch::step");
         let tokens: Vec<u32> = running
             .iter()
             .map(|s| s.generated.last().copied().unwrap_or_default())
@@ -445,7 +612,7 @@ impl Engine {
             Ok(next) => next,
             Err(e) => {
                 for mut sequence in running.drain(..) {
-                    sequence.failed = Some(format!("BLOOM decoding step: {e}"));
+                    sequence.failed = Some(format!("{} decoding step: {e}", self.model.family()));
                     self.finish(sequence);
                 }
                 return;
@@ -502,12 +669,13 @@ impl Engine {
     fn advance(&self, sequence: &mut Running, next: Option<u32>) -> bool {
         let Some(next) = next else {
             sequence.failed = Some(format!(
-                "BLOOM: the model's logits are NaN at generated token {}",
+                "{}: the model's logits are NaN at generated token {}",
+                self.model.family(),
                 sequence.generated.len() + 1
             ));
             return true;
         };
-        if Some(next) == self.model.config().eos_token_id {
+        if Some(next) == self.model.eos_token_id() {
             return true;
         }
         sequence.generated.push(next);
@@ -552,10 +720,11 @@ mod tests {
     use super::*;
     use crate::generator::Sampling;
 
-    fn fixture() -> (SeqGptGenerator, serde_json::Value, std::path::PathBuf) {
+    fn fixture() -> (BatchGenerator, serde_json::Value, std::path::PathBuf) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
-        let generator = SeqGptGenerator::load(&dir, &Device::Cpu, 4, &PagedAttention::default())
-            .expect("fixture model");
+        let generator =
+            BatchGenerator::load_bloom(&dir, &Device::Cpu, 4, &PagedAttention::default())
+                .expect("fixture model");
         let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
         (generator, serde_json::from_str(&text).expect("JSON"), dir)
     }
@@ -629,8 +798,8 @@ mod tests {
     async fn a_batch_answers_as_one_sequence_at_a_time_does() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-6h");
         let own = PagedAttention::default();
-        let serial = SeqGptGenerator::load(&dir, &Device::Cpu, 1, &own).expect("model");
-        let batched = SeqGptGenerator::load(&dir, &Device::Cpu, 3, &own).expect("model");
+        let serial = BatchGenerator::load_bloom(&dir, &Device::Cpu, 1, &own).expect("model");
+        let batched = BatchGenerator::load_bloom(&dir, &Device::Cpu, 3, &own).expect("model");
         // The same batch with its keys and values in the blocks of a pool: one large
         // enough for all (the job file's way), and one of 12 blocks of 4 tokens, where
         // prompts wait for the blocks of finished sequences, and a prompt longer than the
@@ -641,7 +810,7 @@ mod tests {
             block_size: Some(8),
             ..PagedAttention::default()
         };
-        let paged = SeqGptGenerator::load(&dir, &Device::Cpu, 3, &pool).expect("model");
+        let paged = BatchGenerator::load_bloom(&dir, &Device::Cpu, 3, &pool).expect("model");
         let model = Bloom::load(&dir, &Device::Cpu).expect("model");
         let config = model.config().clone();
         let small = PagedKv::new(
@@ -654,7 +823,7 @@ mod tests {
         )
         .expect("pool");
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
-        let scarce = SeqGptGenerator::start(model, tokenizer, 3, Some(small), "scarce".into())
+        let scarce = BatchGenerator::start(model, tokenizer, None, 3, Some(small), "scarce".into())
             .expect("engine");
         // Eight requests for a batch of three: prompts of different lengths and different
         // budgets, so sequences leave at different steps and waiting ones join mid-way.
@@ -726,7 +895,7 @@ mod tests {
         candle_core::safetensors::save(&weights, copy.path().join("model.safetensors"))
             .expect("save");
         let generator =
-            SeqGptGenerator::load(copy.path(), &Device::Cpu, 2, &PagedAttention::default())
+            BatchGenerator::load_bloom(copy.path(), &Device::Cpu, 2, &PagedAttention::default())
                 .expect("model");
         for _ in 0..2 {
             let err = generator

@@ -1,0 +1,780 @@
+//! Llama-architecture GGUF files (SmolLM2, Llama 3.x and the like) on abridge's own batch
+//! engine, for CPUs: mistral.rs 0.8.1 decodes one sequence at a time there, a matrix
+//! product per row, and ran SmolLM2-135M at 0.29x of llama.cpp (README, Summarize). Here
+//! a decoding step multiplies the whole batch through each weight once, as the BLOOM
+//! engine does ([`super::bloom`]), sharing its attention kernel, its caches and its
+//! products.
+//!
+//! token embeddings → per layer { RMSNorm → fused q, k, v → rotary positions →
+//! grouped-query attention → output + residual → RMSNorm → SwiGLU MLP + residual } →
+//! RMSNorm → logits (the output matrix, or the tied embeddings).
+//!
+//! Weights are dequantized once at load to f32 (each quantized weight is `scale × q (+
+//! min)`, exactly an f32), so logits follow transformers' float32 forward of the same
+//! file (tests against `tests/fixtures/smollm2-reference.json`, from
+//! `scripts/make-llama-fixture.py`). GGUF stores q and k rows permuted for llama.cpp's
+//! rotary layout (pairs of adjacent values), which is the layout used here.
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use tokenizers::Tokenizer;
+
+use super::GeneratorError;
+use super::bloom::{HeadsKv, SequenceCache, SequenceKv, attend, pack, product};
+use super::skinny::PackedRows;
+use crate::kernels;
+
+/// What the GGUF metadata says of a Llama model.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub context_length: usize,
+    pub eos_token_id: Option<u32>,
+}
+
+impl LlamaConfig {
+    fn from_gguf(content: &gguf_file::Content) -> Result<Self, String> {
+        let arch = text(content, "general.architecture")?;
+        if arch != "llama" {
+            return Err(format!(
+                "architecture `{arch}`: abridge's own engine runs `llama` GGUF files"
+            ));
+        }
+        let number = |key: &str| -> Result<usize, String> {
+            let value = content
+                .metadata
+                .get(&format!("llama.{key}"))
+                .ok_or_else(|| format!("no `llama.{key}` in its metadata"))?;
+            value
+                .to_u64()
+                .map(|v| v as usize)
+                .or_else(|_| value.to_u32().map(|v| v as usize))
+                .map_err(|e| format!("`llama.{key}`: {e}"))
+        };
+        let float = |key: &str, default: f32| -> Result<f32, String> {
+            match content.metadata.get(&format!("llama.{key}")) {
+                None => Ok(default),
+                Some(v) => v.to_f32().map_err(|e| format!("`llama.{key}`: {e}")),
+            }
+        };
+        let hidden_size = number("embedding_length")?;
+        let heads = number("attention.head_count")?;
+        let kv_heads = number("attention.head_count_kv").unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || hidden_size % heads != 0 || heads % kv_heads != 0 {
+            return Err(format!(
+                "{heads} heads and {kv_heads} key/value heads over a hidden size of {hidden_size}"
+            ));
+        }
+        let head_dim = hidden_size / heads;
+        if number("rope.dimension_count").is_ok_and(|d| d != head_dim) {
+            return Err("rotary positions over part of a head are not supported".into());
+        }
+        Ok(Self {
+            hidden_size,
+            layers: number("block_count")?,
+            heads,
+            kv_heads,
+            head_dim,
+            rope_theta: float("rope.freq_base", 10_000.0)?,
+            rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
+            context_length: number("context_length").unwrap_or(4096),
+            eos_token_id: content
+                .metadata
+                .get("tokenizer.ggml.eos_token_id")
+                .and_then(|v| v.to_u32().ok()),
+        })
+    }
+}
+
+fn text<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a str, String> {
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| format!("no `{key}` in its metadata"))?
+        .to_string()
+        .map(String::as_str)
+        .map_err(|e| format!("`{key}`: {e}"))
+}
+
+/// A string array of the metadata.
+fn strings<'a>(content: &'a gguf_file::Content, key: &str) -> Result<Vec<&'a str>, String> {
+    let values = content
+        .metadata
+        .get(key)
+        .ok_or_else(|| format!("no `{key}` in its metadata"))?
+        .to_vec()
+        .map_err(|e| format!("`{key}`: {e}"))?;
+    values
+        .iter()
+        .map(|v| {
+            v.to_string()
+                .map(String::as_str)
+                .map_err(|e| format!("`{key}`: {e}"))
+        })
+        .collect()
+}
+
+/// The byte-level BPE tokenizer (`tokenizer.ggml.model = "gpt2"`) the metadata describes,
+/// with control tokens (`<|im_start|>` ...) as special tokens. Numbers split into single
+/// digits first where the file says its pre-tokenizer is `smollm` (as llama.cpp does).
+pub fn gguf_tokenizer(content: &gguf_file::Content) -> Result<Tokenizer, String> {
+    let model = text(content, "tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(format!(
+            "tokenizer `{model}`: abridge's own engine reads byte-level BPE (`gpt2`) tokenizers"
+        ));
+    }
+    let tokens = strings(content, "tokenizer.ggml.tokens")?;
+    let merges = strings(content, "tokenizer.ggml.merges")?;
+    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
+        None => Vec::new(),
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| format!("`tokenizer.ggml.token_type`: {e}"))?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(1))
+            .collect(),
+    };
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.to_string(), id.into()))
+        .collect();
+    // llama.cpp's token types: 1 normal, 3 control, 4 user-defined.
+    let added: Vec<serde_json::Value> = types
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t == 3 || t == 4)
+        .filter_map(|(id, &t)| {
+            Some(serde_json::json!({
+                "id": id, "content": tokens.get(id)?, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": t == 3,
+            }))
+        })
+        .collect();
+    let byte_level = serde_json::json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true,
+    });
+    let pre = content
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok());
+    let pre_tokenizer = if pre.is_some_and(|p| p == "smollm") {
+        serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level,
+        ]})
+    } else {
+        byte_level.clone()
+    };
+    let json = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "pre_tokenizer": pre_tokenizer,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    });
+    json.to_string()
+        .parse::<Tokenizer>()
+        .map_err(|e| format!("its tokenizer: {e}"))
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    /// q, k and v stacked: one product.
+    qkv: Tensor,
+    output: Tensor,
+    ffn_norm: Tensor,
+    /// gate and up stacked: one product.
+    gate_up: Tensor,
+    down: Tensor,
+    /// qkv, output, gate_up, down packed for decoding steps.
+    packed: [PackedRows; 4],
+}
+
+/// A loaded Llama model (CPU).
+pub struct Llama {
+    config: LlamaConfig,
+    embeddings: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    /// The output matrix (the embeddings where tied), and its packed copy.
+    head: Tensor,
+    head_packed: PackedRows,
+    /// Rotary frequencies, one per pair of a head's values.
+    inverse_frequencies: Vec<f32>,
+}
+
+/// What a GGUF file holds for abridge's engine.
+pub struct LoadedGguf {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    /// The text of the begin- and end-of-sequence tokens, for chat templates.
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl Llama {
+    /// Reads a Llama GGUF file: metadata, tokenizer, chat template, weights (dequantized),
+    /// with the copies decoding steps read in `packed`: `F32` holds the dequantized
+    /// weights exactly; `F16` rounds them (relative error under 2⁻¹¹) for half the bytes
+    /// a step reads.
+    pub fn load(path: &Path, packed: DType) -> Result<LoadedGguf, GeneratorError> {
+        let fail = |reason: String| GeneratorError::Load {
+            model: path.display().to_string(),
+            reason,
+        };
+        let mut file = File::open(path).map_err(|e| fail(format!("reading it: {e}")))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| fail(format!("not a readable GGUF file: {e}")))?;
+        let config = LlamaConfig::from_gguf(&content).map_err(&fail)?;
+        let tokenizer = gguf_tokenizer(&content).map_err(&fail)?;
+        let cpu = Device::Cpu;
+        let mut read = |name: &str| -> Result<Tensor, GeneratorError> {
+            content
+                .tensor(&mut file, name, &cpu)
+                .and_then(|t| t.dequantize(&cpu))
+                .map_err(|e| fail(format!("tensor `{name}`: {e}")))
+        };
+        let stack = |parts: &[Tensor]| Tensor::cat(parts, 0);
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let mut get = |part: &str| read(&format!("blk.{i}.{part}.weight"));
+            let (q, k, v) = (get("attn_q")?, get("attn_k")?, get("attn_v")?);
+            let (gate, up) = (get("ffn_gate")?, get("ffn_up")?);
+            let attn_norm = get("attn_norm")?;
+            let output = get("attn_output")?;
+            let ffn_norm = get("ffn_norm")?;
+            let down = get("ffn_down")?;
+            let packing = || -> candle_core::Result<(Tensor, Tensor, [PackedRows; 4])> {
+                let qkv = stack(&[q, k, v])?;
+                let gate_up = stack(&[gate, up])?;
+                let packs = [
+                    pack(&qkv, packed)?,
+                    pack(&output, packed)?,
+                    pack(&gate_up, packed)?,
+                    pack(&down, packed)?,
+                ];
+                Ok((qkv, gate_up, packs))
+            };
+            let (qkv, gate_up, packs) = packing().map_err(|e| fail(format!("layer {i}: {e}")))?;
+            let expected = (
+                (config.heads + 2 * config.kv_heads) * config.head_dim,
+                config.hidden_size,
+            );
+            if qkv.dims2().ok() != Some(expected) {
+                return Err(fail(format!(
+                    "layer {i}: q, k, v are {:?}, expected {expected:?}",
+                    qkv.dims()
+                )));
+            }
+            layers.push(Layer {
+                attn_norm,
+                qkv,
+                output,
+                ffn_norm,
+                gate_up,
+                down,
+                packed: packs,
+            });
+        }
+        let embeddings = read("token_embd.weight")?;
+        let head = if content.tensor_infos.contains_key("output.weight") {
+            read("output.weight")?
+        } else {
+            embeddings.clone()
+        };
+        let head_packed = pack(&head, packed).map_err(|e| fail(e.to_string()))?;
+        let final_norm = read("output_norm.weight")?;
+        let half = config.head_dim / 2;
+        let inverse_frequencies = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_theta
+                    .powf((2 * i) as f32 / config.head_dim as f32)
+            })
+            .collect();
+        let token = |key: &str| -> String {
+            let tokens = strings(&content, "tokenizer.ggml.tokens").unwrap_or_default();
+            content
+                .metadata
+                .get(key)
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|id| tokens.get(id as usize).map(|t| t.to_string()))
+                .unwrap_or_default()
+        };
+        let chat_template = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        Ok(LoadedGguf {
+            bos_token: token("tokenizer.ggml.bos_token_id"),
+            eos_token: token("tokenizer.ggml.eos_token_id"),
+            chat_template,
+            tokenizer,
+            model: Self {
+                config,
+                embeddings,
+                layers,
+                final_norm,
+                head,
+                head_packed,
+                inverse_frequencies,
+            },
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Runs new prompts through the model together, each with room in its cache for that
+    /// many more tokens: the logits of each prompt's last token `(prompts, vocab)` and the
+    /// caches. Tokens of all prompts are stacked for the products; attention runs per
+    /// prompt, so nothing is padded.
+    pub fn prefill(
+        &self,
+        prompts: &[(&[u32], usize)],
+    ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)> {
+        if prompts.iter().any(|(p, _)| p.is_empty()) {
+            candle_core::bail!("an empty prompt");
+        }
+        // Each token's prompt and position in it.
+        let places: Vec<(usize, usize)> = prompts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (p, _))| (0..p.len()).map(move |t| (i, t)))
+            .collect();
+        let ids: Vec<u32> = prompts
+            .iter()
+            .flat_map(|(p, _)| p.iter().copied())
+            .collect();
+        let (kv_heads, dim) = (self.config.kv_heads, self.config.head_dim);
+        let mut own: Vec<Vec<HeadsKv>> = prompts
+            .iter()
+            .map(|_| Vec::with_capacity(self.config.layers))
+            .collect();
+        let hidden = self.layers_forward(&ids, |qkv| {
+            let positions: Vec<usize> = places.iter().map(|&(_, t)| t).collect();
+            let qkv = self.rotate(qkv, &positions)?;
+            let mut start = 0;
+            for ((prompt, answer), layers) in prompts.iter().zip(&mut own) {
+                let mut kv = HeadsKv::with_room(kv_heads, dim, prompt.len() + answer);
+                for t in start..start + prompt.len() {
+                    let (key, value) = self.key_value(&qkv, t);
+                    kv.push_with(|h| (&key[h * dim..][..dim], &value[h * dim..][..dim]));
+                }
+                layers.push(kv);
+                start += prompt.len();
+            }
+            let attending: Vec<(&HeadsKv, usize)> = places
+                .iter()
+                .map(|&(prompt, t)| own[prompt].last().map(|kv| (kv, t + 1)))
+                .collect::<Option<_>>()
+                .ok_or_else(|| candle_core::Error::Msg("a prompt without its cache".into()))?;
+            self.attention(&qkv, &attending)
+        })?;
+        let mut last = Vec::with_capacity(prompts.len());
+        let mut end = 0;
+        for (prompt, _) in prompts {
+            end += prompt.len();
+            last.push((end - 1) as u32);
+        }
+        let last = hidden.index_select(&Tensor::new(last, hidden.device())?, 0)?;
+        let caches = own
+            .into_iter()
+            .zip(prompts)
+            .map(|(layers, (prompt, _))| SequenceCache {
+                kv: SequenceKv::Own(layers),
+                len: prompt.len(),
+            })
+            .collect();
+        Ok((self.logits(&last)?, caches))
+    }
+
+    /// One decoding step: `tokens[i]` is the newest token of the sequence whose cache is
+    /// `caches[i]`. Returns the next token's logits `(batch, vocab)`; each cache then holds
+    /// its token too.
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SequenceCache],
+    ) -> candle_core::Result<Tensor> {
+        if caches.len() != tokens.len() {
+            candle_core::bail!("{} tokens for {} caches", tokens.len(), caches.len());
+        }
+        let dim = self.config.head_dim;
+        let positions: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let mut layer = 0;
+        let hidden = self.layers_forward(tokens, |qkv| {
+            let qkv = self.rotate(qkv, &positions)?;
+            for (b, cache) in caches.iter_mut().enumerate() {
+                let SequenceKv::Own(layers) = &mut cache.kv else {
+                    candle_core::bail!("a Llama sequence in blocks");
+                };
+                let (key, value) = self.key_value(&qkv, b);
+                layers[layer].push_with(|h| (&key[h * dim..][..dim], &value[h * dim..][..dim]));
+            }
+            let mut attending = Vec::with_capacity(caches.len());
+            for cache in caches.iter() {
+                let SequenceKv::Own(layers) = &cache.kv else {
+                    candle_core::bail!("a Llama sequence in blocks");
+                };
+                attending.push((&layers[layer], cache.len + 1));
+            }
+            layer += 1;
+            self.attention(&qkv, &attending)
+        })?;
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        self.logits(&hidden)
+    }
+
+    /// The final hidden states of `ids` through every layer, where `attention` turns a
+    /// layer's rows of q, k, v (row-major, one row per token) into its context rows.
+    fn layers_forward(
+        &self,
+        ids: &[u32],
+        mut attention: impl FnMut(Vec<f32>) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let eps = self.config.rms_eps;
+        let ids = Tensor::new(ids, self.embeddings.device())?;
+        let mut hidden = self.embeddings.index_select(&ids, 0)?;
+        for layer in &self.layers {
+            let normed = candle_nn::ops::rms_norm(&hidden, &layer.attn_norm, eps)?;
+            let qkv = product(&layer.qkv, Some(&layer.packed[0]), None, &normed)?;
+            let context = attention(qkv.flatten_all()?.to_vec1::<f32>()?)?;
+            hidden = (product(&layer.output, Some(&layer.packed[1]), None, &context)? + hidden)?;
+            let normed = candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, eps)?;
+            let gate_up = product(&layer.gate_up, Some(&layer.packed[2]), None, &normed)?;
+            let act = kernels::swiglu(&gate_up)?;
+            hidden = (product(&layer.down, Some(&layer.packed[3]), None, &act)? + hidden)?;
+        }
+        candle_nn::ops::rms_norm(&hidden, &self.final_norm, eps)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        product(&self.head, Some(&self.head_packed), None, hidden)
+    }
+
+    /// Width of a token's q, k, v row.
+    fn qkv_width(&self) -> usize {
+        (self.config.heads + 2 * self.config.kv_heads) * self.config.head_dim
+    }
+
+    /// Token `t`'s keys and values (all key/value heads) in rows of q, k, v.
+    fn key_value<'a>(&self, qkv: &'a [f32], t: usize) -> (&'a [f32], &'a [f32]) {
+        let (q, kv) = (
+            self.config.heads * self.config.head_dim,
+            self.config.kv_heads * self.config.head_dim,
+        );
+        let row = &qkv[t * self.qkv_width()..][..self.qkv_width()];
+        (&row[q..q + kv], &row[q + kv..])
+    }
+
+    /// Rotary positions on the queries and keys of rows of q, k, v: in each head, the
+    /// pair of values `2i, 2i + 1` turned by `position × θ^(−2i/d)`.
+    fn rotate(&self, mut qkv: Vec<f32>, positions: &[usize]) -> candle_core::Result<Vec<f32>> {
+        let width = self.qkv_width();
+        if qkv.len() != positions.len() * width {
+            candle_core::bail!("{} values for {} tokens", qkv.len(), positions.len());
+        }
+        let dim = self.config.head_dim;
+        let rotated = (self.config.heads + self.config.kv_heads) * dim;
+        qkv.par_chunks_mut(width)
+            .zip(positions)
+            .for_each(|(row, &position)| {
+                let angles: Vec<(f32, f32)> = self
+                    .inverse_frequencies
+                    .iter()
+                    .map(|f| {
+                        let angle = position as f32 * f;
+                        (angle.cos(), angle.sin())
+                    })
+                    .collect();
+                for head in row[..rotated].chunks_exact_mut(dim) {
+                    for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(&angles) {
+                        let (a, b) = (pair[0], pair[1]);
+                        pair[0] = a * cos - b * sin;
+                        pair[1] = a * sin + b * cos;
+                    }
+                }
+            });
+        Ok(qkv)
+    }
+
+    /// Attention of every (token, head) of rows of q, k, v over the first `tokens` of its
+    /// sequence's cache (`attending[t]`), a query head reading its group's key/value head.
+    fn attention(
+        &self,
+        qkv: &[f32],
+        attending: &[(&HeadsKv, usize)],
+    ) -> candle_core::Result<Tensor> {
+        let (heads, dim) = (self.config.heads, self.config.head_dim);
+        let group = heads / self.config.kv_heads;
+        let scale = 1.0 / (dim as f32).sqrt();
+        let width = self.qkv_width();
+        let mut context = vec![0f32; attending.len() * heads * dim];
+        context
+            .par_chunks_mut(dim)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (t, h) = (i / heads, i % heads);
+                let (kv, tokens) = attending[t];
+                let (keys, values) = kv.head(h / group, tokens);
+                let query = &qkv[t * width + h * dim..][..dim];
+                attend(query, keys, values, 0.0, scale, out);
+            });
+        Tensor::from_vec(context, (attending.len(), heads * dim), &Device::Cpu)
+    }
+}
+
+/// The chat template of a GGUF file applied to one user turn, ready for the assistant's
+/// answer (Jinja, as transformers renders it).
+pub fn render_chat(
+    template: &str,
+    user: &str,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| format!("its chat template: {e}"))?;
+    let context = minijinja::context! {
+        messages => vec![minijinja::context! { role => "user", content => user }],
+        add_generation_prompt => true,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    };
+    env.get_template("chat")
+        .and_then(|t| t.render(context))
+        .map_err(|e| format!("its chat template: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoder::bert::cached_model_dir;
+
+    /// SmolLM2 with its decoding copies in `packed`.
+    fn smollm2(packed: DType) -> LoadedGguf {
+        let path =
+            cached_model_dir("smollm2-135m-instruct").join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        Llama::load(&path, packed).unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models)"))
+    }
+
+    fn reference() -> serde_json::Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/smollm2-reference.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the reference fixture");
+        serde_json::from_str(&text).expect("its JSON")
+    }
+
+    fn numbers<T: TryFrom<u64>>(value: &serde_json::Value) -> Vec<T> {
+        value
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64().and_then(|v| T::try_from(v).ok()))
+            .collect()
+    }
+
+    fn floats(value: &serde_json::Value) -> Vec<f32> {
+        value
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_f64().map(|v| v as f32))
+            .collect()
+    }
+
+    fn cases(reference: &serde_json::Value) -> &Vec<serde_json::Value> {
+        reference["cases"].as_array().expect("cases")
+    }
+
+    #[test]
+    fn chat_template_and_tokenizer_give_transformers_prompts() {
+        let loaded = smollm2(DType::F16);
+        let template = loaded
+            .chat_template
+            .as_deref()
+            .expect("SmolLM2 has a chat template");
+        let reference = reference();
+        for case in cases(&reference) {
+            let prompt = case["prompt"].as_str().expect("prompt");
+            let text = render_chat(template, prompt, &loaded.bos_token, &loaded.eos_token)
+                .expect("renders");
+            assert_eq!(Some(text.as_str()), case["text"].as_str());
+            let ids = loaded
+                .tokenizer
+                .encode(text.as_str(), false)
+                .expect("encodes");
+            assert_eq!(
+                ids.get_ids(),
+                numbers::<u32>(&case["ids"]).as_slice(),
+                "{prompt}"
+            );
+        }
+        // llama.cpp's `smollm` pre-tokenizer: numbers are single digits.
+        let digits = loaded.tokenizer.encode("12 jobs", false).expect("encodes");
+        let pieces: Vec<String> = digits
+            .get_ids()
+            .iter()
+            .map(|&id| loaded.tokenizer.decode(&[id], false).unwrap_or_default())
+            .collect();
+        assert_eq!(pieces[..2], ["1", "2"]);
+        let back = loaded
+            .tokenizer
+            .decode(digits.get_ids(), true)
+            .expect("decodes");
+        assert_eq!(back, "12 jobs");
+    }
+
+    /// Logits of each reference prompt's last position: prefilled alone, and together,
+    /// from the exact (f32) weights.
+    #[test]
+    fn prefill_logits_match_transformers() {
+        let model = smollm2(DType::F32).model;
+        let reference = reference();
+        let fixed: Vec<usize> = numbers(&reference["fixed_ids"]);
+        let prompts: Vec<Vec<u32>> = cases(&reference)
+            .iter()
+            .map(|c| numbers(&c["ids"]))
+            .collect();
+        let alone: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| {
+                let (logits, _) = model.prefill(&[(p, 0)]).expect("prefill");
+                logits
+                    .flatten_all()
+                    .and_then(|l| l.to_vec1())
+                    .expect("logits")
+            })
+            .collect();
+        let together: Vec<(&[u32], usize)> = prompts.iter().map(|p| (p.as_slice(), 4)).collect();
+        let (logits, caches) = model.prefill(&together).expect("prefill");
+        let together = logits.to_vec2::<f32>().expect("logits");
+        assert_eq!(
+            caches.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            prompts.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        for ((case, alone), together) in cases(&reference).iter().zip(&alone).zip(&together) {
+            let top: Vec<usize> = numbers(&case["top_ids"]);
+            let expected = floats(&case["top_logits"]).into_iter().zip(top).chain(
+                floats(&case["fixed_logits"])
+                    .into_iter()
+                    .zip(fixed.iter().copied()),
+            );
+            let mut worst = 0f32;
+            for (theirs, id) in expected {
+                for ours in [alone[id], together[id]] {
+                    worst = worst.max((ours - theirs).abs());
+                }
+            }
+            // Logits of ~30 printed to 5 decimals, sums in another order.
+            assert!(
+                worst < 2e-3,
+                "{}: worst logit difference {worst}",
+                case["prompt"]
+            );
+        }
+    }
+
+    fn greedy(model: &Llama, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<u32>> {
+        let group: Vec<(&[u32], usize)> = prompts.iter().map(|p| (p.as_slice(), steps)).collect();
+        let (mut logits, mut caches) = model.prefill(&group).expect("prefill");
+        let mut out = vec![Vec::new(); prompts.len()];
+        for step in 0..steps {
+            let next: Vec<u32> = logits
+                .argmax(candle_core::D::Minus1)
+                .and_then(|t| t.to_vec1())
+                .expect("argmax");
+            for (o, &n) in out.iter_mut().zip(&next) {
+                o.push(n);
+            }
+            if step + 1 < steps {
+                let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
+                logits = model.decode_step(&next, &mut refs).expect("step");
+            }
+        }
+        out
+    }
+
+    /// From the f16 copies the engine decodes with, and from the exact ones.
+    #[test]
+    fn greedy_tokens_match_transformers_alone_and_batched() {
+        for packed in [DType::F16, DType::F32] {
+            greedy_tokens_match(&smollm2(packed).model);
+        }
+    }
+
+    fn greedy_tokens_match(model: &Llama) {
+        let reference = reference();
+        let prompts: Vec<Vec<u32>> = cases(&reference)
+            .iter()
+            .map(|c| numbers(&c["ids"]))
+            .collect();
+        let expected: Vec<Vec<u32>> = cases(&reference)
+            .iter()
+            .map(|c| numbers(&c["greedy"]))
+            .collect();
+        let steps = expected[0].len();
+        assert_eq!(greedy(model, &prompts, steps), expected, "batched");
+        for (prompt, expected) in prompts.iter().zip(&expected) {
+            assert_eq!(
+                &greedy(model, std::slice::from_ref(prompt), steps)[0],
+                expected,
+                "alone"
+            );
+        }
+    }
+
+    #[test]
+    fn other_architectures_and_tokenizers_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bloom.gguf");
+        let arch = gguf_file::Value::String("bloom".into());
+        let mut file = File::create(&path).expect("create");
+        gguf_file::write(&mut file, &[("general.architecture", &arch)], &[]).expect("write");
+        drop(file);
+        let err = Llama::load(&path, DType::F32)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("architecture `bloom`"), "{err}");
+        assert!(err.contains("bloom.gguf"), "{err}");
+        std::fs::write(&path, b"not a gguf").expect("write");
+        let err = Llama::load(&path, DType::F32)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("not a readable GGUF file"), "{err}");
+    }
+}
