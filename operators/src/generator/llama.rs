@@ -307,8 +307,8 @@ impl Llama {
                     .powf((2 * i) as f32 / config.head_dim as f32)
             })
             .collect();
+        let tokens = strings(&content, "tokenizer.ggml.tokens").unwrap_or_default();
         let token = |key: &str| -> String {
-            let tokens = strings(&content, "tokenizer.ggml.tokens").unwrap_or_default();
             content
                 .metadata
                 .get(key)
