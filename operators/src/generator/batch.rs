@@ -103,9 +103,7 @@ impl BatchModel for Llama {
         prompts: &[(&[u32], usize)],
         paged: Option<(&mut PagedKv, &[BlockTable])>,
     ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)> {
-        if paged.is_some() {
-            candle_core::bail!("paged attention is not implemented for Llama in this engine");
-        }
+        refuse_paged(paged.is_some())?;
         Llama::prefill(self, prompts)
     }
 
@@ -115,11 +113,17 @@ impl BatchModel for Llama {
         caches: &mut [&mut SequenceCache],
         paged: Option<&mut PagedKv>,
     ) -> candle_core::Result<Tensor> {
-        if paged.is_some() {
-            candle_core::bail!("paged attention is not implemented for Llama in this engine");
-        }
+        refuse_paged(paged.is_some())?;
         Llama::decode_step(self, tokens, caches)
     }
+}
+
+/// Llama's caches are its own vectors: a paged pool is refused (the backend is CPU-only).
+fn refuse_paged(paged: bool) -> candle_core::Result<()> {
+    if paged {
+        candle_core::bail!("paged attention is not implemented for Llama in this engine");
+    }
+    Ok(())
 }
 
 /// A chat template and the token texts it may use.
