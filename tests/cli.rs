@@ -405,10 +405,10 @@ fn a_live_run_holds_the_output_and_a_dead_ones_lock_is_cleared() -> TestResult {
     let input = sample(dir.path(), "t.parquet", 50, 1)?;
     let job = job_file(dir.path(), &input, "")?;
     let out_dir = dir.path().join("out");
-    let (held, _) = OutputLock::acquire(&out_dir, "nightly-1")?;
+    let (held, _) = OutputLock::acquire(&out_dir, "nightly-1", None)?;
     let out = abridge(&["run", job.to_str().unwrap_or_default()]);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(75), "{err}");
     assert!(
         err.contains("nightly-1") && err.contains(LOCK_FILE),
         "names the holder and the lock: {err}"
@@ -852,7 +852,7 @@ fn retrieval_config_errors_are_clear() -> TestResult {
     )?;
     let held = index.writer()?;
     let out = abridge(&["run", job_arg]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(stderr(&out).contains("locked"), "{}", stderr(&out));
     drop(held);
 

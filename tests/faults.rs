@@ -65,7 +65,7 @@ created_at = "opened_at"
 reference = "resolution_summary"
 [output]
 path = "{out}"
-rows_per_file = 8
+commit_every_rows = 8
 [run]
 batch_size = 8
 [embed]
@@ -109,8 +109,8 @@ fn elsewhere(dir: &Path, name: &str) -> Vec<String> {
 struct Reference {
     rows: Vec<String>,
     manifest: RunManifest,
-    /// Tickets in its index.
-    docs: u64,
+    /// The ids of the tickets in its index, sorted.
+    index_ids: Vec<String>,
     /// How long it took, start to end.
     took: Duration,
 }
@@ -127,7 +127,7 @@ fn reference_run(dir: &Path, job: &Path) -> Result<Reference, Box<dyn std::error
     Ok(Reference {
         rows: table_rows(std::slice::from_ref(&run_dir))?,
         manifest: RunManifest::read(&run_dir)?,
-        docs: TicketIndex::open(&dir.join("reference/index"))?.num_docs()?,
+        index_ids: TicketIndex::open(&dir.join("reference/index"))?.ids()?,
         took,
     })
 }
@@ -282,12 +282,115 @@ impl Rng {
     }
 }
 
-/// kill -9 at seeded points of runs (model loading, reading, summarizing, committing
-/// files and the index), each time followed by `--resume`: the finished tables equal an
-/// uninterrupted run's row for row (metrics and summaries included), the manifests count
-/// every row once, and the index holds exactly the table's tickets.
+/// How a test stops a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stop {
+    /// kill -9.
+    Kill,
+    /// SIGTERM: the run drains, commits what is in flight and exits 143.
+    Term,
+    /// SIGTERM twice: the run stops at once and exits 143.
+    TermTwice,
+}
+
+impl Stop {
+    fn pick(rng: &mut Rng) -> Self {
+        [Stop::Kill, Stop::Term, Stop::TermTwice][(rng.unit() * 3.0) as usize % 3]
+    }
+
+    /// Stops `child` and waits for it; checks a SIGTERM's exit code (143, or 0 when the
+    /// run had finished) and that a run it stopped is recorded as interrupted.
+    fn apply(self, child: &mut std::process::Child, output: &Path) -> TestResult {
+        // Not yet waited for, the child's pid is its own even if it has just exited.
+        let term = || {
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+        };
+        match self {
+            Stop::Kill => child.kill()?,
+            Stop::Term => {
+                term()?;
+            }
+            Stop::TermTwice => {
+                term()?;
+                std::thread::sleep(Duration::from_millis(20));
+                term()?;
+            }
+        }
+        let status = child.wait()?;
+        if self != Stop::Kill {
+            let mut err = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut pipe, &mut err)?;
+            }
+            assert!(
+                matches!(status.code(), Some(143) | Some(0)),
+                "{self:?}: {status:?}: {err}"
+            );
+            // Stopped while loading (the run folder, if an earlier attempt made it, is left
+            // as that attempt left it), or recorded as interrupted.
+            if status.code() == Some(143) && !err.contains("before the run began writing") {
+                let run = run_dirs(output).into_iter().next();
+                let status = run.map(|d| RunManifest::read(&d).map(|m| m.status));
+                assert!(
+                    matches!(status, Some(Ok(RunStatus::Interrupted))),
+                    "{self:?}: the manifest says {status:?}: {err}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// kill -9 and SIGTERM (once or twice), mixed, at seeded points of runs (model loading,
+/// reading, summarizing, committing files and the index), each time followed by
+/// `--resume`: the finished tables equal an uninterrupted run's row for row (metrics and
+/// summaries included), the manifests count every row once, and the index holds exactly
+/// the table's tickets.
 #[test]
 fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
+    soak(24, 0x5eed_0001)
+}
+
+/// `scripts/soak`: [`killed_runs_resume_to_the_table_of_an_uninterrupted_run`] with
+/// `ABRIDGE_SOAK_STOPS` stops (default 200) from seed `ABRIDGE_SOAK_SEED`.
+#[test]
+#[ignore = "long: scripts/soak runs it"]
+fn soak_from_env() -> TestResult {
+    let number = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    soak(
+        number("ABRIDGE_SOAK_STOPS", 200) as usize,
+        number("ABRIDGE_SOAK_SEED", 0x5eed_0001),
+    )
+}
+
+/// The ids of the rows without an `error` in `rows` ([`table_rows`] lines): the tickets
+/// the index must hold.
+fn indexable_ids(rows: &[String]) -> Vec<String> {
+    let mut ids: Vec<String> = rows
+        .iter()
+        .filter(|r| r.contains(" | error=∅"))
+        .filter_map(|r| {
+            r.split(" | ")
+                .next()?
+                .strip_prefix("id=")
+                .map(str::to_string)
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Runs of the every-stage job stopped `wanted` times in all at seeded points, each
+/// sequence resumed to its end and compared with an uninterrupted run.
+fn soak(wanted: usize, seed: u64) -> TestResult {
+    let started = Instant::now();
     let dir = tempfile::tempdir()?;
     let job = full_job(dir.path(), 80)?;
     let job_arg = job.to_str().unwrap_or_default();
@@ -295,7 +398,7 @@ fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
     let Reference {
         rows: reference,
         manifest: reference_manifest,
-        docs: reference_docs,
+        index_ids: reference_ids,
         took: whole,
     } = reference_run(dir.path(), &job)?;
     assert!(reference.len() > 40, "{} rows", reference.len());
@@ -307,15 +410,17 @@ fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
         "no summary was cut as a loop"
     );
     assert_eq!(
-        reference_docs,
-        reference_manifest.rows_written - reference_manifest.rows_failed,
-        "the index holds every written ticket without an error"
+        reference_ids,
+        indexable_ids(&reference),
+        "the index holds every written ticket without an error, by id"
     );
 
-    let mut rng = Rng(0x5eed_0001);
+    let mut rng = Rng(seed);
+    let mut attempts = 0;
     let (mut kills, mut sequences) = (0, 0);
     let mut files_at_kill = std::collections::BTreeSet::new();
-    while kills < 24 {
+    let mut stops = std::collections::BTreeMap::new();
+    while kills < wanted {
         let name = format!("seq{sequences}");
         let set = elsewhere(dir.path(), &name);
         let output = dir.path().join(&name).join("out");
@@ -330,18 +435,20 @@ fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()?;
-            // Up to 6 kills per sequence, then one attempt runs to the end.
+            attempts += 1;
+            // Up to 6 stops per sequence, then one attempt runs to the end.
             if attempt < 6 {
                 let delay = whole.mul_f64(0.05 + 0.9 * rng.unit());
+                let stop = Stop::pick(&mut rng);
                 let deadline = Instant::now() + delay;
                 while Instant::now() < deadline && child.try_wait()?.is_none() {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 if child.try_wait()?.is_none() {
-                    child.kill()?; // SIGKILL
-                    child.wait()?;
+                    stop.apply(&mut child, &output)?;
                     kills += 1;
-                    // The kill may land before the run folder exists (nothing to resume
+                    *stops.entry(format!("{stop:?}")).or_insert(0) += 1;
+                    // The stop may land before the run folder exists (nothing to resume
                     // yet: `--resume` starts the first run) or after the commit, while the
                     // process exits (the run is finished: nothing left to resume).
                     let run = run_dirs(&output).into_iter().next();
@@ -385,12 +492,21 @@ fn killed_runs_resume_to_the_table_of_an_uninterrupted_run() -> TestResult {
             manifest.rows_read,
             manifest.rows_written + manifest.duplicates_dropped
         );
-        let docs = TicketIndex::open(&dir.path().join(&name).join("index"))?.num_docs()?;
-        assert_eq!(docs, reference_docs, "sequence {sequences}: index size");
+        let ids = TicketIndex::open(&dir.path().join(&name).join("index"))?.ids()?;
+        assert_eq!(
+            ids, reference_ids,
+            "sequence {sequences}: the index's tickets"
+        );
         sequences += 1;
     }
     eprintln!(
-        "{kills} kills over {sequences} sequences; published files at the kills: {files_at_kill:?}; uninterrupted run {whole:?}"
+        "soak: {kills} stops ({stops:?}) over {sequences} sequences, {attempts} runs \
+         ({} resumes), {} rows each ({} indexed), {:.0} s in all; published files at the \
+         stops: {files_at_kill:?}; uninterrupted run {whole:?}",
+        attempts - sequences,
+        reference.len(),
+        reference_ids.len(),
+        started.elapsed().as_secs_f64()
     );
     assert!(
         files_at_kill.len() >= 3,
@@ -669,7 +785,7 @@ fn injected_failures_fail_rows_retry_commits_and_survive_a_crash_between_commits
     let Reference {
         rows: reference,
         manifest: reference_manifest,
-        docs: reference_docs,
+        index_ids: reference_ids,
         ..
     } = reference_run(dir.path(), &job)?;
 
@@ -751,7 +867,349 @@ fn injected_failures_fail_rows_retry_commits_and_survive_a_crash_between_commits
         &reference,
         "resumed after a crash between commits vs reference",
     );
-    let docs = TicketIndex::open(&dir.path().join("crashed/index"))?.num_docs()?;
-    assert_eq!(docs, reference_docs, "the index holds the table's tickets");
+    let ids = TicketIndex::open(&dir.path().join("crashed/index"))?.ids()?;
+    assert_eq!(ids, reference_ids, "the index holds the table's tickets");
+    Ok(())
+}
+
+/// A job without models (scan, normalize, dedup, sink) over `input`, committing every
+/// `commit_rows` rows; `extra` is appended to the job file.
+fn plain_job(
+    dir: &Path,
+    input: &Path,
+    commit_rows: usize,
+    extra: &str,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let job = dir.join("plain.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[input]\npath = \"{}\"\n[input.columns]\nid = \"ticket_id\"\ntitle = \"subject\"\n\
+             text = \"body\"\n[output]\npath = \"{}\"\ncommit_every_rows = {commit_rows}\n\
+             commit_every_s = 3600\n{extra}",
+            input.display(),
+            dir.join("out").display(),
+        ),
+    )?;
+    Ok(job)
+}
+
+/// Writes `rows` of (ticket_id, body) to a Parquet file with the sample's column names.
+fn write_raw_tickets(path: &Path, rows: &[(Option<String>, String)]) -> TestResult {
+    use arrow::array::StringArray;
+    use std::sync::Arc;
+    let batch = RecordBatch::try_from_iter([
+        (
+            "ticket_id",
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| r.0.clone())))
+                as arrow::array::ArrayRef,
+        ),
+        (
+            "subject",
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "Ticket"))),
+        ),
+        (
+            "body",
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.1.clone()),
+            )),
+        ),
+    ])?;
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path)?, batch.schema(), None)?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
+}
+
+/// A kill -9 once 90% of a 20,000-ticket job's rows have reached the writer: the resumed
+/// run keeps everything but the last, unfinished commit interval, which the manifest
+/// counts.
+#[test]
+fn a_kill_at_90_percent_redoes_at_most_one_commit_interval() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("tickets.parquet");
+    let out = run(&[
+        "sample",
+        "--rows",
+        "20000",
+        "--seed",
+        "5",
+        "--clean",
+        "--out",
+        input.to_str().unwrap_or_default(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let interval = 1300;
+    let job = plain_job(dir.path(), &input, interval, "[run]\nbatch_size = 100\n")?;
+    let job_arg = job.to_str().unwrap_or_default();
+    let reference = reference_run_plain(dir.path(), &job)?;
+
+    // The writer is handed 180 batches of at most 100 rows, then the process dies.
+    let out = run_failing("sink::write=180*off->return", &["run", job_arg, "--quiet"]);
+    assert!(!out.status.success(), "the process aborted");
+    let run_dir = only_run(&dir.path().join("out"))?;
+    // The manifest, rewritten at each commit, says what the killed attempt committed, and
+    // `abridge status` shows the run as stopped (no live process holds it).
+    let killed = RunManifest::read(&run_dir)?;
+    assert_eq!(killed.status, RunStatus::Running);
+    assert!(killed.rows_per_s.is_some_and(|r| r > 0.0), "{killed:?}");
+    let out = run(&["status", job_arg, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(shown[0]["state"], "stopped", "{shown}");
+    assert_eq!(shown[0]["rows_written"], killed.rows_written, "{shown}");
+
+    let manifest = run_json(&["run", job_arg, "--resume"])?;
+    assert_eq!(manifest.attempts, 2);
+    assert_eq!(manifest.rows_resumed, killed.rows_written);
+    let redone = 18_000 - manifest.rows_resumed.min(18_000);
+    eprintln!(
+        "kill after 18,000 rows: {} kept, {redone} of them written again (commit interval {interval})",
+        manifest.rows_resumed
+    );
+    assert!(
+        // Batches are cut short at the input's row-group boundaries: some slack.
+        manifest.rows_resumed + interval as u64 >= 18_000 - 300,
+        "{} rows kept of ~18,000 handed to the writer",
+        manifest.rows_resumed
+    );
+    assert_eq!(manifest.rows_written, 20_000);
+    assert_same_rows(
+        &table_rows(&[run_dir])?,
+        &reference,
+        "resumed after a kill at 90%",
+    );
+    Ok(())
+}
+
+/// The table of an uninterrupted run of a job without models, into `dir/reference`.
+fn reference_run_plain(dir: &Path, job: &Path) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let output = dir.join("reference");
+    let out = run(&[
+        "run",
+        job.to_str().unwrap_or_default(),
+        "--quiet",
+        "--set",
+        &format!("output.path={}", output.display()),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    table_rows(&[only_run(&output)?])
+}
+
+/// Tickets with null and blank ids (some with the same text as each other), repeated
+/// ids, killed at several exact points and stopped by SIGTERM at random ones, each time
+/// resumed: every row is written exactly once, as in one uninterrupted run.
+#[test]
+fn rows_without_ids_and_repeated_ids_are_written_once_across_kills_and_sigterms() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut rng = Rng(0x5eed_0002);
+    let rows: Vec<(Option<String>, String)> = (0..3000)
+        .map(|i| {
+            let draw = rng.unit();
+            let id = match draw {
+                d if d < 0.05 => None,
+                d if d < 0.08 => Some(" ".repeat(1 + i % 3)),
+                d if d < 0.13 => Some(format!("T{}", (rng.unit() * i as f64) as usize)),
+                _ => Some(format!("T{i}")),
+            };
+            // Id-less rows share a few texts, so some are each other's duplicates.
+            let text = match id.as_deref().map(str::trim) {
+                None | Some("") => format!("printer offline {}", i % 300),
+                _ => format!("ticket {i}: the printer is offline"),
+            };
+            (id, text)
+        })
+        .collect();
+    let input = dir.path().join("tickets.parquet");
+    write_raw_tickets(&input, &rows)?;
+    let job = plain_job(dir.path(), &input, 100, "[run]\nbatch_size = 50\n")?;
+    let job_arg = job.to_str().unwrap_or_default();
+    let reference = reference_run_plain(dir.path(), &job)?;
+    let failed = reference
+        .iter()
+        .filter(|r| r.contains("id is null") || r.contains("id is blank"))
+        .count();
+    assert!(failed > 80, "{failed} rows without an id kept");
+    assert!(
+        reference.len() < rows.len() - 100,
+        "duplicates dropped: {} of {}",
+        reference.len(),
+        rows.len()
+    );
+
+    // kill -9 at exact points: after 7, then 23 more, then 30 more batches.
+    for (i, batches) in [7, 23, 30].into_iter().enumerate() {
+        let mut args = vec!["run", job_arg, "--quiet"];
+        if i > 0 {
+            args.push("--resume");
+        }
+        let out = run_failing(&format!("sink::write={batches}*off->return"), &args);
+        assert!(
+            !out.status.success(),
+            "the process aborted after {batches} batches"
+        );
+    }
+    let manifest = run_json(&["run", job_arg, "--resume"])?;
+    assert_eq!(manifest.attempts, 4);
+    assert_same_rows(
+        &table_rows(&[only_run(&dir.path().join("out"))?])?,
+        &reference,
+        "killed three times",
+    );
+
+    // SIGTERM (once: drain; twice: at once) at random points of runs slowed to ~1.5 s.
+    for sequence in 0..4 {
+        let output = dir.path().join(format!("term{sequence}"));
+        let set = format!("output.path={}", output.display());
+        for attempt in 0.. {
+            let mut args = vec!["run", job_arg, "--quiet", "--set", &set];
+            if attempt > 0 {
+                args.push("--resume");
+            }
+            let mut child = abridge()
+                .args(&args)
+                .env("FAILPOINTS", "sink::write=sleep(25)")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            if attempt < 3 {
+                std::thread::sleep(Duration::from_millis(50 + (rng.unit() * 1400.0) as u64));
+                if child.try_wait()?.is_none() {
+                    let stop = [Stop::Term, Stop::TermTwice][attempt % 2];
+                    stop.apply(&mut child, &output)?;
+                    continue;
+                }
+            }
+            let out = child.wait_with_output()?;
+            assert!(out.status.success(), "{}", stderr(&out));
+            break;
+        }
+        assert_same_rows(
+            &table_rows(&[only_run(&output)?])?,
+            &reference,
+            &format!("SIGTERM sequence {sequence}"),
+        );
+    }
+    Ok(())
+}
+
+/// Shards and a whole run of one output exclude each other (exit 75, naming the live
+/// holder); a starting shard leaves another shard's staged run folder alone.
+#[test]
+fn shards_and_whole_runs_exclude_each_other() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("tickets.parquet");
+    let out = run(&[
+        "sample",
+        "--rows",
+        "400",
+        "--seed",
+        "3",
+        "--out",
+        input.to_str().unwrap_or_default(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job = plain_job(dir.path(), &input, 50, "[run]\nbatch_size = 20\n")?;
+    let job_arg = job.to_str().unwrap_or_default();
+    let output = dir.path().join("out");
+
+    // Shard 1 of 2 died while staging its run folder; shard 0 starts and finishes.
+    let staged = output.join(format!(".{RUN_DIR_PREFIX}night.1of2.new"));
+    std::fs::create_dir_all(&staged)?;
+    let out = run(&[
+        "run",
+        job_arg,
+        "--shard",
+        "0/2",
+        "--run-group",
+        "night",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        staged.exists(),
+        "another shard's staged folder is left alone"
+    );
+
+    // While a (slowed) shard runs, a whole run is refused, and the other way round.
+    let slow = |args: &[&str]| {
+        abridge()
+            .args(args)
+            .env("FAILPOINTS", "sink::write=sleep(100)")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    let lock_of = |name: &str| output.join(name);
+    let wait_for = |path: &Path| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !path.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(path.exists(), "{} appears", path.display());
+    };
+    let mut shard = slow(&[
+        "run",
+        job_arg,
+        "--shard",
+        "1/2",
+        "--run-group",
+        "night",
+        "--quiet",
+    ])?;
+    wait_for(&lock_of("_abridge.1of2.lock"));
+    wait_for(&output.join(format!("{RUN_DIR_PREFIX}night.1of2")));
+    let out = run(&[
+        "status",
+        "--output",
+        output.to_str().unwrap_or_default(),
+        "--json",
+    ]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let live = shown
+        .as_array()
+        .and_then(|runs| runs.iter().find(|r| r["run_id"] == "night.1of2"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(live["state"], "running", "{shown}");
+    assert!(
+        live["holder"]
+            .to_string()
+            .contains(&format!("pid {}", shard.id())),
+        "{shown}"
+    );
+    let out = run(&["run", job_arg, "--quiet"]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("night.1of2"),
+        "names the shard: {}",
+        stderr(&out)
+    );
+    assert!(shard.try_wait()?.is_none(), "the shard is still running");
+    Command::new("kill")
+        .args(["-TERM", &shard.id().to_string()])
+        .status()?;
+    assert_eq!(shard.wait()?.code(), Some(143));
+
+    let mut whole = slow(&["run", job_arg, "--quiet"])?;
+    wait_for(&lock_of("_abridge.lock"));
+    let out = run(&[
+        "run",
+        job_arg,
+        "--shard",
+        "1/2",
+        "--run-group",
+        "night",
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("_abridge.lock") && err.contains(&format!("pid {}", whole.id())),
+        "names the whole run: {err}"
+    );
+    whole.kill()?;
+    whole.wait()?;
     Ok(())
 }

@@ -6,14 +6,22 @@
 //! 128-bit digest in a hash set, 17 to 35 bytes with the table's slack: ~4 MB for a 100k
 //! nightly run, ~35 MB for a million tickets (measured with scripts/bench-pipeline).
 //!
-//! A resumed run starts with the ids its earlier attempts committed already seen: their
+//! A resumed run starts with the keys its earlier attempts committed already seen: their
 //! rows are skipped (counted once each as done) and any later repeat is a duplicate, as it
 //! would have been in one uninterrupted run.
+//!
+//! A row is known by its id, or, when it has none (null or blank: such rows carry an
+//! error and are written so that they are seen), by its content hash ([`row_key`]). The
+//! content is the one thing about such a row that is the same in every attempt of a run
+//! and does not depend on where the input's reader split it into batches; two id-less
+//! rows with the same title and text are the same ticket as far as anyone can tell, and
+//! the second is a duplicate.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use abridge_schemas::TicketColumn;
+use abridge_schemas::output::CONTENT_HASH;
 use arrow::array::{Array, BooleanBuilder, StringArray};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
@@ -32,18 +40,20 @@ pub struct Deduplicate {
 }
 
 impl Deduplicate {
-    /// A deduplicating stage for streams of `schema`, which must have a Utf8 `id` column.
+    /// A deduplicating stage for streams of `schema`, which must have Utf8 `id` and
+    /// `content_hash` columns.
     pub fn try_new(schema: SchemaRef) -> Result<Self, OperatorError> {
         schema.index_of(TicketColumn::Id.name())?;
+        schema.index_of(CONTENT_HASH)?;
         Ok(Self {
             schema,
             committed: HashSet::new(),
         })
     }
 
-    /// Treats `ids` as committed by earlier attempts of the run.
-    pub fn resuming<'a>(mut self, ids: impl IntoIterator<Item = &'a str>) -> Self {
-        self.committed.extend(ids.into_iter().map(digest));
+    /// Treats the rows of `keys` ([`row_key`]) as committed by earlier attempts of the run.
+    pub fn resuming(mut self, keys: impl IntoIterator<Item = u128>) -> Self {
+        self.committed.extend(keys);
         self
     }
 }
@@ -100,32 +110,33 @@ impl BatchTransform for SeenIds {
         batch: RecordBatch,
         metrics: &OperatorMetrics,
     ) -> Result<RecordBatch, OperatorError> {
-        let ids = batch
-            .column_by_name(TicketColumn::Id.name())
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .ok_or_else(|| {
-                arrow::error::ArrowError::SchemaError("dedup: `id` is not a Utf8 column".into())
-            })?;
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .ok_or_else(|| {
+                    arrow::error::ArrowError::SchemaError(format!(
+                        "dedup: `{name}` is not a Utf8 column"
+                    ))
+                })
+        };
+        let (ids, hashes) = (column(TicketColumn::Id.name())?, column(CONTENT_HASH)?);
         let mut seen = self
             .seen
             .lock()
             .map_err(|_| OperatorError::WorkerGone("dedup"))?;
         let mut keep = BooleanBuilder::with_capacity(ids.len());
         let (mut dropped, mut skipped) = (0, 0);
-        for id in ids.iter() {
-            // Rows without an id already carry an error; they are kept so that they are seen.
-            let first = id.is_none_or(|id| {
-                let id = digest(id);
-                if seen.ids.insert(id) {
-                    return true;
-                }
-                if seen.committed_unmet.remove(&id) {
+        for row in 0..batch.num_rows() {
+            let key = row_key(value(ids, row), value(hashes, row));
+            let first = seen.ids.insert(key);
+            if !first {
+                if seen.committed_unmet.remove(&key) {
                     skipped += 1;
                 } else {
                     dropped += 1;
                 }
-                false
-            });
+            }
             keep.append_value(first);
         }
         metrics.add_dropped(dropped);
@@ -134,6 +145,20 @@ impl BatchTransform for SeenIds {
             return Ok(batch);
         }
         Ok(filter_record_batch(&batch, &keep.finish())?)
+    }
+}
+
+/// Row `row` of `column`, or `None` where it is null.
+pub(crate) fn value(column: &StringArray, row: usize) -> Option<&str> {
+    column.is_valid(row).then(|| column.value(row))
+}
+
+/// The key a row is known by within a run: its id's digest, or for a row without an id
+/// (null or blank) its content hash's, marked so that it cannot equal an id's.
+pub fn row_key(id: Option<&str>, content_hash: Option<&str>) -> u128 {
+    match id {
+        Some(id) if !id.trim().is_empty() => digest(id),
+        _ => digest(&format!("\0content:{}", content_hash.unwrap_or_default())),
     }
 }
 
@@ -148,114 +173,125 @@ pub(crate) fn digest(id: &str) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MetricsSnapshot;
     use arrow::datatypes::{DataType, Field, Schema};
     use futures::TryStreamExt;
 
-    fn stream_of(schema: &SchemaRef, batches: Vec<RecordBatch>) -> SendableRecordBatchStream {
-        let stream = futures::stream::iter(batches.into_iter().map(Ok));
-        Box::pin(
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new(CONTENT_HASH, DataType::Utf8, true),
+            Field::new("n", DataType::Utf8, true),
+        ]))
+    }
+
+    /// `rows` of (id, content hash) cut into batches of the sizes `cuts` cycles through;
+    /// column `n` numbers the rows.
+    fn batches(
+        rows: &[(Option<String>, String)],
+        cuts: &[usize],
+    ) -> Result<Vec<RecordBatch>, OperatorError> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for cut in cuts.iter().cycle() {
+            if start >= rows.len() {
+                break;
+            }
+            let end = (start + cut.max(&1)).min(rows.len());
+            let part = &rows[start..end];
+            out.push(RecordBatch::try_new(
+                schema(),
+                vec![
+                    Arc::new(StringArray::from_iter(part.iter().map(|r| r.0.clone()))),
+                    Arc::new(StringArray::from_iter_values(part.iter().map(|r| &r.1))),
+                    Arc::new(StringArray::from_iter_values(
+                        (start..end).map(|n| n.to_string()),
+                    )),
+                ],
+            )?);
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// The row numbers (`n`) that come out of `op` over `input`, and its metrics.
+    async fn kept(
+        op: &Deduplicate,
+        input: Vec<RecordBatch>,
+    ) -> Result<(Vec<usize>, MetricsSnapshot), OperatorError> {
+        let stream = Box::pin(
             datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
-                Arc::clone(schema),
-                stream,
+                schema(),
+                futures::stream::iter(input.into_iter().map(Ok)),
             ),
-        )
+        );
+        let metrics = OperatorMetrics::default();
+        let out: Vec<RecordBatch> = op.execute(stream, metrics.clone())?.try_collect().await?;
+        let mut numbers = Vec::new();
+        for batch in &out {
+            let n = batch
+                .column(2)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(|| OperatorError::StageSchema("n".into()))?;
+            numbers.extend(n.iter().flatten().filter_map(|v| v.parse::<usize>().ok()));
+        }
+        Ok((numbers, metrics.snapshot()))
     }
 
     proptest::proptest! {
-        /// Whatever the ids and however they are split into batches, the output is the
-        /// input with every repeated non-null id after its first occurrence removed.
+        /// Whatever the ids (some null or blank) and however the rows are split into
+        /// batches, the output is the first occurrence of each key, in order; and a run
+        /// resumed after any number of those rows were committed writes exactly the rest.
         #[test]
-        fn output_is_first_occurrences_in_order(
-            ids in proptest::collection::vec(proptest::option::weighted(0.9, 0u8..20), 0..200),
-            cuts in proptest::collection::vec(1usize..50, 1..10),
+        fn first_occurrences_in_order_and_resumes_write_exactly_the_rest(
+            ids in proptest::collection::vec(proptest::option::weighted(0.8, 0u8..24), 0..150),
+            contents in proptest::collection::vec(0u8..5, 150),
+            cuts in proptest::collection::vec(1usize..40, 1..8),
+            committed_share in 0.0f64..=1.0,
         ) {
-            let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, true)]));
-            let strings: Vec<Option<String>> = ids.iter().map(|i| i.map(|i| i.to_string())).collect();
-            let mut batches = Vec::new();
-            let mut start = 0;
-            for cut in cuts.iter().cycle() {
-                if start >= strings.len() {
-                    break;
-                }
-                let end = (start + cut).min(strings.len());
-                let array = StringArray::from(strings[start..end].to_vec());
-                batches.push(RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(array)]).unwrap());
-                start = end;
-            }
+            // Ids 20..24 are blank: like null ones, known by their content.
+            let rows: Vec<(Option<String>, String)> = ids
+                .iter()
+                .zip(&contents)
+                .map(|(id, c)| (id.map(|i| if i >= 20 { " ".repeat(usize::from(i - 19)) } else { i.to_string() }), format!("h{c}")))
+                .collect();
+            let key = |r: &(Option<String>, String)| row_key(r.0.as_deref(), Some(&r.1));
             let mut seen = HashSet::new();
-            let expected: Vec<Option<String>> = strings
-                .iter()
-                .filter(|id| id.as_ref().is_none_or(|id| seen.insert(id.clone())))
-                .cloned()
-                .collect();
+            let expected: Vec<usize> = (0..rows.len()).filter(|&i| seen.insert(key(&rows[i]))).collect();
 
-            let op = Deduplicate::try_new(Arc::clone(&schema)).unwrap();
-            let metrics = OperatorMetrics::default();
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let out: Vec<RecordBatch> = runtime
-                .block_on(op.execute(stream_of(&schema, batches), metrics.clone()).unwrap().try_collect())
-                .unwrap();
-            let got: Vec<Option<String>> = out
-                .iter()
-                .flat_map(|b| {
-                    let ids = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
-                    ids.iter().map(|v| v.map(str::to_string)).collect::<Vec<_>>()
-                })
-                .collect();
+            let op = Deduplicate::try_new(schema()).unwrap();
+            let (got, m) = runtime.block_on(kept(&op, batches(&rows, &cuts).unwrap())).unwrap();
             proptest::prop_assert_eq!(&got, &expected);
-            proptest::prop_assert_eq!(metrics.snapshot().rows_dropped as usize, strings.len() - expected.len());
+            proptest::prop_assert_eq!(m.rows_dropped as usize, rows.len() - expected.len());
+
+            let done = (expected.len() as f64 * committed_share) as usize;
+            let op = Deduplicate::try_new(schema()).unwrap()
+                .resuming(expected[..done].iter().map(|&i| key(&rows[i])));
+            let (rest, m) = runtime.block_on(kept(&op, batches(&rows, &cuts).unwrap())).unwrap();
+            proptest::prop_assert_eq!(&rest, &expected[done..].to_vec());
+            proptest::prop_assert_eq!(m.rows_skipped as usize, done);
+            proptest::prop_assert_eq!((m.rows_skipped + m.rows_dropped) as usize, rows.len() - rest.len());
         }
     }
 
     #[tokio::test]
-    async fn keeps_first_occurrence_across_batches() -> Result<(), OperatorError> {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("id", DataType::Utf8, true),
-            Field::new("n", DataType::Utf8, true),
-        ]));
-        let batch = |ids: Vec<Option<&str>>, n: Vec<&str>| {
-            RecordBatch::try_new(
-                Arc::clone(&schema),
-                vec![
-                    Arc::new(StringArray::from(ids)),
-                    Arc::new(StringArray::from(n)),
-                ],
-            )
-        };
-        let input = || {
-            vec![
-                batch(vec![Some("a"), Some("b"), Some("a")], vec!["1", "2", "3"]),
-                batch(
-                    vec![None, Some("b"), None, Some("c")],
-                    vec!["4", "5", "6", "7"],
-                ),
-            ]
-        };
-        let stream = stream_of(&schema, input().into_iter().collect::<Result<_, _>>()?);
-        let op = Deduplicate::try_new(Arc::clone(&schema))?;
-        let metrics = OperatorMetrics::default();
-        let out: Vec<RecordBatch> = op.execute(stream, metrics.clone())?.try_collect().await?;
-        let kept: Vec<String> = out
-            .iter()
-            .flat_map(|b| {
-                let n = b.column(1).as_any().downcast_ref::<StringArray>().cloned();
-                n.map(|n| n.iter().flatten().map(str::to_string).collect::<Vec<_>>())
-                    .unwrap_or_default()
-            })
-            .collect();
-        assert_eq!(kept, ["1", "2", "4", "6", "7"]);
-        let m = metrics.snapshot();
-        assert_eq!((m.rows_in, m.rows_out, m.rows_dropped), (7, 5, 2));
-
-        // Resuming after "a" and "b" were committed: each is skipped once, its repeats
-        // are duplicates, and what remains is what the uninterrupted run had left.
-        let stream = stream_of(&schema, input().into_iter().collect::<Result<_, _>>()?);
-        let op = Deduplicate::try_new(Arc::clone(&schema))?.resuming(["a", "b", "z"]);
-        let metrics = OperatorMetrics::default();
-        let out: Vec<RecordBatch> = op.execute(stream, metrics.clone())?.try_collect().await?;
-        let rows: usize = out.iter().map(RecordBatch::num_rows).sum();
-        let m = metrics.snapshot();
-        assert_eq!((rows, m.rows_skipped, m.rows_dropped), (3, 2, 2));
+    async fn rows_without_an_id_are_known_by_their_content() -> Result<(), OperatorError> {
+        let row = |id: Option<&str>, hash: &str| (id.map(str::to_string), hash.to_string());
+        let rows = [
+            row(Some("a"), "x"),
+            row(None, "x"),
+            row(Some("a"), "y"), // a repeated id, whatever its content
+            row(Some(""), "x"),
+            row(None, "y"),
+            row(Some("b"), "y"),
+        ];
+        let (kept_rows, m) = kept(&Deduplicate::try_new(schema())?, batches(&rows, &[2])?).await?;
+        // The null-id row of content x is kept and the blank-id one of the same content is
+        // its duplicate; the null-id row of content y is another ticket.
+        assert_eq!(kept_rows, [0, 1, 4, 5]);
+        assert_eq!((m.rows_in, m.rows_out, m.rows_dropped), (6, 4, 2));
         Ok(())
     }
 }

@@ -109,6 +109,9 @@ pub enum OperatorError {
     /// A stage's worker thread went away without an answer (it panicked or was cancelled).
     #[error("{0} worker stopped unexpectedly")]
     WorkerGone(&'static str),
+    /// The run was told to stop at once; what was published before stays.
+    #[error("stopped at once: the file being written was abandoned")]
+    Stopped,
 }
 
 impl From<crate::index::IndexError> for OperatorError {

@@ -41,7 +41,7 @@ use tantivy::{DateTime, Index, IndexWriter, TantivyDocument, TantivyError, Term}
 use crate::OperatorError;
 use crate::embed::EMBEDDING;
 use crate::filter::{TOPIC, string_column};
-use crate::sink::PublishObserver;
+use crate::sink::{PublishObserver, SinkReport};
 
 /// Name under which the text analyzer is registered with every opened index.
 pub const TOKENIZER: &str = "abridge_cjk";
@@ -293,6 +293,26 @@ impl TicketIndex {
     /// Documents in the last commit.
     pub fn num_docs(&self) -> Result<u64, IndexError> {
         Ok(self.reader()?.searcher().num_docs())
+    }
+
+    /// The ids of every document in the last commit, sorted: what the fault tests compare
+    /// with the table's tickets.
+    pub fn ids(&self) -> Result<Vec<String>, IndexError> {
+        let searcher = self.reader()?.searcher();
+        let mut ids = Vec::new();
+        for reader in searcher.segment_readers() {
+            let store = reader
+                .get_store_reader(64)
+                .map_err(|e| self.err(e.into()))?;
+            for doc in store.iter::<TantivyDocument>(reader.alive_bitset()) {
+                let doc = doc.map_err(|e| self.err(e))?;
+                if let Some(id) = doc.get_first(self.fields.id).and_then(|v| v.as_str()) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
     }
 
     /// Takes the index's writer lock. Documents go in through [`IndexCommitter::add_batch`]; they become
@@ -664,12 +684,12 @@ impl PublishObserver for RunIndexer {
         self.committer.add_batch(batch, &self.run_id).map(drop)
     }
 
-    fn published(&self, files: usize) -> Result<(), OperatorError> {
+    fn published(&self, report: &SinkReport) -> Result<(), OperatorError> {
         // The fault tests crash the process here: the file is published, the index not.
         fail::fail_point!("index::before_commit", |_| std::process::abort());
         let position = IndexPosition {
             run_id: self.run_id.clone(),
-            files: Some(files),
+            files: Some(report.files.len()),
         };
         Ok(self.committer.commit(&position)?)
     }
@@ -836,7 +856,10 @@ mod tests {
             committer: writer.clone(),
             run_id: "r1".into(),
         };
-        indexer.published(1)?;
+        indexer.published(&SinkReport {
+            files: vec!["part-00000.parquet".into()],
+            ..SinkReport::default()
+        })?;
         let r1 = IndexPosition::parse("r1#1");
         assert_eq!(index.position()?.as_ref(), Some(&r1));
         assert_eq!(r1.to_string(), "r1#1");

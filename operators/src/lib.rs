@@ -21,6 +21,7 @@ mod operator;
 pub mod quality;
 pub mod scan;
 pub mod sink;
+pub mod stop;
 pub mod summarize;
 pub mod template;
 

@@ -1,8 +1,8 @@
 //! `normalize`: puts the user's columns under the ticket schema's names and types, checks
 //! each row, and stamps it with a content hash.
 //!
-//! Rows with a null id, a null or blank text, or an unreadable `created_at` keep flowing
-//! with the reason in `error`; nothing here fails a whole batch for one bad row.
+//! Rows with a null or blank id, a null or blank text, or an unreadable `created_at` keep
+//! flowing with the reason in `error`; nothing here fails a whole batch for one bad row.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -77,12 +77,14 @@ impl BatchTransform for Normalize {
             columns.push(column);
         }
 
-        let id = &columns[position(TicketColumn::Id)];
+        let id = as_strings(&columns[position(TicketColumn::Id)])?;
         let text = as_strings(&columns[position(TicketColumn::Text)])?;
         let title = as_strings(&columns[position(TicketColumn::Title)])?;
         for (row, problem) in problems.iter_mut().enumerate() {
             if id.is_null(row) {
                 problem.push("id is null");
+            } else if id.value(row).trim().is_empty() {
+                problem.push("id is blank");
             }
             if text.is_null(row) {
                 problem.push("text is null");

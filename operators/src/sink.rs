@@ -4,14 +4,19 @@
 //! renamed to `part-NNNNN.parquet`; a reader listing the folder sees whole files or none,
 //! and a failure part-way leaves every finished file intact. Published files are a run's
 //! checkpoints: a resumed run's sink continues after them ([`published_files`]), and a
-//! [`PublishObserver`] (the search index) commits right after each one. Encoding and
-//! compression are CPU work, so they run on a blocking thread fed by a bounded channel.
+//! [`PublishObserver`] (the search index) commits right after each one. A file is
+//! published once it holds `commit_every_rows` rows or its first row is `commit_every`
+//! old, whichever comes first, so a kill loses at most one such interval of work.
+//! Encoding and compression are CPU work, so they run on a blocking thread fed by a
+//! bounded channel; that thread is always joined before [`ParquetSink::write`] returns,
+//! also when the run is stopped ([`StopSignal`]), so nothing is published after it.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use abridge_schemas::output::{self, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use arrow::array::{Array, ArrayRef, BooleanArray, StringArray};
@@ -25,7 +30,9 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use tokio::sync::mpsc;
 
+use crate::dedup::{row_key, value};
 use crate::filter::KEPT;
+use crate::stop::{StopLevel, StopSignal};
 use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
 
 /// Where and how to write one run's rows.
@@ -35,16 +42,21 @@ pub struct ParquetSink {
     pub dir: PathBuf,
     /// Written into every row's `run_id` column.
     pub run_id: String,
-    /// Start a new file after this many rows.
-    pub rows_per_file: usize,
+    /// Publish the file being written once it holds this many rows.
+    pub commit_every_rows: usize,
+    /// ... or once its first row was written this long ago.
+    pub commit_every: Duration,
     /// Rows per Parquet row group; bounds the writer's memory.
     pub row_group_rows: usize,
     /// What earlier attempts of this run published ([`published_files`]): kept, and the
     /// numbering of new files continues after them.
     pub previous: SinkReport,
-    /// Told of every batch staged and every file published, so that a second store (the
-    /// search index) commits in step with the table.
-    pub observer: Option<Arc<dyn PublishObserver>>,
+    /// Told of every batch staged and every file published, in this order, so that other
+    /// stores (the search index, the run's manifest) keep in step with the table.
+    pub observers: Vec<Arc<dyn PublishObserver>>,
+    /// At [`StopLevel::Abort`] the file being written is abandoned (its rows were never
+    /// published) and [`ParquetSink::write`] returns [`OperatorError::Stopped`].
+    pub stop: StopSignal,
 }
 
 /// A store kept in step with the files of a run.
@@ -52,10 +64,10 @@ pub trait PublishObserver: Send + Sync {
     /// `batch` (output schema, `run_id` first) goes into the file being written; it must
     /// not become visible before [`PublishObserver::published`].
     fn staged(&self, batch: &RecordBatch) -> Result<(), OperatorError>;
-    /// A file was published; `files` have been published by the run so far (earlier
+    /// A file was published; `report` covers what the run published so far (earlier
     /// attempts included). Called after the rename, so a crash in between leaves the
     /// store one file behind the table, never ahead of it.
-    fn published(&self, files: usize) -> Result<(), OperatorError>;
+    fn published(&self, report: &SinkReport) -> Result<(), OperatorError>;
 }
 
 /// What a sink wrote.
@@ -92,21 +104,22 @@ const ID: &str = "id";
 /// Tries at publishing a finished file before the run fails.
 const PUBLISH_ATTEMPTS: u32 = 3;
 /// Wait before the second try; each later one waits 4 times longer.
-const PUBLISH_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+const PUBLISH_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The files that earlier attempts of a run published in `dir`, with their rows counted
-/// and the ids they hold; unpublished temporaries left by a crash are removed (the caller
-/// holds the output's lock, so no live writer owns them).
-pub fn published_files(dir: &Path) -> Result<(SinkReport, Vec<String>), OperatorError> {
+/// and the keys of those rows ([`row_key`]: the id, or the content hash of a row without
+/// one); unpublished temporaries left by a crash are removed. The caller holds the run's
+/// lock, and no writer of this process is running (the sink joins its writer).
+pub fn published_files(dir: &Path) -> Result<(SinkReport, Vec<u128>), OperatorError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| OperatorError::Io { path, source }
     };
     let mut report = SinkReport::default();
-    let mut ids = Vec::new();
+    let mut keys = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((report, ids)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((report, keys)),
         Err(e) => return Err(io(dir)(e)),
     };
     let mut names = Vec::new();
@@ -124,18 +137,22 @@ pub fn published_files(dir: &Path) -> Result<(SinkReport, Vec<String>), Operator
     }
     names.sort();
     for path in names {
-        for batch in read_columns(&path, &[ID, output::ERROR, KEPT])? {
+        for batch in read_columns(&path, &[ID, output::CONTENT_HASH, output::ERROR, KEPT])? {
             report.count(&batch);
-            if let Some(column) = batch
-                .column_by_name(ID)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            {
-                ids.extend(column.iter().flatten().map(str::to_string));
-            }
+            let strings = |name| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            };
+            let (ids, hashes) = (strings(ID), strings(output::CONTENT_HASH));
+            keys.extend((0..batch.num_rows()).map(|row| {
+                let id = ids.and_then(|c| value(c, row));
+                row_key(id, hashes.and_then(|c| value(c, row)))
+            }));
         }
         report.files.push(path);
     }
-    Ok((report, ids))
+    Ok((report, keys))
 }
 
 /// The columns `names` (those the file has) of an output file, in batches.
@@ -169,40 +186,72 @@ impl ParquetSink {
         Arc::new(Schema::new_with_metadata(fields, metadata))
     }
 
-    /// Writes every batch of `input`; returns once all files are closed and renamed. The
-    /// report covers earlier attempts' files too.
+    /// Writes every batch of `input`; returns once all files are closed and renamed, and
+    /// the writer thread has ended. The report covers earlier attempts' files too.
     pub async fn write(
         self,
         mut input: SendableRecordBatchStream,
         metrics: OperatorMetrics,
     ) -> Result<SinkReport, OperatorError> {
         let schema = Self::output_schema(&input.schema());
-        let (tx, mut rx) = mpsc::channel::<RecordBatch>(2);
-        let writer_metrics = metrics.clone();
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut files = RunFiles::new(self, schema)?;
-            while let Some(batch) = rx.blocking_recv() {
-                let started = Instant::now();
-                files.write(&batch)?;
-                writer_metrics.add_busy(started.elapsed());
-                writer_metrics.add_out(batch.num_rows());
-            }
-            files.finish()
-        });
-
-        let mut upstream_error = None;
-        while let Some(batch) = input.next().await {
-            match batch {
-                Ok(batch) => {
-                    metrics.add_in(batch.num_rows());
-                    if tx.send(batch).await.is_err() {
-                        break; // the writer failed; its error is reported below
+        let (tx, mut rx) = mpsc::channel::<ToWriter>(2);
+        let abandon = Arc::new(AtomicBool::new(false));
+        let stop = self.stop.clone();
+        // The writer looks at the clock when told to; how often bounds how late a
+        // time-based commit can be.
+        let mut tick = tokio::time::interval(self.commit_every.min(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let writer = {
+            let (abandon, metrics) = (Arc::clone(&abandon), metrics.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut files = RunFiles::new(self, schema)?;
+                while let Some(message) = rx.blocking_recv() {
+                    if abandon.load(Ordering::Acquire) {
+                        break;
+                    }
+                    match message {
+                        ToWriter::Rows(batch) => {
+                            let started = Instant::now();
+                            files.write(&batch)?;
+                            metrics.add_busy(started.elapsed());
+                            metrics.add_out(batch.num_rows());
+                        }
+                        ToWriter::Tick => files.commit_if_due()?,
                     }
                 }
-                Err(err) => {
-                    upstream_error = Some(err);
+                match abandon.load(Ordering::Acquire) {
+                    // The open file is removed when `files` drops.
+                    true => Err(OperatorError::Stopped),
+                    false => files.finish(),
+                }
+            })
+        };
+
+        let aborted = stop.reached(StopLevel::Abort);
+        tokio::pin!(aborted);
+        let mut upstream_error = None;
+        loop {
+            let message = tokio::select! {
+                biased;
+                () = &mut aborted => {
+                    abandon.store(true, Ordering::Release);
                     break;
                 }
+                batch = input.next() => match batch {
+                    None => break,
+                    Some(Ok(batch)) => {
+                        metrics.add_in(batch.num_rows());
+                        ToWriter::Rows(batch)
+                    }
+                    Some(Err(err)) => {
+                        upstream_error = Some(err);
+                        break;
+                    }
+                },
+                _ = tick.tick() => ToWriter::Tick,
+            };
+            if tx.send(message).await.is_err() {
+                break; // the writer failed; its error is reported below
             }
         }
         drop(tx);
@@ -215,6 +264,13 @@ impl ParquetSink {
             None => written,
         }
     }
+}
+
+/// What the sink's task tells its writer thread.
+enum ToWriter {
+    Rows(RecordBatch),
+    /// Publish the open file if its time is up.
+    Tick,
 }
 
 /// The files of one run being written, one open at a time.
@@ -232,6 +288,8 @@ struct OpenFile {
     path: PathBuf,
     rows: usize,
     counts: SinkReport,
+    /// When its first row was written.
+    opened: Instant,
 }
 
 impl RunFiles {
@@ -256,13 +314,15 @@ impl RunFiles {
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
+        // The fault tests' kill -9 at an exact row count.
+        fail::fail_point!("sink::write", |_| std::process::abort());
         let mut offset = 0;
         while offset < batch.num_rows() {
             let file = match self.current.as_mut() {
                 Some(file) => file,
                 None => self.current.insert(self.open()?),
             };
-            let room = self.sink.rows_per_file.max(1) - file.rows;
+            let room = self.sink.commit_every_rows.max(1) - file.rows;
             let take = room.min(batch.num_rows() - offset);
             let slice = batch.slice(offset, take);
             let run_id: ArrayRef =
@@ -270,7 +330,7 @@ impl RunFiles {
             let mut columns = vec![run_id];
             columns.extend(slice.columns().iter().cloned());
             let rows = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
-            if let Some(observer) = &self.sink.observer {
+            for observer in &self.sink.observers {
                 observer.staged(&rows)?;
             }
             file.writer
@@ -282,11 +342,22 @@ impl RunFiles {
             file.counts.count(&rows);
             file.rows += take;
             offset += take;
-            if file.rows >= self.sink.rows_per_file {
+            if file.rows >= self.sink.commit_every_rows {
                 self.close()?;
             }
         }
-        Ok(())
+        // A file that fills slowly is published by time: the writer is told to check
+        // between batches, and checks after each batch too.
+        self.commit_if_due()
+    }
+
+    fn commit_if_due(&mut self) -> Result<(), OperatorError> {
+        match &self.current {
+            Some(file) if file.rows > 0 && file.opened.elapsed() >= self.sink.commit_every => {
+                self.close()
+            }
+            _ => Ok(()),
+        }
     }
 
     fn open(&self) -> Result<OpenFile, OperatorError> {
@@ -311,6 +382,7 @@ impl RunFiles {
             path,
             rows: 0,
             counts: SinkReport::default(),
+            opened: Instant::now(),
         })
     }
 
@@ -362,8 +434,8 @@ impl RunFiles {
         self.report.rows_failed += file.counts.rows_failed;
         self.report.rows_filtered += file.counts.rows_filtered;
         self.report.files.push(file.path);
-        if let Some(observer) = &self.sink.observer {
-            observer.published(self.report.files.len())?;
+        for observer in &self.sink.observers {
+            observer.published(&self.report)?;
         }
         Ok(())
     }
@@ -385,5 +457,142 @@ impl Drop for RunFiles {
         if let Some(file) = self.current.take() {
             let _ = std::fs::remove_file(&file.temp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{DataType, Field};
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new(ID, DataType::Utf8, true),
+            Field::new(output::CONTENT_HASH, DataType::Utf8, true),
+        ]))
+    }
+
+    fn rows(from: usize, count: usize) -> RecordBatch {
+        let ids: Vec<String> = (from..from + count).map(|i| format!("t{i}")).collect();
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(StringArray::from(ids.clone())),
+                Arc::new(StringArray::from(ids)),
+            ],
+        )
+        .expect("a batch")
+    }
+
+    fn sink(dir: &Path, every_rows: usize, every: Duration, stop: &StopSignal) -> ParquetSink {
+        ParquetSink {
+            dir: dir.to_path_buf(),
+            run_id: "r".into(),
+            commit_every_rows: every_rows,
+            commit_every: every,
+            row_group_rows: 1024,
+            previous: SinkReport::default(),
+            observers: Vec::new(),
+            stop: stop.clone(),
+        }
+    }
+
+    /// Batches of 10 rows, `pause` apart, then (with `hang`) a stream that never ends.
+    fn slow_input(batches: usize, pause: Duration, hang: bool) -> SendableRecordBatchStream {
+        let stream = futures::stream::iter(0..batches)
+            .then(move |i| async move {
+                if i > 0 {
+                    tokio::time::sleep(pause).await;
+                }
+                Ok(rows(i * 10, 10))
+            })
+            .chain(futures::stream::iter(hang.then_some(())).then(|()| async {
+                std::future::pending::<()>().await;
+                Ok(rows(0, 0))
+            }));
+        Box::pin(RecordBatchStreamAdapter::new(schema(), stream))
+    }
+
+    fn data_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("the run folder")
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn files_are_published_by_rows_and_by_time() -> Result<(), OperatorError> {
+        let dir = tempfile::tempdir().map_err(|source| OperatorError::Io {
+            path: "tempdir".into(),
+            source,
+        })?;
+        let stop = StopSignal::default();
+        // By rows: 50 rows in files of at most 20.
+        let by_rows = dir.path().join("rows");
+        let report = sink(&by_rows, 20, Duration::from_secs(3600), &stop)
+            .write(
+                slow_input(5, Duration::ZERO, false),
+                OperatorMetrics::default(),
+            )
+            .await?;
+        assert_eq!(report.rows, 50);
+        assert_eq!(data_files(&by_rows).len(), 3, "{:?}", data_files(&by_rows));
+
+        // By time: batches 300 ms apart and files due after 100 ms, so each batch is
+        // published on its own although no file reaches its row count.
+        let by_time = dir.path().join("time");
+        let report = sink(&by_time, 1000, Duration::from_millis(100), &stop)
+            .write(
+                slow_input(3, Duration::from_millis(300), false),
+                OperatorMetrics::default(),
+            )
+            .await?;
+        assert_eq!(report.rows, 30);
+        assert_eq!(report.files.len(), 3, "{:?}", data_files(&by_time));
+        let (published, keys) = published_files(&by_time)?;
+        assert_eq!((published.rows, keys.len()), (30, 30));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_abort_joins_the_writer_and_keeps_only_published_files() -> Result<(), OperatorError>
+    {
+        let dir = tempfile::tempdir().map_err(|source| OperatorError::Io {
+            path: "tempdir".into(),
+            source,
+        })?;
+        let stop = StopSignal::default();
+        // 30 rows arrive, a file of 20 is published, 10 wait in the open file; the input
+        // then hangs until the abort.
+        let write = tokio::spawn(
+            sink(dir.path(), 20, Duration::from_secs(3600), &stop).write(
+                slow_input(3, Duration::ZERO, true),
+                OperatorMetrics::default(),
+            ),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while data_files(dir.path()) != [".part-00001.parquet.inprogress", "part-00000.parquet"] {
+            assert!(Instant::now() < deadline, "{:?}", data_files(dir.path()));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.request(None);
+        stop.request(None);
+        let result = write.await.map_err(|_| OperatorError::WorkerGone("test"))?;
+        assert!(matches!(result, Err(OperatorError::Stopped)), "{result:?}");
+        // When `write` returns, the writer has ended: the open file is gone, and nothing
+        // is published later.
+        assert_eq!(data_files(dir.path()), ["part-00000.parquet"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(data_files(dir.path()), ["part-00000.parquet"]);
+        assert_eq!(published_files(dir.path())?.0.rows, 20);
+        Ok(())
     }
 }

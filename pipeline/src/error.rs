@@ -76,13 +76,23 @@ pub enum PipelineError {
         /// Why.
         source: Box<OperatorError>,
     },
-    /// The run was interrupted (Ctrl-C); finished files are intact.
-    #[error("run {run_id} interrupted (finished files kept in {})", run_dir.display())]
+    /// A signal stopped the run (or stopped it before it began writing); what it
+    /// published is intact and the next run of the job continues it.
+    #[error("{}", interrupted_message(*signal, run.as_ref()))]
     Interrupted {
+        /// The signal's number (SIGINT 2, SIGTERM 15), when a signal stopped it.
+        signal: Option<i32>,
+        /// The run's id and folder, when it had begun writing.
+        run: Option<(String, PathBuf)>,
+    },
+    /// The run's lock was lost (removed, taken over, or its heartbeat failed), so it
+    /// stopped at once; what it committed is kept.
+    #[error("run {run_id} stopped: {reason}")]
+    LockLost {
         /// The run's id.
         run_id: String,
-        /// The run's folder.
-        run_dir: PathBuf,
+        /// What happened to the lock.
+        reason: String,
     },
     /// A filesystem operation failed.
     #[error("{}: {source}", path.display())]
@@ -115,12 +125,56 @@ impl From<DataFusionError> for PipelineError {
     }
 }
 
+/// Signal numbers as POSIX fixes them (the same on every Unix abridge runs on).
+pub const SIGINT: i32 = 2;
+/// See [`SIGINT`].
+pub const SIGTERM: i32 = 15;
+
+fn signal_name(signal: Option<i32>) -> String {
+    match signal {
+        Some(SIGINT) => "SIGINT".into(),
+        Some(SIGTERM) => "SIGTERM".into(),
+        Some(n) => format!("signal {n}"),
+        None => "a stop request".into(),
+    }
+}
+
+fn interrupted_message(signal: Option<i32>, run: Option<&(String, PathBuf)>) -> String {
+    match run {
+        Some((run_id, run_dir)) => format!(
+            "run {run_id} interrupted by {} (what it committed is kept in {}; run the job \
+             again to continue it)",
+            signal_name(signal),
+            run_dir.display()
+        ),
+        None => format!(
+            "interrupted by {} before the run began writing",
+            signal_name(signal)
+        ),
+    }
+}
+
+/// The exit code of a run that another live run's lock refused: `EX_TEMPFAIL`
+/// (sysexits.h), "try again later", which schedulers and `systemd` know.
+pub const EXIT_LOCKED: u8 = 75;
+
 impl PipelineError {
-    /// 2 for what the user must fix in how abridge was called (flags, job file, SQL),
-    /// 3 for a run that committed without some unreadable input files, 1 for a job that
-    /// failed on its data or environment.
+    /// What a scheduler needs to tell apart: 1 the job failed on its data or environment,
+    /// 2 what the user must fix in how abridge was called (flags, job file, SQL), 3 a run
+    /// that committed without some unreadable input files, 75 another live run holds the
+    /// output or took it over (retry later), 128 + the signal's number (130 SIGINT, 143 SIGTERM) a run
+    /// stopped by a signal (resumable).
     pub fn exit_code(&self) -> u8 {
         match self {
+            PipelineError::Locked { .. } | PipelineError::LockLost { .. } => EXIT_LOCKED,
+            PipelineError::Index(err)
+                if matches!(**err, abridge_operators::index::IndexError::Locked { .. }) =>
+            {
+                EXIT_LOCKED
+            }
+            PipelineError::Interrupted { signal, .. } => {
+                128 + signal.unwrap_or(SIGINT).clamp(1, 127) as u8
+            }
             PipelineError::InputFilesSkipped { .. } => 3,
             PipelineError::Job(_)
             | PipelineError::JobDoesNotFitInput { .. }

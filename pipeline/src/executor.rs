@@ -4,9 +4,10 @@
 //! `run.channel_capacity` batches: back-pressure from the slowest stage (the models, once
 //! they exist) is what keeps memory flat whatever the input size.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use abridge_operators::admit::{Admit, DoneTickets, Shard};
 use abridge_operators::dedup::Deduplicate;
@@ -19,11 +20,12 @@ use abridge_operators::normalize::Normalize;
 use abridge_operators::quality::{QualitySettings, quality_metrics};
 use abridge_operators::scan::{OpenScan, ParquetScan};
 use abridge_operators::sink::{ParquetSink, PublishObserver, SinkReport, published_files};
+use abridge_operators::stop::{StopLevel, StopSignal};
 use abridge_operators::{
     MetricsSnapshot, Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
 };
 use arrow::datatypes::{Schema, SchemaRef};
-use datafusion::physical_plan::stream::RecordBatchReceiverStream;
+use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
 use futures::StreamExt;
 
 use crate::error::PipelineError;
@@ -45,6 +47,8 @@ pub struct RunOptions {
     pub resume: ResumeMode,
     /// Process only this shard of the input (`--shard i/n --run-group NAME`).
     pub shard: Option<ShardRecord>,
+    /// Ends the run early and cleanly ([`PreparedRun::execute`]).
+    pub stop: StopSignal,
 }
 
 /// Live counters for a progress display.
@@ -130,14 +134,12 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         .shard
         .as_ref()
         .map_or_else(run::new_run_id, ShardRecord::run_id);
-    let (lock, cleared) = match &options.shard {
-        Some(shard) => OutputLock::acquire_file(
-            output,
-            &format!("_abridge.{}of{}.lock", shard.index, shard.count),
-            &fresh_id,
-        )?,
-        None => OutputLock::acquire(output, &fresh_id)?,
-    };
+    let (lock, cleared) = OutputLock::acquire(
+        output,
+        &fresh_id,
+        options.shard.as_ref().map(|s| (s.index, s.count)),
+    )?;
+    lock.stop_on_loss(options.stop.clone());
     notes.extend(cleared);
     let mut attempt = resume::plan(
         &job,
@@ -169,11 +171,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let admit = Admit::try_new(&normalized, shard, done).map_err(doesnt_fit)?;
     let dedup = Deduplicate::try_new(normalized)
         .map_err(doesnt_fit)?
-        .resuming(
-            std::mem::take(&mut attempt.committed_ids)
-                .iter()
-                .map(String::as_str),
-        );
+        .resuming(std::mem::take(&mut attempt.committed_keys));
     let mut stages: Vec<(Box<dyn Operator>, OperatorMetrics)> = vec![
         (Box::new(normalize), OperatorMetrics::default()),
         (Box::new(admit), OperatorMetrics::default()),
@@ -333,9 +331,15 @@ impl PreparedRun {
     }
 
     /// Runs every stage to the end, records the job and the manifest beside the output,
-    /// and returns the manifest. Ctrl-C stops the run cleanly (finished files kept, and
-    /// the run can be resumed).
+    /// and returns the manifest.
+    ///
+    /// `options.stop` ends it early and cleanly: at [`StopLevel::Drain`] no more input is read and
+    /// the rows in the stages finish and are published, for up to `run.stop_grace_s`;
+    /// then (or on [`StopLevel::Abort`]) the file being written is abandoned. Either way
+    /// the sink's writer has ended before the manifest is written as interrupted, and the
+    /// lock is released last, when this returns.
     pub async fn execute(self) -> Result<RunManifest, PipelineError> {
+        let stop = &self.options.stop;
         let started = Instant::now();
         let run_dir = self.attempt.run_dir.clone();
         let run_id = self.attempt.run_id.clone();
@@ -374,6 +378,9 @@ impl PreparedRun {
             limit: self.options.limit,
             shard: self.options.shard.clone(),
             files: previous.files.iter().map(|f| file_name(f)).collect(),
+            updated_at: Some(now_rfc3339()),
+            rows_per_s: None,
+            eta_s: None,
             stages: Vec::new(),
             error: None,
         };
@@ -396,22 +403,56 @@ impl PreparedRun {
             }
         }
 
+        let grace = Duration::from_secs_f64(self.job.config.run.stop_grace_s);
+        let grace_timer = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                stop.reached(StopLevel::Drain).await;
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => stop.abort(),
+                    () = stop.reached(StopLevel::Abort) => {}
+                }
+            })
+        };
+        let cut = Arc::new(AtomicBool::new(false));
+        let input = until_drained(self.scan.stream, stop.clone(), Arc::clone(&cut));
         let capacity = self.job.config.run.channel_capacity;
-        let chained = chain(self.scan.stream, &self.stages, capacity);
+        let chained = chain(input, &self.stages, capacity);
+        let output = &self.job.config.output;
         let sink = ParquetSink {
             dir: run_dir.clone(),
             run_id: run_id.clone(),
-            rows_per_file: self.job.config.output.rows_per_file,
-            row_group_rows: self.job.config.output.row_group_rows,
+            commit_every_rows: output.commit_every_rows,
+            commit_every: Duration::from_secs_f64(output.commit_every_s),
+            row_group_rows: output.row_group_rows,
             previous: previous.clone(),
-            observer: self.index.clone().map(|i| i as Arc<dyn PublishObserver>),
+            observers: self
+                .index
+                .clone()
+                .map(|i| i as Arc<dyn PublishObserver>)
+                .into_iter()
+                .chain([Arc::new(ManifestRefresh {
+                    manifest: Mutex::new(manifest.clone()),
+                    run_dir: run_dir.clone(),
+                    started,
+                    rows_before: previous.rows,
+                    expected_rows: self.progress.expected_rows,
+                    read: self.progress.read.clone(),
+                }) as Arc<dyn PublishObserver>])
+                .collect(),
+            stop: stop.clone(),
         };
-        let outcome: Result<SinkReport, Option<OperatorError>> = match chained {
-            Err(err) => Err(Some(err)),
-            Ok(stream) => tokio::select! {
-                written = sink.write(stream, self.progress.written.clone()) => written.map_err(Some),
-                _ = tokio::signal::ctrl_c() => Err(None),
-            },
+        // The sink returns only after its writer thread has ended, stopped or not.
+        let outcome = match chained {
+            Err(err) => Err(err),
+            Ok(stream) => sink.write(stream, self.progress.written.clone()).await,
+        };
+        grace_timer.abort();
+        let interrupted =
+            cut.load(Ordering::Acquire) || matches!(outcome, Err(OperatorError::Stopped));
+        let outcome: Result<SinkReport, Option<OperatorError>> = match outcome {
+            Ok(_) | Err(OperatorError::Stopped) if interrupted => Err(None),
+            outcome => outcome.map_err(Some),
         };
 
         // Counts are final here: every stage task has finished or been dropped.
@@ -451,6 +492,7 @@ impl PreparedRun {
         manifest.rows_skipped_done = stage_sum(Some("admit"), |m| m.rows_skipped);
         manifest.rows_other_shards = stage_sum(None, |m| m.rows_elsewhere);
         manifest.finished_at = Some(now_rfc3339());
+        manifest.updated_at = manifest.finished_at.clone();
         manifest.elapsed_s = started.elapsed().as_secs_f64();
 
         let outcome = outcome.and_then(|report| {
@@ -468,23 +510,29 @@ impl PreparedRun {
                 )))),
             }
         });
+        let record = |manifest: &mut RunManifest, report: &SinkReport| {
+            manifest.rows_written = report.rows;
+            manifest.rows_failed = report.rows_failed;
+            manifest.rows_filtered = report.rows_filtered;
+            manifest.files = report.files.iter().map(|f| file_name(f)).collect();
+            manifest.rows_per_s = Some(
+                report.rows.saturating_sub(previous.rows) as f64 / manifest.elapsed_s.max(1e-3),
+            );
+        };
         let result = match outcome {
             Ok(report) => {
                 manifest.status = RunStatus::Committed;
-                manifest.rows_written = report.rows;
-                manifest.rows_failed = report.rows_failed;
-                manifest.rows_filtered = report.rows_filtered;
-                manifest.files = report.files.iter().map(|f| file_name(f)).collect();
+                record(&mut manifest, &report);
                 Ok(())
             }
             Err(cause) => {
-                manifest.status = RunStatus::Failed;
+                manifest.status = match cause {
+                    Some(_) => RunStatus::Failed,
+                    None => RunStatus::Interrupted,
+                };
                 // What the table holds now: what earlier attempts and this one published.
                 if let Ok((report, _)) = published_files(&run_dir) {
-                    manifest.rows_written = report.rows;
-                    manifest.rows_failed = report.rows_failed;
-                    manifest.rows_filtered = report.rows_filtered;
-                    manifest.files = report.files.iter().map(|f| file_name(f)).collect();
+                    record(&mut manifest, &report);
                 }
                 Err(match cause {
                     Some(source) => PipelineError::RunFailed {
@@ -492,9 +540,15 @@ impl PreparedRun {
                         run_dir: run_dir.clone(),
                         source: Box::new(source),
                     },
-                    None => PipelineError::Interrupted {
-                        run_id: run_id.clone(),
-                        run_dir: run_dir.clone(),
+                    None => match stop.reason() {
+                        Some(reason) => PipelineError::LockLost {
+                            run_id: run_id.clone(),
+                            reason,
+                        },
+                        None => PipelineError::Interrupted {
+                            signal: stop.signal(),
+                            run: Some((run_id.clone(), run_dir.clone())),
+                        },
                     },
                 })
             }
@@ -513,6 +567,67 @@ impl PreparedRun {
             }
         }
     }
+}
+
+/// Rewrites the run's manifest after each published file, with the rows so far, the
+/// rate and an ETA: a long run can be watched from another shell or pod
+/// (`abridge status`), and what a killed run had done is on disk.
+struct ManifestRefresh {
+    manifest: Mutex<RunManifest>,
+    run_dir: PathBuf,
+    started: Instant,
+    /// Rows earlier attempts published.
+    rows_before: u64,
+    expected_rows: u64,
+    read: OperatorMetrics,
+}
+
+impl PublishObserver for ManifestRefresh {
+    fn staged(&self, _: &arrow::record_batch::RecordBatch) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    fn published(&self, report: &SinkReport) -> Result<(), OperatorError> {
+        let mut manifest = self
+            .manifest
+            .lock()
+            .map_err(|_| OperatorError::WorkerGone("manifest"))?;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let read = self.read.snapshot().rows_out;
+        manifest.rows_written = report.rows;
+        manifest.rows_failed = report.rows_failed;
+        manifest.rows_filtered = report.rows_filtered;
+        manifest.files = report.files.iter().map(|f| file_name(f)).collect();
+        manifest.rows_read = read;
+        manifest.elapsed_s = elapsed;
+        manifest.updated_at = Some(now_rfc3339());
+        manifest.rows_per_s =
+            Some(report.rows.saturating_sub(self.rows_before) as f64 / elapsed.max(1e-3));
+        manifest.eta_s = (read > 0)
+            .then(|| self.expected_rows.saturating_sub(read) as f64 * elapsed / read as f64);
+        // Best effort: progress is for watching; the data files are the commit, and a
+        // full disk is reported by the next one.
+        let _ = manifest.write(&self.run_dir);
+        Ok(())
+    }
+}
+
+/// `input` until a stop drains the run (then `cut` is set): what the scan has not read
+/// is left for the run's next attempt.
+fn until_drained(
+    input: SendableRecordBatchStream,
+    stop: StopSignal,
+    cut: Arc<AtomicBool>,
+) -> SendableRecordBatchStream {
+    let schema = input.schema();
+    let drained = async move {
+        stop.reached(StopLevel::Drain).await;
+        cut.store(true, Ordering::Release);
+    };
+    Box::pin(RecordBatchStreamAdapter::new(
+        schema,
+        input.take_until(drained),
+    ))
 }
 
 /// Wires `stages` after `input`, each driven on its own task behind a bounded channel.

@@ -478,9 +478,15 @@ pub struct InputConfig {
 pub struct OutputConfig {
     /// Folder of the output table; each run writes its own `run_id=...` folder in it.
     pub path: PathBuf,
-    /// Rows per Parquet file before a new one starts. Default: 100000.
-    #[serde(default = "default_rows_per_file")]
-    pub rows_per_file: usize,
+    /// Publish (commit) the file being written once it holds this many rows: the most
+    /// rows a kill makes a resume write again, and the largest data file. Default: 5000
+    /// (a 100k-ticket night is 20 files). Formerly `rows_per_file`, still accepted.
+    #[serde(default = "default_commit_every_rows", alias = "rows_per_file")]
+    pub commit_every_rows: usize,
+    /// ... or once its first row was written this many seconds ago, whichever comes
+    /// first: the most model time a kill loses on a slow run. Default: 60.
+    #[serde(default = "default_commit_every_s")]
+    pub commit_every_s: f64,
     /// Rows per Parquet row group; bounds the writer's memory. Default: 8192.
     #[serde(default = "default_row_group_rows")]
     pub row_group_rows: usize,
@@ -504,6 +510,11 @@ pub struct RunConfig {
     /// false (every run processes all of its input).
     #[serde(default)]
     pub skip_done: bool,
+    /// On SIGTERM or Ctrl-C, the seconds that rows already in the stages get to finish
+    /// and be published before the run stops at once (a second signal stops at once
+    /// too). Default: 20, inside Kubernetes' default 30 s between SIGTERM and SIGKILL.
+    #[serde(default = "default_stop_grace_s")]
+    pub stop_grace_s: f64,
 }
 
 impl Default for RunConfig {
@@ -512,12 +523,19 @@ impl Default for RunConfig {
             batch_size: default_batch_size(),
             channel_capacity: default_channel_capacity(),
             skip_done: false,
+            stop_grace_s: default_stop_grace_s(),
         }
     }
 }
 
-fn default_rows_per_file() -> usize {
-    100_000
+fn default_commit_every_rows() -> usize {
+    5000
+}
+fn default_commit_every_s() -> f64 {
+    60.0
+}
+fn default_stop_grace_s() -> f64 {
+    20.0
 }
 fn default_row_group_rows() -> usize {
     8192
@@ -550,6 +568,15 @@ fn diff_values(path: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<Strin
         _ => {}
     }
 }
+
+/// Keys that change how a run commits, buffers and stops, never a row's result.
+const OPERATIONAL_KEYS: [&str; 5] = [
+    "output.commit_every_rows",
+    "output.commit_every_s",
+    "output.row_group_rows",
+    "run.channel_capacity",
+    "run.stop_grace_s",
+];
 
 /// Keys whose values are filesystem paths, resolved against the job file's folder.
 const PATH_KEYS: [&str; 5] = [
@@ -721,7 +748,9 @@ impl Job {
     }
 
     /// The keys whose values differ between this job and `recorded` (the `_job.toml` of a
-    /// run), as dotted paths; empty when they are the same job.
+    /// run), as dotted paths; empty when they are the same job. Keys that say how a run
+    /// commits and stops, not what it computes ([`OPERATIONAL_KEYS`]), are left out: a
+    /// run resumed with another commit interval or grace period writes the same rows.
     pub fn differences(&self, recorded: &str) -> Vec<String> {
         // Both sides through the same text form, so that floats compare as written.
         let parse = |text: &str| text.parse::<toml::Table>().map(toml::Value::Table);
@@ -733,6 +762,7 @@ impl Job {
         };
         let mut out = Vec::new();
         diff_values("", &now, &then, &mut out);
+        out.retain(|key| !OPERATIONAL_KEYS.contains(&key.as_str()));
         out
     }
 
@@ -753,7 +783,7 @@ impl Job {
 impl JobConfig {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         let positive = [
-            ("output.rows_per_file", self.output.rows_per_file),
+            ("output.commit_every_rows", self.output.commit_every_rows),
             ("output.row_group_rows", self.output.row_group_rows),
             ("run.batch_size", self.run.batch_size),
             ("run.channel_capacity", self.run.channel_capacity),
@@ -761,6 +791,15 @@ impl JobConfig {
         for (key, value) in positive {
             if value == 0 {
                 return Err((key, "must be at least 1".into()));
+            }
+        }
+        let seconds = [
+            ("output.commit_every_s", self.output.commit_every_s, 0.001),
+            ("run.stop_grace_s", self.run.stop_grace_s, 0.0),
+        ];
+        for (key, value, least) in seconds {
+            if !(value.is_finite() && value >= least && value <= 1e9) {
+                return Err((key, format!("must be a number of seconds from {least}")));
             }
         }
         if self.embed.as_ref().is_some_and(|e| e.batch_size == 0) {
@@ -1028,6 +1067,30 @@ path = "/abs/out"
         Job::from_str(text, Path::new("/jobs/x.toml"), &sets)
     }
 
+    /// The shipped jobs load, and both forms of the nightly job run every stage.
+    #[test]
+    fn shipped_jobs_load_and_the_nightly_ones_run_every_stage() -> Result<(), JobError> {
+        let jobs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs");
+        for name in ["demo.toml", "nightly.toml", "nightly-gpu.toml"] {
+            let job = Job::load(&jobs.join(name), &[])?;
+            if name.starts_with("nightly") {
+                let c = &job.config;
+                let filter = c.filter.as_ref();
+                assert!(
+                    c.embed.is_some()
+                        && filter.is_some_and(|f| f.similarity.is_some() && f.topics.is_some())
+                        && c.index.is_some()
+                        && c.summarize.is_some(),
+                    "{name} runs every stage"
+                );
+            }
+        }
+        let gpu = Job::load(&jobs.join("nightly-gpu.toml"), &[])?;
+        let summarize = gpu.config.summarize.as_ref();
+        assert!(summarize.is_some_and(|s| s.device == "cuda" && s.backend == Backend::Seqgpt));
+        Ok(())
+    }
+
     #[test]
     fn defaults_and_relative_paths() -> Result<(), JobError> {
         let job = load(MINIMAL, &[])?;
@@ -1036,7 +1099,9 @@ path = "/abs/out"
         assert_eq!(up.config.output.path, PathBuf::from("/a/c"));
         assert_eq!(job.config.output.path, PathBuf::from("/abs/out"));
         assert_eq!(job.config.run, RunConfig::default());
-        assert_eq!(job.config.output.rows_per_file, 100_000);
+        assert_eq!(job.config.output.commit_every_rows, 5000);
+        assert_eq!(job.config.output.commit_every_s, 60.0);
+        assert_eq!(job.config.run.stop_grace_s, 20.0);
         assert_eq!(job.name(), "x");
         Ok(())
     }
@@ -1201,11 +1266,21 @@ path = "/abs/out"
 
     #[test]
     fn zero_is_rejected_where_it_makes_no_sense() {
-        let msg = load(MINIMAL, &["output.rows_per_file=0"])
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-            .unwrap_err();
-        assert!(msg.contains("output.rows_per_file"), "{msg}");
+        // `rows_per_file`, the key's former name, still sets it.
+        for (set, key) in [
+            ("output.rows_per_file=0", "output.commit_every_rows"),
+            ("output.commit_every_rows=0", "output.commit_every_rows"),
+            ("output.commit_every_s=0", "output.commit_every_s"),
+            ("run.stop_grace_s=-1", "run.stop_grace_s"),
+        ] {
+            let msg = load(MINIMAL, &[set])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+                .unwrap_err();
+            assert!(msg.contains(key), "{set}: {msg}");
+        }
+        let job = load(MINIMAL, &["output.rows_per_file=7"]).expect("the former name");
+        assert_eq!(job.config.output.commit_every_rows, 7);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod retrieval;
 pub mod run;
 pub mod sample;
 pub mod sql;
+pub mod status;
 pub mod summarizer;
 
 pub use error::PipelineError;

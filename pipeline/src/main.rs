@@ -1,5 +1,5 @@
 //! The `abridge` command: parses flags, runs the library, maps errors to exit codes
-//! (0 ok, 1 the job failed, 2 bad usage or bad job file).
+//! ([`EXIT_CODES`]; `PipelineError::exit_code`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,6 +12,7 @@ use abridge_operators::encoder::EncoderWorker;
 use abridge_operators::encoder::bert::BertEncoder;
 use abridge_operators::index::TicketIndex;
 use abridge_operators::quality::AlertThresholds;
+use abridge_operators::stop::{StopLevel, StopSignal};
 use abridge_pipeline::PipelineError;
 use abridge_pipeline::eval::{self, EvalOptions, Recompute};
 use abridge_pipeline::executor::{self, RunOptions};
@@ -33,7 +34,7 @@ use clap::{Args, Parser, Subcommand};
 /// pipeline described by a job file, and writes the results as a new run of a Parquet
 /// output table that `abridge sql` can query.
 #[derive(Parser)]
-#[command(name = "abridge", version, propagate_version = true)]
+#[command(name = "abridge", version, propagate_version = true, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,7 +51,13 @@ enum Command {
     ///   abridge run jobs/demo.toml
     ///   abridge run jobs/demo.toml --limit 100 --set output.path=/tmp/try
     ///   abridge run jobs/nightly.toml --set "input.where=language = 'zh'" --json
-    #[command(verbatim_doc_comment)]
+    ///
+    /// Rows are committed in files of output.commit_every_rows rows, or every
+    /// output.commit_every_s seconds on a slow run: a killed run, run again, keeps what
+    /// it committed and does the rest. SIGTERM or Ctrl-C stops reading input, lets the
+    /// rows in flight finish and commit for up to run.stop_grace_s seconds, and exits
+    /// 143 or 130; a second signal stops at once (nothing half-written is kept).
+    #[command(verbatim_doc_comment, after_help = EXIT_CODES)]
     Run(RunArgs),
     /// Run read-only SQL over output tables and any Parquet files.
     ///
@@ -105,6 +112,36 @@ enum Command {
     /// Example:
     ///   abridge sample --rows 100000 --seed 7 --out data/tickets-100k.parquet
     Sample(SampleArgs),
+    /// Show the live and recent runs of a job's output table: state, rows, rate, ETA and
+    /// the process writing it.
+    ///
+    /// Reads the run folders' manifests (refreshed at every commit) and the output's lock
+    /// files, so it works from any shell or pod that sees the output folder. States:
+    /// running (a live process holds it), stopped (killed: its next run continues it),
+    /// interrupted (by a signal: likewise), failed, committed.
+    ///
+    /// Examples:
+    ///   abridge status jobs/nightly.toml
+    ///   watch -n 10 abridge status jobs/nightly.toml
+    ///   abridge status --output /data/out/nightly --json
+    #[command(verbatim_doc_comment)]
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The job whose output table to show [default: jobs/demo.toml when it exists].
+    #[arg(conflicts_with = "output")]
+    job: Option<PathBuf>,
+    /// An output folder (a job's output.path) instead of a job.
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// How many of the newest runs to show.
+    #[arg(long, default_value_t = 10)]
+    last: usize,
+    /// Print the runs as a JSON array.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -282,6 +319,16 @@ struct SampleArgs {
 
 const DEFAULT_JOB: &str = "jobs/demo.toml";
 
+/// What each exit code means, for schedulers (`--help` of abridge and of `abridge run`).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    done (a run: committed)
+  1    failed on its data or environment (a run keeps what it committed; run it again to continue)
+  2    usage, job-file or SQL error: fix the command
+  3    committed, but some input files could not be read (named in _run.json)
+  75   another live run holds the output's lock: retry later
+  130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM: run it again to continue";
+
 fn main() -> ExitCode {
     // A panic inside a guarded read of an input file becomes that file's error (named in
     // the run's summary): no panic message for it.
@@ -311,8 +358,12 @@ fn main() -> ExitCode {
             Command::Search(args) => search(args).await,
             Command::Eval(args) => eval(args).await,
             Command::Sample(args) => sample(&args),
+            Command::Status(args) => status(&args),
         }
     });
+    // Whatever a stopped run left on blocking threads (a model still loading, say) has no
+    // more effect: its writer was joined and its manifest written. Do not wait for it.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -341,6 +392,8 @@ fn message(err: &anyhow::Error) -> String {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let stop = StopSignal::default();
+    forward_signals(&stop, args.quiet)?;
     let job = Job::load(&args.job, &args.set).map_err(PipelineError::from)?;
     let options = RunOptions {
         limit: args.limit,
@@ -357,8 +410,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 count,
                 group,
             }),
+        stop: stop.clone(),
     };
-    let prepared = executor::prepare(job, &options).await?;
+    // Loading models can take minutes: a signal meanwhile ends the run before it writes.
+    let prepared = tokio::select! {
+        prepared = executor::prepare(job, &options) => prepared?,
+        () = stop.reached(StopLevel::Drain) => {
+            return Err(PipelineError::Interrupted { signal: stop.signal(), run: None }.into());
+        }
+    };
     let mode = ProgressMode::detect(args.quiet || args.json);
     if !args.quiet {
         for note in prepared.notes() {
@@ -391,6 +451,64 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .collect(),
         }
         .into());
+    }
+    Ok(())
+}
+
+/// SIGINT and SIGTERM become stop requests: the first drains the run, the next stops it
+/// at once (see `abridge run --help`).
+fn forward_signals(stop: &StopSignal, quiet: bool) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (name, number) = tokio::select! {
+                _ = interrupt.recv() => ("SIGINT", abridge_pipeline::error::SIGINT),
+                _ = terminate.recv() => ("SIGTERM", abridge_pipeline::error::SIGTERM),
+            };
+            let message = match stop.request(Some(number)) {
+                StopLevel::Drain => {
+                    "reading no more input; finishing and committing the rows \
+                     in flight (up to run.stop_grace_s); send it again to stop at once"
+                }
+                _ => "stopping at once; what was committed is kept",
+            };
+            if !quiet {
+                eprintln!("\n{name}: {message}");
+            }
+        }
+    });
+    Ok(())
+}
+
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let output = match (&args.output, &args.job) {
+        (Some(output), _) => output.clone(),
+        (None, job) => {
+            let path = job.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_JOB));
+            if job.is_none() && !path.exists() {
+                return Err(PipelineError::Usage(format!(
+                    "no job given and no {DEFAULT_JOB} here: pass a job or --output DIR"
+                ))
+                .into());
+            }
+            Job::load(&path, &[])
+                .map_err(PipelineError::from)?
+                .config
+                .output
+                .path
+        }
+    };
+    let runs = abridge_pipeline::status::recent_runs(&output, args.last)
+        .with_context(|| format!("cannot read the runs of {}", output.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+    } else if runs.is_empty() {
+        println!("no runs in {}", output.display());
+    } else {
+        print!("{}", abridge_pipeline::status::table(&runs));
     }
     Ok(())
 }

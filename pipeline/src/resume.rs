@@ -40,8 +40,8 @@ pub struct Attempt {
     pub resumed: Option<RunManifest>,
     /// Files earlier attempts published.
     pub previous: SinkReport,
-    /// The ids in them.
-    pub committed_ids: Vec<String>,
+    /// The keys of their rows (`dedup::row_key`).
+    pub committed_keys: Vec<u128>,
     /// What to tell the user about the choice.
     pub note: Option<String>,
 }
@@ -58,13 +58,13 @@ impl Attempt {
             run_dir,
             resumed: None,
             previous: SinkReport::default(),
-            committed_ids: Vec::new(),
+            committed_keys: Vec::new(),
             note,
         }
     }
 
     fn resume(run_dir: PathBuf, manifest: RunManifest) -> Result<Self, PipelineError> {
-        let (previous, committed_ids) =
+        let (previous, committed_keys) =
             published_files(&run_dir).map_err(|source| PipelineError::RunFailed {
                 run_id: manifest.run_id.clone(),
                 run_dir: run_dir.clone(),
@@ -82,7 +82,7 @@ impl Attempt {
             run_dir,
             resumed: Some(manifest),
             previous,
-            committed_ids,
+            committed_keys,
             note: Some(note),
         })
     }
@@ -103,7 +103,7 @@ pub fn plan(
         path: output.clone(),
         source,
     };
-    run::remove_staged_dirs(output).map_err(io)?;
+    run::remove_staged_dirs(output, shard.map(ShardRecord::run_id).as_deref()).map_err(io)?;
     let unfinished = match shard {
         Some(shard) => {
             let run_dir = output.join(format!("{RUN_DIR_PREFIX}{}", shard.run_id()));

@@ -35,6 +35,9 @@ pub enum RunStatus {
     Committed,
     /// The run stopped on an error; finished files are intact, the table is partial.
     Failed,
+    /// A signal (SIGTERM, Ctrl-C) stopped the run; what it published is intact, and the
+    /// next run of the job continues it.
+    Interrupted,
 }
 
 /// Counts and timings of one stage.
@@ -110,6 +113,16 @@ pub struct RunManifest {
     /// The shard this run processed, when the job was split (`--shard`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<ShardRecord>,
+    /// When this manifest was written: at the start, after each commit, at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    /// Rows this attempt wrote per second, so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_per_s: Option<f64>,
+    /// While running: seconds until this attempt has read all of its input, at its rate
+    /// so far (the rows in flight then still take a moment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
     /// Per-stage counters, in pipeline order (of the last attempt).
     pub stages: Vec<StageSummary>,
     /// Why the run failed, if it did.
@@ -147,13 +160,16 @@ pub struct InputFileFailure {
 }
 
 impl RunManifest {
-    /// Writes the manifest atomically (temporary file, then rename).
+    /// Writes the manifest atomically and durably: a temporary file, synced, renamed over
+    /// the old one, and the folder synced so that the rename survives a power cut (the
+    /// manifest is the run's commit point).
     pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
         let temp = run_dir.join(format!(".{MANIFEST}.tmp"));
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(&temp, text + "\n")?;
         std::fs::File::open(&temp)?.sync_all()?;
-        std::fs::rename(&temp, run_dir.join(MANIFEST))
+        std::fs::rename(&temp, run_dir.join(MANIFEST))?;
+        sync_dir(run_dir)
     }
 
     /// Reads a run folder's manifest.
@@ -190,9 +206,10 @@ pub fn staged_dir(run_dir: &Path) -> PathBuf {
 
 const STAGED_SUFFIX: &str = ".new";
 
-/// Removes run folders that were being prepared when their process died. The caller
-/// holds the output's lock.
-pub fn remove_staged_dirs(output: &Path) -> std::io::Result<()> {
+/// Removes run folders that were being prepared when their process died: every one, or
+/// with `only` just that run's (a shard's: other shards' are theirs to clear). The caller
+/// holds the lock that covers them (the whole output's, or the shard's).
+pub fn remove_staged_dirs(output: &Path, only: Option<&str>) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(output) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -204,7 +221,13 @@ pub fn remove_staged_dirs(output: &Path) -> std::io::Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if name.starts_with(&format!(".{RUN_DIR_PREFIX}")) && name.ends_with(STAGED_SUFFIX) {
+        let Some(run_id) = name
+            .strip_prefix(&format!(".{RUN_DIR_PREFIX}"))
+            .and_then(|n| n.strip_suffix(STAGED_SUFFIX))
+        else {
+            continue;
+        };
+        if only.is_none_or(|only| only == run_id) {
             std::fs::remove_dir_all(&path)?;
         }
     }
@@ -232,7 +255,7 @@ pub fn unfinished_run(output: &Path) -> std::io::Result<Option<(PathBuf, RunMani
 }
 
 /// Every run of an output table with a readable manifest, oldest first.
-fn all_runs(output: &Path) -> std::io::Result<Vec<(PathBuf, RunManifest)>> {
+pub fn all_runs(output: &Path) -> std::io::Result<Vec<(PathBuf, RunManifest)>> {
     let mut runs = Vec::new();
     let entries = match std::fs::read_dir(output) {
         Ok(entries) => entries,
