@@ -483,9 +483,32 @@ fn sql_is_read_only_and_writes_every_format() -> TestResult {
     let batches = read_parquet(&parquet_out)?;
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 8);
 
-    let out = abridge(&["sql", "SELECT * FROM nowhere"]);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(stderr(&out).contains("nowhere"), "{}", stderr(&out));
+    // A mistake in the query is the user's to fix: exit 2.
+    for query in [
+        "SELECT * FROM nowhere",
+        "SELECT no_such_column FROM t",
+        "SELEC 1",
+    ] {
+        let out = abridge(&["sql", query, "--table", &table]);
+        assert_eq!(out.status.code(), Some(2), "{query}: {}", stderr(&out));
+        assert!(stderr(&out).contains("SQL: "), "{}", stderr(&out));
+    }
+    // A broken file is named, its error said once.
+    let broken = dir.path().join("broken.parquet");
+    std::fs::write(&broken, b"PAR1 not really parquet PAR1")?;
+    let out = abridge(&[
+        "sql",
+        "SELECT 1",
+        "--table",
+        &format!("b={}", broken.display()),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&broken.display().to_string())
+            && !err.contains("Parquet error: Parquet error"),
+        "{err}"
+    );
     let out = abridge(&["sql", "SELECT 1", "--table", "t=/no/such.parquet"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

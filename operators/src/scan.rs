@@ -346,8 +346,9 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> DataFusionError {
 }
 
 /// The rows a file's footer announces, once the footer has been read without error (the
-/// embedded Arrow schema is read next, by DataFusion under [`guarded`], file by file).
-fn check_file(file: &Path) -> Result<u64, OperatorError> {
+/// embedded Arrow schema is read next, by DataFusion under [`guarded`], file by file). A
+/// panic of the reader on a corrupt footer is that file's error, naming it.
+pub fn check_file(file: &Path) -> Result<u64, OperatorError> {
     let handle = File::open(file).map_err(|e| OperatorError::InputNotFound {
         path: file.display().to_string(),
         reason: e.to_string(),

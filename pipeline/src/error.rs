@@ -105,6 +105,10 @@ pub enum PipelineError {
     /// An `abridge sql` statement would write or change something.
     #[error("abridge sql is read-only: {0}")]
     ReadOnly(String),
+    /// An `abridge sql` statement does not plan: a syntax error, an unknown table,
+    /// column or function.
+    #[error("SQL: {0}")]
+    Query(String),
     /// A flag's value is malformed or names nothing usable (`--table`, `--format`/`--out`).
     #[error("{0}")]
     Usage(String),
@@ -180,6 +184,7 @@ impl PipelineError {
             | PipelineError::JobDoesNotFitInput { .. }
             | PipelineError::Model { .. }
             | PipelineError::ReadOnly(_)
+            | PipelineError::Query(_)
             | PipelineError::Usage(_) => 2,
             _ => 1,
         }

@@ -823,6 +823,22 @@ impl JobConfig {
         if self.metrics.stability_samples == 0 {
             return Err(("metrics.stability_samples", "must be at least 1".into()));
         }
+        let samples = self.metrics.stability_samples;
+        if samples > 1
+            && self
+                .summarize
+                .as_ref()
+                .is_some_and(|s| s.temperature == 0.0)
+        {
+            return Err((
+                "metrics.stability_samples",
+                format!(
+                    "is {samples}, but summarize.temperature is 0: greedy decoding draws the \
+                     same summary every time, so stability would be 0 for {samples}x the work; \
+                     raise the temperature or set stability_samples = 1"
+                ),
+            ));
+        }
         self.metrics
             .alerts
             .validate()
@@ -1149,6 +1165,19 @@ path = "/abs/out"
             job.config.metrics.alerts.compression_min, 0.12,
             "others keep defaults"
         );
+        let greedy = format!("{MINIMAL}\n[summarize]\nmodel = \"m\"\ntemperature = 0.0\n");
+        let msg = load(&greedy, &["metrics.stability_samples=2"])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+        assert!(
+            msg.contains("metrics.stability_samples") && msg.contains("temperature is 0"),
+            "{msg}"
+        );
+        load(
+            &greedy,
+            &["metrics.stability_samples=2", "summarize.temperature=0.5"],
+        )?;
         for (set, key) in [
             ("metrics.stability_samples=0", "metrics.stability_samples"),
             (

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use abridge_operators::scan::resolve_files;
+use abridge_operators::scan::{check_file, resolve_files};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::file_format::options::ParquetReadOptions;
@@ -138,6 +138,11 @@ impl SqlSession {
     }
 
     async fn register_files(&mut self, name: &str, files: &[PathBuf]) -> Result<(), PipelineError> {
+        // Footers first, guarded: DataFusion panics on some corrupt ones, and its errors
+        // name no file.
+        for file in files {
+            check_file(file).map_err(|e| PipelineError::Usage(format!("table {name}: {e}")))?;
+        }
         let paths: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         // Every file's columns, not the first file's: runs made before a stage existed
         // lack its columns, which then read as null there.
@@ -147,11 +152,10 @@ impl SqlSession {
             schema: schema.as_ref(),
             ..Default::default()
         };
-        let df = self
-            .ctx
-            .read_parquet(paths, options)
-            .await
-            .map_err(|e| PipelineError::Usage(format!("table {name}: {e}")))?;
+        let df =
+            self.ctx.read_parquet(paths, options).await.map_err(|e| {
+                PipelineError::Usage(format!("table {name}: {}", e.strip_backtrace()))
+            })?;
         self.ctx.register_table(name, df.into_view())?;
         self.registered.push(name.to_string());
         Ok(())
@@ -165,7 +169,14 @@ impl SqlSession {
     /// Runs one read-only statement: anything that would create, change or write data
     /// (DDL, DML, COPY, SET ...) is refused before it runs.
     pub async fn query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), PipelineError> {
-        let plan = self.ctx.state().create_logical_plan(sql).await?;
+        // A statement that does not plan (syntax, unknown table or column) is the user's
+        // to fix; failures while it runs (a file that breaks mid-read) are not.
+        let plan = self
+            .ctx
+            .state()
+            .create_logical_plan(sql)
+            .await
+            .map_err(|e| PipelineError::Query(e.strip_backtrace()))?;
         SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
