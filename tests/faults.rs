@@ -1233,3 +1233,95 @@ fn shards_and_whole_runs_exclude_each_other() -> TestResult {
     whole.wait()?;
     Ok(())
 }
+
+/// A slow run commits by time, many small files; once its last row is in they are merged
+/// (before the run is committed), also when the process dies in the middle of a merge,
+/// and the index stays in step with the merged files.
+#[test]
+fn a_slow_runs_small_files_are_merged_at_commit_even_across_a_crash() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("tickets.parquet");
+    let out = run(&[
+        "sample",
+        "--rows",
+        "3000",
+        "--seed",
+        "9",
+        "--out",
+        input.to_str().unwrap_or_default(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job = plain_job(dir.path(), &input, 1000, "[run]\nbatch_size = 50\n")?;
+    let job_arg = job.to_str().unwrap_or_default();
+    let reference = reference_run_plain(dir.path(), &job)?;
+    let by_time = ["--set", "output.commit_every_s=0.05"];
+    let data_files = |run_dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(run_dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('_'))
+            .collect();
+        names.sort();
+        names
+    };
+
+    for (name, failpoints) in [
+        ("merged", "sink::write=sleep(20)"),
+        (
+            "crashed",
+            "sink::write=sleep(20);compaction::decided=return",
+        ),
+    ] {
+        let set = format!("output.path={}", dir.path().join(name).display());
+        let mut args = vec!["run", job_arg, "--quiet", "--set", &set];
+        args.extend(by_time);
+        let out = run_failing(failpoints, &args);
+        let run_dir = only_run(&dir.path().join(name))?;
+        if name == "crashed" {
+            assert!(!out.status.success(), "the process died in a merge");
+            assert!(
+                run_dir.join("_compaction.json").exists(),
+                "{:?}",
+                data_files(&run_dir)
+            );
+            args.push("--resume");
+            let out = run(&args);
+            assert!(out.status.success(), "{}", stderr(&out));
+        } else {
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        let manifest = RunManifest::read(&run_dir)?;
+        assert_eq!(manifest.status, RunStatus::Committed);
+        let files = data_files(&run_dir);
+        assert!(
+            files.len() <= 4 && files == manifest.files,
+            "{name}: {files:?} vs the manifest's {:?}",
+            manifest.files
+        );
+        assert_same_rows(&table_rows(&[run_dir])?, &reference, name);
+    }
+
+    // With an index: the merged files are what it records, so the next run finds it in
+    // step (no rebuild) and it holds the table's tickets.
+    let full = full_job(dir.path(), 60)?;
+    let full_arg = full.to_str().unwrap_or_default();
+    let reference_ids = reference_run(dir.path(), &full)?.index_ids;
+    let mut args = vec![
+        "run",
+        full_arg,
+        "--quiet",
+        "--set",
+        "output.commit_every_rows=40",
+    ];
+    args.extend(by_time);
+    let out = run_failing("sink::write=sleep(30)", &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["run", full_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("did not match"), "{}", stderr(&out));
+    let ids = TicketIndex::open(&dir.path().join("index"))?.ids()?;
+    assert_eq!(ids, reference_ids);
+    Ok(())
+}

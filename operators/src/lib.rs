@@ -7,6 +7,7 @@
 //! with bounded channels and reads their [`OperatorMetrics`].
 
 pub mod admit;
+mod compaction;
 pub mod dedup;
 pub mod embed;
 pub mod encoder;

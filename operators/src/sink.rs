@@ -30,6 +30,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use tokio::sync::mpsc;
 
+use crate::compaction;
 use crate::dedup::{row_key, value};
 use crate::filter::KEPT;
 use crate::stop::{StopLevel, StopSignal};
@@ -117,6 +118,7 @@ pub fn published_files(dir: &Path) -> Result<(SinkReport, Vec<u128>), OperatorEr
     };
     let mut report = SinkReport::default();
     let mut keys = Vec::new();
+    compaction::recover(dir)?;
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((report, keys)),
@@ -153,6 +155,16 @@ pub fn published_files(dir: &Path) -> Result<(SinkReport, Vec<u128>), OperatorEr
         report.files.push(path);
     }
     Ok((report, keys))
+}
+
+/// The number in a data file's name (`part-00042.parquet` → 42).
+fn file_number(path: &Path) -> Option<usize> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("part-")?
+        .strip_suffix(".parquet")?
+        .parse()
+        .ok()
 }
 
 /// The columns `names` (those the file has) of an output file, in batches.
@@ -280,6 +292,9 @@ struct RunFiles {
     properties: WriterProperties,
     current: Option<OpenFile>,
     report: SinkReport,
+    /// The number of the next file: after every file earlier attempts left, which
+    /// compaction may have spaced out.
+    next_number: usize,
 }
 
 struct OpenFile {
@@ -304,12 +319,19 @@ impl RunFiles {
             .set_created_by(format!("abridge {}", env!("CARGO_PKG_VERSION")))
             .build();
         let report = sink.previous.clone();
+        let next_number = report
+            .files
+            .iter()
+            .filter_map(|f| file_number(f))
+            .max()
+            .map_or(report.files.len(), |n| n + 1);
         Ok(Self {
             sink,
             schema,
             properties,
             current: None,
             report,
+            next_number,
         })
     }
 
@@ -318,9 +340,11 @@ impl RunFiles {
         fail::fail_point!("sink::write", |_| std::process::abort());
         let mut offset = 0;
         while offset < batch.num_rows() {
-            let file = match self.current.as_mut() {
-                Some(file) => file,
-                None => self.current.insert(self.open()?),
+            if self.current.is_none() {
+                self.current = Some(self.open()?);
+            }
+            let Some(file) = self.current.as_mut() else {
+                continue;
             };
             let room = self.sink.commit_every_rows.max(1) - file.rows;
             let take = room.min(batch.num_rows() - offset);
@@ -360,8 +384,9 @@ impl RunFiles {
         }
     }
 
-    fn open(&self) -> Result<OpenFile, OperatorError> {
-        let index = self.report.files.len();
+    fn open(&mut self) -> Result<OpenFile, OperatorError> {
+        let index = self.next_number;
+        self.next_number += 1;
         let path = self.sink.dir.join(format!("part-{index:05}.parquet"));
         let temp = self
             .sink
@@ -440,13 +465,34 @@ impl RunFiles {
         Ok(())
     }
 
-    /// Closes the last file. A run without rows still gets one (empty) file, so that its
-    /// partition has a schema that SQL can query.
+    /// Closes the last file and, unless the run is being stopped, merges its small files
+    /// ([`compaction`]). A run
+    /// without rows still gets one (empty) file, so that its partition has a schema that
+    /// SQL can query.
     fn finish(mut self) -> Result<SinkReport, OperatorError> {
         if self.current.is_none() && self.report.files.is_empty() {
             self.current = Some(self.open()?);
         }
         self.close()?;
+        // A stopped run is not finished: its next attempt merges, without the clock of a
+        // grace period running.
+        if self.sink.stop.level() != StopLevel::Running {
+            return Ok(std::mem::take(&mut self.report));
+        }
+        let files = compaction::compact(
+            &self.sink.dir,
+            &self.report.files,
+            self.sink.commit_every_rows,
+            &self.schema,
+            &self.properties,
+        )?;
+        if files != self.report.files {
+            self.report.files = files;
+            // The index records the run's file count: the same rows, fewer files.
+            for observer in &self.sink.observers {
+                observer.published(&self.report)?;
+            }
+        }
         Ok(std::mem::take(&mut self.report))
     }
 }
@@ -547,19 +593,54 @@ mod tests {
         assert_eq!(data_files(&by_rows).len(), 3, "{:?}", data_files(&by_rows));
 
         // By time: batches 300 ms apart and files due after 100 ms, so each batch is
-        // published on its own although no file reaches its row count.
+        // published on its own although no file reaches its row count; at the end the
+        // three small files are merged into one.
         let by_time = dir.path().join("time");
-        let report = sink(&by_time, 1000, Duration::from_millis(100), &stop)
+        let published = Arc::new(Counts::default());
+        let mut by_time_sink = sink(&by_time, 1000, Duration::from_millis(100), &stop);
+        by_time_sink.observers = vec![Arc::clone(&published) as Arc<dyn PublishObserver>];
+        let report = by_time_sink
             .write(
                 slow_input(3, Duration::from_millis(300), false),
                 OperatorMetrics::default(),
             )
             .await?;
+        assert_eq!(
+            published.files(),
+            [1, 2, 3, 1],
+            "three commits, then the merge"
+        );
         assert_eq!(report.rows, 30);
-        assert_eq!(report.files.len(), 3, "{:?}", data_files(&by_time));
+        assert_eq!(data_files(&by_time), ["part-00000.parquet"]);
         let (published, keys) = published_files(&by_time)?;
-        assert_eq!((published.rows, keys.len()), (30, 30));
+        assert_eq!(
+            (published.rows, published.files.len(), keys.len()),
+            (30, 1, 30)
+        );
         Ok(())
+    }
+
+    /// Records the file count of every publication.
+    #[derive(Default)]
+    struct Counts(std::sync::Mutex<Vec<usize>>);
+
+    impl Counts {
+        fn files(&self) -> Vec<usize> {
+            self.0.lock().map(|c| c.clone()).unwrap_or_default()
+        }
+    }
+
+    impl PublishObserver for Counts {
+        fn staged(&self, _: &RecordBatch) -> Result<(), OperatorError> {
+            Ok(())
+        }
+
+        fn published(&self, report: &SinkReport) -> Result<(), OperatorError> {
+            if let Ok(mut counts) = self.0.lock() {
+                counts.push(report.files.len());
+            }
+            Ok(())
+        }
     }
 
     #[tokio::test]

@@ -87,10 +87,8 @@ pub enum PipelineError {
     },
     /// The run's lock was lost (removed, taken over, or its heartbeat failed), so it
     /// stopped at once; what it committed is kept.
-    #[error("run {run_id} stopped: {reason}")]
+    #[error("stopped at once: {reason}")]
     LockLost {
-        /// The run's id.
-        run_id: String,
         /// What happened to the lock.
         reason: String,
     },

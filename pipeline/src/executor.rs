@@ -541,10 +541,7 @@ impl PreparedRun {
                         source: Box::new(source),
                     },
                     None => match stop.reason() {
-                        Some(reason) => PipelineError::LockLost {
-                            run_id: run_id.clone(),
-                            reason,
-                        },
+                        Some(reason) => PipelineError::LockLost { reason },
                         None => PipelineError::Interrupted {
                             signal: stop.signal(),
                             run: Some((run_id.clone(), run_dir.clone())),

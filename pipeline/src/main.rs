@@ -416,7 +416,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let prepared = tokio::select! {
         prepared = executor::prepare(job, &options) => prepared?,
         () = stop.reached(StopLevel::Drain) => {
-            return Err(PipelineError::Interrupted { signal: stop.signal(), run: None }.into());
+            return Err(match stop.reason() {
+                Some(reason) => PipelineError::LockLost { reason },
+                None => PipelineError::Interrupted { signal: stop.signal(), run: None },
+            }
+            .into());
         }
     };
     let mode = ProgressMode::detect(args.quiet || args.json);
