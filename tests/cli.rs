@@ -96,6 +96,69 @@ fn sql(job: &Path, query: &str, format: &str) -> Output {
     ])
 }
 
+/// `jobs/demo.toml` itself, as shipped (only its output and index sent to a temporary
+/// folder): every stage runs, kept tickets get summaries and metrics, the index answers
+/// a search.
+#[test]
+fn the_shipped_demo_job_runs_end_to_end() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (out_dir, index) = (dir.path().join("out"), dir.path().join("index"));
+    let m = run_json(
+        &repo().join("jobs/demo.toml"),
+        &[
+            "--set",
+            &format!("output.path={}", out_dir.display()),
+            "--set",
+            &format!("index.path={}", index.display()),
+        ],
+    )?;
+    assert_eq!((m.status, m.rows_read), (RunStatus::Committed, 400));
+    let stages: Vec<&str> = m.stages.iter().map(|s| s.stage.as_str()).collect();
+    for stage in ["embed", "filter", "summarize", "metrics"] {
+        assert!(
+            stages.iter().any(|s| s.contains(stage)),
+            "{stage} in {stages:?}"
+        );
+    }
+    let table = format!(
+        "t={}",
+        out_dir.join(format!("run_id={}", m.run_id)).display()
+    );
+    let out = abridge(&[
+        "sql",
+        "SELECT count(*) FILTER (WHERE kept AND error IS NULL) AS summarized, \
+         count(*) FILTER (WHERE kept AND error IS NULL AND (summary IS NULL OR summary = '')) \
+           AS without_summary, \
+         count(*) FILTER (WHERE kept AND error IS NULL AND (rouge_l IS NULL OR drift IS NULL \
+           OR stability IS NULL)) AS without_metrics \
+         FROM t",
+        "--table",
+        &table,
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let counts: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    assert!(
+        counts[0]["summarized"].as_u64().is_some_and(|n| n > 0),
+        "{counts}"
+    );
+    assert_eq!(counts[0]["without_summary"], 0, "{counts}");
+    assert_eq!(counts[0]["without_metrics"], 0, "{counts}");
+    let out = abridge(&[
+        "search",
+        "printer offline",
+        "--index",
+        index.to_str().unwrap_or_default(),
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hits: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    assert!(hits.as_array().is_some_and(|h| !h.is_empty()), "{hits}");
+    Ok(())
+}
+
 #[test]
 fn demo_job_writes_a_run_that_sql_reads() -> TestResult {
     let dir = tempfile::tempdir()?;

@@ -38,17 +38,7 @@ fn stderr(out: &Output) -> String {
 /// checkpoint, greedy, so that results are deterministic) and metrics, writing small
 /// files so that a run commits many times.
 fn full_job(dir: &Path, rows: usize) -> Result<PathBuf, Box<dyn std::error::Error>> {
-    let input = dir.join("tickets.parquet");
-    let out = run(&[
-        "sample",
-        "--rows",
-        &rows.to_string(),
-        "--seed",
-        "11",
-        "--out",
-        input.to_str().unwrap_or_default(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let input = sample_tickets(dir, rows, 11, false)?;
     let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
     let job = dir.join("job.toml");
     std::fs::write(
@@ -871,6 +861,26 @@ fn injected_failures_fail_rows_retry_commits_and_survive_a_crash_between_commits
     Ok(())
 }
 
+/// `abridge sample` tickets in `dir/tickets.parquet` (`clean`: no repeated ids, no empty
+/// bodies).
+fn sample_tickets(
+    dir: &Path,
+    rows: usize,
+    seed: u64,
+    clean: bool,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let input = dir.join("tickets.parquet");
+    let (rows, seed) = (rows.to_string(), seed.to_string());
+    let mut args = vec!["sample", "--rows", &rows, "--seed", &seed];
+    if clean {
+        args.push("--clean");
+    }
+    args.extend(["--out", input.to_str().unwrap_or_default()]);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(input)
+}
+
 /// A job without models (scan, normalize, dedup, sink) over `input`, committing every
 /// `commit_rows` rows; `extra` is appended to the job file.
 fn plain_job(
@@ -927,18 +937,7 @@ fn write_raw_tickets(path: &Path, rows: &[(Option<String>, String)]) -> TestResu
 #[test]
 fn a_kill_at_90_percent_redoes_at_most_one_commit_interval() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let input = dir.path().join("tickets.parquet");
-    let out = run(&[
-        "sample",
-        "--rows",
-        "20000",
-        "--seed",
-        "5",
-        "--clean",
-        "--out",
-        input.to_str().unwrap_or_default(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let input = sample_tickets(dir.path(), 20000, 5, true)?;
     let interval = 1300;
     let job = plain_job(dir.path(), &input, interval, "[run]\nbatch_size = 100\n")?;
     let job_arg = job.to_str().unwrap_or_default();
@@ -1119,17 +1118,7 @@ fn rows_without_ids_and_repeated_ids_are_written_once_across_kills_and_sigterms(
 #[test]
 fn shards_and_whole_runs_exclude_each_other() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let input = dir.path().join("tickets.parquet");
-    let out = run(&[
-        "sample",
-        "--rows",
-        "400",
-        "--seed",
-        "3",
-        "--out",
-        input.to_str().unwrap_or_default(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let input = sample_tickets(dir.path(), 400, 3, false)?;
     let job = plain_job(dir.path(), &input, 50, "[run]\nbatch_size = 20\n")?;
     let job_arg = job.to_str().unwrap_or_default();
     let output = dir.path().join("out");
@@ -1240,17 +1229,7 @@ fn shards_and_whole_runs_exclude_each_other() -> TestResult {
 #[test]
 fn a_slow_runs_small_files_are_merged_at_commit_even_across_a_crash() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let input = dir.path().join("tickets.parquet");
-    let out = run(&[
-        "sample",
-        "--rows",
-        "3000",
-        "--seed",
-        "9",
-        "--out",
-        input.to_str().unwrap_or_default(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let input = sample_tickets(dir.path(), 3000, 9, false)?;
     let job = plain_job(dir.path(), &input, 1000, "[run]\nbatch_size = 50\n")?;
     let job_arg = job.to_str().unwrap_or_default();
     let reference = reference_run_plain(dir.path(), &job)?;
@@ -1305,9 +1284,11 @@ fn a_slow_runs_small_files_are_merged_at_commit_even_across_a_crash() -> TestRes
 
     // With an index: the merged files are what it records, so the next run finds it in
     // step (no rebuild) and it holds the table's tickets.
-    let full = full_job(dir.path(), 60)?;
+    let indexed = dir.path().join("indexed");
+    std::fs::create_dir_all(&indexed)?;
+    let full = full_job(&indexed, 60)?;
     let full_arg = full.to_str().unwrap_or_default();
-    let reference_ids = reference_run(dir.path(), &full)?.index_ids;
+    let reference_ids = reference_run(&indexed, &full)?.index_ids;
     let mut args = vec![
         "run",
         full_arg,
@@ -1321,7 +1302,7 @@ fn a_slow_runs_small_files_are_merged_at_commit_even_across_a_crash() -> TestRes
     let out = run(&["run", full_arg]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stderr(&out).contains("did not match"), "{}", stderr(&out));
-    let ids = TicketIndex::open(&dir.path().join("index"))?.ids()?;
+    let ids = TicketIndex::open(&indexed.join("index"))?.ids()?;
     assert_eq!(ids, reference_ids);
     Ok(())
 }

@@ -326,7 +326,7 @@ Exit codes:
   1    failed on its data or environment (a run keeps what it committed; run it again to continue)
   2    usage, job-file or SQL error: fix the command
   3    committed, but some input files could not be read (named in _run.json)
-  75   another live run holds the output's lock: retry later
+  75   another live run holds the output's lock, or took it over from this one: retry later
   130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM: run it again to continue";
 
 fn main() -> ExitCode {
