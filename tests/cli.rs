@@ -627,13 +627,23 @@ fn every_shipped_job_parses() -> TestResult {
 
 #[test]
 fn help_teaches_each_command() {
-    for command in ["run", "sql", "search", "eval", "sample"] {
+    for command in ["run", "sql", "search", "eval", "sample", "status"] {
         let out = abridge(&[command, "--help"]);
         assert!(out.status.success());
         assert!(
             stdout(&out).contains("Example"),
             "{command} --help has examples"
         );
+    }
+    // What a scheduler needs: the exit codes, in `abridge --help` and `abridge run --help`.
+    for args in [&["--help"][..], &["run", "--help"]] {
+        let help = stdout(&abridge(args));
+        for code in ["75 ", "130 ", "143 "] {
+            assert!(
+                help.contains(code),
+                "{args:?} names exit code {code}: {help}"
+            );
+        }
     }
 }
 

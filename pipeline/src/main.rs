@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -319,6 +319,18 @@ struct SampleArgs {
 
 const DEFAULT_JOB: &str = "jobs/demo.toml";
 
+/// `job`, or [`DEFAULT_JOB`] when none was given and it exists; otherwise a usage error
+/// that says what to `pass` instead.
+fn job_or_default(job: Option<&PathBuf>, pass: &str) -> Result<PathBuf, PipelineError> {
+    match job {
+        Some(job) => Ok(job.clone()),
+        None if Path::new(DEFAULT_JOB).exists() => Ok(PathBuf::from(DEFAULT_JOB)),
+        None => Err(PipelineError::Usage(format!(
+            "no job given and no {DEFAULT_JOB} here: pass {pass}"
+        ))),
+    }
+}
+
 /// What each exit code means, for schedulers (`--help` of abridge and of `abridge run`).
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -491,13 +503,7 @@ fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let output = match (&args.output, &args.job) {
         (Some(output), _) => output.clone(),
         (None, job) => {
-            let path = job.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_JOB));
-            if job.is_none() && !path.exists() {
-                return Err(PipelineError::Usage(format!(
-                    "no job given and no {DEFAULT_JOB} here: pass a job or --output DIR"
-                ))
-                .into());
-            }
+            let path = job_or_default(job.as_ref(), "a job or --output DIR")?;
             Job::load(&path, &[])
                 .map_err(PipelineError::from)?
                 .config
@@ -727,16 +733,7 @@ async fn search(args: SearchArgs) -> anyhow::Result<()> {
     let (dir, model, batch_size) = match (&args.index, &args.job) {
         (Some(dir), _) => (dir.clone(), None, 32),
         (None, job) => {
-            let path = match job {
-                Some(job) => job.clone(),
-                None => PathBuf::from(DEFAULT_JOB),
-            };
-            if job.is_none() && !path.exists() {
-                return Err(PipelineError::Usage(format!(
-                    "no job given and no {DEFAULT_JOB} here: pass --job or --index DIR"
-                ))
-                .into());
-            }
+            let path = job_or_default(job.as_ref(), "--job or --index DIR")?;
             let job = Job::load(&path, &[]).map_err(PipelineError::from)?;
             let Some(index) = &job.config.index else {
                 return Err(PipelineError::Usage(format!(
