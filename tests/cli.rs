@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use abridge_pipeline::job::Job;
-use abridge_pipeline::lock::{LOCK_FILE, OutputLock};
-use abridge_pipeline::run::{RunManifest, RunStatus};
+use abridge_pipeline::table::lock::{LOCK_FILE, OutputLock};
+use abridge_pipeline::table::manifest::{RunManifest, RunStatus};
 use arrow::array::{Array, RecordBatch, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use abridge_operators::index::TicketIndex;
-use abridge_pipeline::run::{RUN_DIR_PREFIX, RunManifest, RunStatus};
+use abridge_pipeline::table::manifest::{RUN_DIR_PREFIX, RunManifest, RunStatus};
 use arrow::record_batch::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;

@@ -22,8 +22,8 @@ use abridge_operators::encoder::EncoderWorker;
 use abridge_operators::encoder::bert::BertEncoder;
 
 use crate::error::PipelineError;
-use crate::run::{self, committed_runs};
 use crate::sql::SqlSession;
+use crate::table::manifest::{self as run, committed_runs};
 
 /// What to evaluate and how.
 #[derive(Debug, Clone)]

@@ -4,9 +4,9 @@
 //! `run.channel_capacity` batches: back-pressure from the slowest stage (the models, once
 //! they exist) is what keeps memory flat whatever the input size.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use abridge_operators::admit::{Admit, DoneTickets, Shard};
@@ -19,7 +19,7 @@ use abridge_operators::index::RunIndexer;
 use abridge_operators::normalize::Normalize;
 use abridge_operators::quality::{QualitySettings, quality_metrics};
 use abridge_operators::scan::{OpenScan, ParquetScan};
-use abridge_operators::sink::{ParquetSink, PublishObserver, SinkReport, published_files};
+use abridge_operators::sink::{ParquetSink, PublishObserver};
 use abridge_operators::stop::{StopLevel, StopSignal};
 use abridge_operators::{
     MetricsSnapshot, Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
@@ -30,13 +30,13 @@ use futures::StreamExt;
 
 use crate::error::PipelineError;
 use crate::job::{Job, JobError};
-use crate::lock::OutputLock;
-use crate::resume::{self, Attempt, ResumeMode};
 use crate::retrieval;
-use crate::run::{
-    self, InputFileFailure, JOB_RECORD, RunManifest, RunStatus, ShardRecord, StageSummary,
-};
 use crate::summarizer;
+use crate::table::manifest::{
+    InputFileFailure, RunManifest, RunStatus, ShardRecord, StageSummary, now_rfc3339,
+};
+use crate::table::plan::{self, ResumeMode};
+use crate::table::{self, TableRun};
 
 /// Options of one run that are not part of the job.
 #[derive(Debug, Clone, Default)]
@@ -65,10 +65,9 @@ pub struct Progress {
 /// A run whose input is open and whose stages are built, so that every configuration
 /// error has been reported before anything is written.
 pub struct PreparedRun {
-    /// Held until the run ends (dropped with it).
-    _lock: OutputLock,
+    /// The run's place in the output table, and its lock until it ends.
+    table: TableRun,
     job: Job,
-    attempt: Attempt,
     options: RunOptions,
     fingerprint: String,
     scan: OpenScan,
@@ -130,31 +129,17 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let mut notes = Vec::new();
     // Before anything of the output is read: a second live run is refused here, by name.
     let output = &job.config.output.path;
-    let fresh_id = options
-        .shard
-        .as_ref()
-        .map_or_else(run::new_run_id, ShardRecord::run_id);
-    let (lock, cleared) = OutputLock::acquire(
-        output,
-        &fresh_id,
-        options.shard.as_ref().map(|s| (s.index, s.count)),
-    )?;
-    lock.stop_on_loss(options.stop.clone());
-    notes.extend(cleared);
-    let mut attempt = resume::plan(
+    let (mut table, opened) = TableRun::open(
         &job,
         options.resume,
         options.limit,
         options.shard.as_ref(),
-        &fresh_id,
+        &options.stop,
     )?;
-    if attempt.resumed.is_some() {
-        lock.relabel(&attempt.run_id)?;
-    }
-    notes.extend(attempt.note.clone());
+    notes.extend(opened);
     let fingerprint = job.results_fingerprint();
     let done = match job.config.run.skip_done {
-        true => resume::done_tickets(&job, &fingerprint)?,
+        true => plan::done_tickets(&job, &fingerprint)?,
         false => DoneTickets::default(),
     };
     if job.config.run.skip_done {
@@ -171,7 +156,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let admit = Admit::try_new(&normalized, shard, done).map_err(doesnt_fit)?;
     let dedup = Deduplicate::try_new(normalized)
         .map_err(doesnt_fit)?
-        .resuming(std::mem::take(&mut attempt.committed_keys));
+        .resuming(table.take_committed_keys());
     let mut stages: Vec<(Box<dyn Operator>, OperatorMetrics)> = vec![
         (Box::new(normalize), OperatorMetrics::default()),
         (Box::new(admit), OperatorMetrics::default()),
@@ -234,16 +219,12 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
                 config.path.display()
             )),
             (Some(config), None) => {
-                let resuming = attempt
-                    .resumed
-                    .as_ref()
-                    .map(|_| (attempt.run_id.as_str(), attempt.previous.files.as_slice()));
-                let (committer, rebuilt) = retrieval::open_index_for_run(
+                let (committer, rebuilt) = table::index::open_index_for_run(
                     &config.path,
                     worker.dim(),
                     &embed.model,
                     output,
-                    resuming,
+                    table.resuming(),
                 )?;
                 if let Some(rows) = rebuilt {
                     notes.push(format!(
@@ -255,7 +236,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
                 }
                 index = Some(Arc::new(RunIndexer {
                     committer,
-                    run_id: attempt.run_id.clone(),
+                    run_id: table.run_id().to_string(),
                 }));
             }
             (None, _) => {}
@@ -292,9 +273,8 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         None => scan.file_rows,
     };
     Ok(PreparedRun {
-        _lock: lock,
+        table,
         job,
-        attempt,
         options: options.clone(),
         fingerprint,
         scan,
@@ -317,7 +297,7 @@ impl PreparedRun {
 
     /// The run's id.
     pub fn run_id(&self) -> &str {
-        &self.attempt.run_id
+        self.table.run_id()
     }
 
     /// What the preparation did that the user should know (e.g. an index rebuilt).
@@ -327,7 +307,7 @@ impl PreparedRun {
 
     /// The folder the run writes.
     pub fn run_dir(&self) -> &Path {
-        &self.attempt.run_dir
+        self.table.run_dir()
     }
 
     /// Runs every stage to the end, records the job and the manifest beside the output,
@@ -341,15 +321,8 @@ impl PreparedRun {
     pub async fn execute(self) -> Result<RunManifest, PipelineError> {
         let stop = &self.options.stop;
         let started = Instant::now();
-        let run_dir = self.attempt.run_dir.clone();
-        let run_id = self.attempt.run_id.clone();
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| PipelineError::Io { path, source }
-        };
-        let previous = &self.attempt.previous;
         let mut manifest = RunManifest {
-            run_id: run_id.clone(),
+            run_id: self.table.run_id().to_string(),
             job: self.job.name(),
             status: RunStatus::Running,
             abridge_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -366,9 +339,9 @@ impl PreparedRun {
                 .collect(),
             input_files_failed: Vec::new(),
             rows_read: 0,
-            rows_written: previous.rows,
-            rows_failed: previous.rows_failed,
-            rows_filtered: previous.rows_filtered,
+            rows_written: 0,
+            rows_failed: 0,
+            rows_filtered: 0,
             duplicates_dropped: 0,
             rows_resumed: 0,
             rows_skipped_done: 0,
@@ -377,31 +350,14 @@ impl PreparedRun {
             fingerprint: Some(self.fingerprint.clone()),
             limit: self.options.limit,
             shard: self.options.shard.clone(),
-            files: previous.files.iter().map(|f| file_name(f)).collect(),
+            files: Vec::new(),
             updated_at: Some(now_rfc3339()),
             rows_per_s: None,
             eta_s: None,
             stages: Vec::new(),
             error: None,
         };
-        match &self.attempt.resumed {
-            Some(earlier) => {
-                manifest.started_at = earlier.started_at.clone();
-                manifest.attempts = earlier.attempts + 1;
-                manifest.write(&run_dir).map_err(io(&run_dir))?;
-            }
-            // A new run's folder appears with its job and manifest in it, or not at all:
-            // a run killed here leaves only a hidden folder, which the next run removes.
-            None => {
-                let staged = run::staged_dir(&run_dir);
-                std::fs::create_dir_all(&staged).map_err(io(&staged))?;
-                let record = staged.join(JOB_RECORD);
-                std::fs::write(&record, self.job.to_toml()).map_err(io(&record))?;
-                manifest.write(&staged).map_err(io(&staged))?;
-                std::fs::rename(&staged, &run_dir).map_err(io(&run_dir))?;
-                run::sync_dir(output_of(&run_dir)).map_err(io(&run_dir))?;
-            }
-        }
+        self.table.begin(&self.job, &mut manifest)?;
 
         let grace = Duration::from_secs_f64(self.job.config.run.stop_grace_s);
         let grace_timer = {
@@ -419,9 +375,15 @@ impl PreparedRun {
         let capacity = self.job.config.run.channel_capacity;
         let chained = chain(input, &self.stages, capacity);
         let output = &self.job.config.output;
+        let previous = self.table.previous().clone();
+        let progress = self.table.progress(
+            &manifest,
+            self.progress.expected_rows,
+            self.progress.read.clone(),
+        );
         let sink = ParquetSink {
-            dir: run_dir.clone(),
-            run_id: run_id.clone(),
+            dir: self.table.run_dir().to_path_buf(),
+            run_id: self.table.run_id().to_string(),
             commit_every_rows: output.commit_every_rows,
             commit_every: Duration::from_secs_f64(output.commit_every_s),
             row_group_rows: output.row_group_rows,
@@ -431,14 +393,7 @@ impl PreparedRun {
                 .clone()
                 .map(|i| i as Arc<dyn PublishObserver>)
                 .into_iter()
-                .chain([Arc::new(ManifestRefresh {
-                    manifest: Mutex::new(manifest.clone()),
-                    run_dir: run_dir.clone(),
-                    started,
-                    rows_before: previous.rows,
-                    expected_rows: self.progress.expected_rows,
-                    read: self.progress.read.clone(),
-                }) as Arc<dyn PublishObserver>])
+                .chain([progress])
                 .collect(),
             stop: stop.clone(),
         };
@@ -450,10 +405,6 @@ impl PreparedRun {
         grace_timer.abort();
         let interrupted =
             cut.load(Ordering::Acquire) || matches!(outcome, Err(OperatorError::Stopped));
-        let outcome: Result<SinkReport, Option<OperatorError>> = match outcome {
-            Ok(_) | Err(OperatorError::Stopped) if interrupted => Err(None),
-            outcome => outcome.map_err(Some),
-        };
 
         // Counts are final here: every stage task has finished or been dropped.
         manifest.stages.push(StageSummary {
@@ -495,117 +446,25 @@ impl PreparedRun {
         manifest.updated_at = manifest.finished_at.clone();
         manifest.elapsed_s = started.elapsed().as_secs_f64();
 
-        let outcome = outcome.and_then(|report| {
-            let accounted = manifest.rows_resumed
-                + manifest.rows_skipped_done
-                + manifest.rows_other_shards
-                + manifest.duplicates_dropped
-                + (report.rows - previous.rows);
-            match accounted == manifest.rows_read {
-                true => Ok(report),
-                false => Err(Some(OperatorError::StageSchema(format!(
-                    "row conservation failed: {} rows read, but {accounted} accounted for \
-                     (written, duplicates, skipped); this is a bug in abridge",
-                    manifest.rows_read
-                )))),
-            }
-        });
-        let record = |manifest: &mut RunManifest, report: &SinkReport| {
-            manifest.rows_written = report.rows;
-            manifest.rows_failed = report.rows_failed;
-            manifest.rows_filtered = report.rows_filtered;
-            manifest.files = report.files.iter().map(|f| file_name(f)).collect();
-            manifest.rows_per_s = Some(
-                report.rows.saturating_sub(previous.rows) as f64 / manifest.elapsed_s.max(1e-3),
-            );
+        let report = match outcome {
+            _ if interrupted => return Err(self.table.interrupt(manifest, stop)),
+            Err(source) => return Err(self.table.fail(manifest, source)),
+            Ok(report) => report,
         };
-        let result = match outcome {
-            Ok(report) => {
-                manifest.status = RunStatus::Committed;
-                record(&mut manifest, &report);
-                Ok(())
-            }
-            Err(cause) => {
-                manifest.status = match cause {
-                    Some(_) => RunStatus::Failed,
-                    None => RunStatus::Interrupted,
-                };
-                // What the table holds now: what earlier attempts and this one published.
-                if let Ok((report, _)) = published_files(&run_dir) {
-                    record(&mut manifest, &report);
-                }
-                Err(match cause {
-                    Some(source) => PipelineError::RunFailed {
-                        run_id: run_id.clone(),
-                        run_dir: run_dir.clone(),
-                        source: Box::new(source),
-                    },
-                    None => match stop.reason() {
-                        Some(reason) => PipelineError::LockLost { reason },
-                        None => PipelineError::Interrupted {
-                            signal: stop.signal(),
-                            run: Some((run_id.clone(), run_dir.clone())),
-                        },
-                    },
-                })
-            }
-        };
-        match result {
-            Ok(()) => {
-                manifest.write(&run_dir).map_err(io(&run_dir))?;
-                Ok(manifest)
-            }
-            Err(err) => {
-                manifest.error = Some(err.to_string());
-                // Best effort: on a full disk the manifest may not fit either, and the
-                // run's own error is the one to report (it stays resumable either way).
-                let _ = manifest.write(&run_dir);
-                Err(err)
-            }
+        let accounted = manifest.rows_resumed
+            + manifest.rows_skipped_done
+            + manifest.rows_other_shards
+            + manifest.duplicates_dropped
+            + (report.rows - previous.rows);
+        if accounted != manifest.rows_read {
+            let bug = OperatorError::StageSchema(format!(
+                "row conservation failed: {} rows read, but {accounted} accounted for \
+                 (written, duplicates, skipped); this is a bug in abridge",
+                manifest.rows_read
+            ));
+            return Err(self.table.fail(manifest, bug));
         }
-    }
-}
-
-/// Rewrites the run's manifest after each published file, with the rows so far, the
-/// rate and an ETA: a long run can be watched from another shell or pod
-/// (`abridge status`), and what a killed run had done is on disk.
-struct ManifestRefresh {
-    manifest: Mutex<RunManifest>,
-    run_dir: PathBuf,
-    started: Instant,
-    /// Rows earlier attempts published.
-    rows_before: u64,
-    expected_rows: u64,
-    read: OperatorMetrics,
-}
-
-impl PublishObserver for ManifestRefresh {
-    fn staged(&self, _: &arrow::record_batch::RecordBatch) -> Result<(), OperatorError> {
-        Ok(())
-    }
-
-    fn published(&self, report: &SinkReport) -> Result<(), OperatorError> {
-        let mut manifest = self
-            .manifest
-            .lock()
-            .map_err(|_| OperatorError::WorkerGone("manifest"))?;
-        let elapsed = self.started.elapsed().as_secs_f64();
-        let read = self.read.snapshot().rows_out;
-        manifest.rows_written = report.rows;
-        manifest.rows_failed = report.rows_failed;
-        manifest.rows_filtered = report.rows_filtered;
-        manifest.files = report.files.iter().map(|f| file_name(f)).collect();
-        manifest.rows_read = read;
-        manifest.elapsed_s = elapsed;
-        manifest.updated_at = Some(now_rfc3339());
-        manifest.rows_per_s =
-            Some(report.rows.saturating_sub(self.rows_before) as f64 / elapsed.max(1e-3));
-        manifest.eta_s = (read > 0)
-            .then(|| self.expected_rows.saturating_sub(read) as f64 * elapsed / read as f64);
-        // Best effort: progress is for watching; the data files are the commit, and a
-        // full disk is reported by the next one.
-        let _ = manifest.write(&self.run_dir);
-        Ok(())
+        self.table.commit(manifest, &report)
     }
 }
 
@@ -654,19 +513,4 @@ fn bounded(mut input: SendableRecordBatchStream, capacity: usize) -> SendableRec
         Ok(())
     });
     builder.build()
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn output_of(run_dir: &Path) -> &Path {
-    run_dir.parent().unwrap_or(Path::new("."))
-}
-
-/// Fixed-width UTC timestamps, so that they sort as text.
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }

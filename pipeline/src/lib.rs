@@ -3,23 +3,21 @@
 //! A [`job::Job`] (TOML file plus `--set` overrides) is prepared into an
 //! [`executor::PreparedRun`]: the input is resolved and checked and every stage is built
 //! before anything is written. Executing it streams the input's record batches through
-//! the stages of `abridge-operators` into a new run folder of the output table
-//! ([`run`]). [`sql`] queries those tables, [`retrieval`] searches a job's index;
+//! the stages of `abridge-operators` into a new run folder of the output table, by the
+//! protocol in [`table`]. [`sql`] queries those tables, [`retrieval`] searches a job's index;
 //! [`summarizer`] loads the generator; [`sample`] makes synthetic input.
 
 pub mod error;
 pub mod eval;
 pub mod executor;
 pub mod job;
-pub mod lock;
 pub mod progress;
 pub mod report;
-pub mod resume;
 pub mod retrieval;
-pub mod run;
 pub mod sample;
 pub mod sql;
 pub mod status;
 pub mod summarizer;
+pub mod table;
 
 pub use error::PipelineError;

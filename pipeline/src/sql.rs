@@ -12,7 +12,7 @@ use datafusion::execution::context::{SQLOptions, SessionContext};
 use parquet::arrow::ArrowWriter;
 
 use crate::error::PipelineError;
-use crate::run::committed_runs;
+use crate::table::manifest::committed_runs;
 
 /// How query results are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

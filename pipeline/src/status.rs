@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::lock::{is_lock_file, live_holders};
-use crate::run::{self, RunManifest, RunStatus};
+use crate::table::lock::{LiveHolder, is_lock_file, live_holders};
+use crate::table::manifest::{self as run, RunManifest, RunStatus};
 
 /// One run as `abridge status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -40,7 +40,7 @@ pub fn recent_runs(output: &Path, last: usize) -> std::io::Result<Vec<RunState>>
         .collect())
 }
 
-fn state_of(m: RunManifest, holders: &[crate::lock::LiveHolder]) -> RunState {
+fn state_of(m: RunManifest, holders: &[LiveHolder]) -> RunState {
     let holder = holders
         .iter()
         .find(|h| h.run_id == m.run_id)

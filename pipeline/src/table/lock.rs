@@ -34,7 +34,7 @@ use abridge_operators::stop::StopSignal;
 use serde::{Deserialize, Serialize};
 
 use crate::PipelineError;
-use crate::run;
+use crate::table::manifest as run;
 
 /// The lock file's name: `_`-prefixed, so readers of the table skip it.
 pub const LOCK_FILE: &str = "_abridge.lock";

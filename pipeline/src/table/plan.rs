@@ -14,8 +14,8 @@ use arrow::array::{Array, StringArray};
 
 use crate::error::PipelineError;
 use crate::job::Job;
-use crate::run::{
-    self, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, ShardRecord, committed_runs,
+use crate::table::manifest::{
+    self as run, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, ShardRecord, committed_runs,
 };
 
 /// Whether a run may, must or must not continue an unfinished one.

@@ -179,6 +179,11 @@ impl RunManifest {
     }
 }
 
+/// Fixed-width UTC timestamps, so that they sort as text.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
 /// A new run id: UTC time to the millisecond (so ids sort by start time) and 16 random
 /// bits (so two runs started in the same millisecond differ).
 pub fn new_run_id() -> String {
