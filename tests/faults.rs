@@ -593,9 +593,14 @@ fn write_tickets(path: &Path, rows: &[(&str, &str)]) -> TestResult {
         ("title", column(rows.iter().map(|_| "Ticket").collect())),
         ("text", column(rows.iter().map(|r| r.1).collect())),
     ])?;
+    write_batch(path, &batch)
+}
+
+/// Writes `batch` as a Parquet file.
+fn write_batch(path: &Path, batch: &RecordBatch) -> TestResult {
     let mut writer =
         parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path)?, batch.schema(), None)?;
-    writer.write(&batch)?;
+    writer.write(batch)?;
     writer.close()?;
     Ok(())
 }
@@ -924,11 +929,7 @@ fn write_raw_tickets(path: &Path, rows: &[(Option<String>, String)]) -> TestResu
             )),
         ),
     ])?;
-    let mut writer =
-        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path)?, batch.schema(), None)?;
-    writer.write(&batch)?;
-    writer.close()?;
-    Ok(())
+    write_batch(path, &batch)
 }
 
 /// A kill -9 once 90% of a 20,000-ticket job's rows have reached the writer: the resumed

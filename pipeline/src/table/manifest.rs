@@ -6,8 +6,10 @@
 //! out/demo/
 //!   run_id=20261126T212000.123Z-3f2a/
 //!     _job.toml          the resolved job (every default spelled out)
-//!     _run.json          this manifest: status, counts, files, per-stage metrics
+//!     _run.json          this manifest: status, counts, files, per-stage metrics,
+//!                        progress (rewritten at every commit while the run goes on)
 //!     part-00000.parquet finished files (written as hidden temporaries, then renamed)
+//!   _abridge.lock        the live run's lock (_abridge.IofN.lock: a shard's)
 //! ```
 //!
 //! Names starting with `_` or `.` are skipped by DataFusion, Spark and pyarrow readers,

@@ -1,9 +1,11 @@
-//! Which run folder a run writes, and what earlier attempts of it committed.
+//! **open**'s second half: which run folder a run writes, and what earlier attempts of it
+//! committed.
 //!
 //! A run's published files are its checkpoint: each is complete (written under a hidden
-//! name, fsynced, renamed), so after a crash the ids in them are exactly the rows that
+//! name, fsynced, renamed), so after a crash the rows in them are exactly the rows that
 //! survive. Resuming reopens the run's folder, keeps those files, and processes the input
-//! again with their ids skipped; the finished run holds each input id once.
+//! again with their rows' keys (`dedup::row_key`) skipped; the finished run holds each
+//! input row once.
 
 use std::path::PathBuf;
 
