@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use abridge_operators::encoder::Encoder;
+use abridge_operators::encoder::bert::BertEncoder;
 use abridge_pipeline::job::Job;
 use abridge_pipeline::table::lock::{LOCK_FILE, OutputLock};
 use abridge_pipeline::table::manifest::{RunManifest, RunStatus};
@@ -625,6 +627,23 @@ fn every_shipped_job_parses() -> TestResult {
     Ok(())
 }
 
+/// The binary `cargo build` makes (this one: the tests build it without the `failpoints`
+/// feature) has no failpoints: `FAILPOINTS` that would abort a run changes nothing.
+#[test]
+fn failpoints_are_not_in_the_binary_a_user_builds() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 20, 1)?;
+    let job = job_file(dir.path(), &input, "")?;
+    let out = Command::new(env!("CARGO_BIN_EXE_abridge"))
+        .args(["run", job.to_str().unwrap_or_default(), "--json"])
+        .env("FAILPOINTS", "sink::write=return;sink::publish=return")
+        .output()?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest: RunManifest = serde_json::from_str(&stdout(&out))?;
+    assert_eq!(manifest.rows_written, 20);
+    Ok(())
+}
+
 #[test]
 fn help_teaches_each_command() {
     for command in ["run", "sql", "search", "eval", "sample", "status"] {
@@ -771,6 +790,10 @@ fn filter_marks_rows_and_index_search_finds_by_meaning() -> TestResult {
     assert_eq!(n("failed"), m.rows_failed);
     assert_eq!(n("kept") + n("filtered") + n("failed"), n("n"));
     assert_eq!(n("unexplained"), 0, "every filtered row says why");
+    // The run reports what each query kept (one query here: every kept ticket is its).
+    assert_eq!(m.queries.len(), 1);
+    assert_eq!(m.queries[0].kept, n("kept"));
+    assert!((m.queries[0].threshold - 0.1).abs() < 1e-6);
     assert_eq!(n("leaked"), 0, "kept rows have an allowed topic");
 
     // Topics found by meaning agree with the sample's own categories for English tickets.
@@ -870,6 +893,50 @@ fn filter_marks_rows_and_index_search_finds_by_meaning() -> TestResult {
         "1",
     ])?;
     assert_eq!(newest[0]["run_id"], again.run_id.as_str());
+
+    // Another encoder of the same dimension (a copy of the model with one weight changed)
+    // is refused by name, by search and by a run into the same index.
+    let other = dir.path().join("other-encoder");
+    let model = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    for sub in ["", "1_Pooling"] {
+        std::fs::create_dir_all(other.join(sub))?;
+        for entry in std::fs::read_dir(model.join(sub))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), other.join(sub).join(entry.file_name()))?;
+            }
+        }
+    }
+    let weights = other.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, bytes)?;
+    let other_job = dir.path().join("other.toml");
+    std::fs::write(
+        &other_job,
+        std::fs::read_to_string(&job)?.replace(
+            &format!("model = \"{}\"", model.display()),
+            &format!("model = \"{}\"", other.display()),
+        ),
+    )?;
+    for args in [
+        vec![
+            "search",
+            "printer",
+            "--job",
+            other_job.to_str().unwrap_or_default(),
+        ],
+        vec!["run", other_job.to_str().unwrap_or_default()],
+    ] {
+        let out = abridge(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("another encoder") && err.contains("other-encoder"),
+            "{args:?}: {err}"
+        );
+    }
     Ok(())
 }
 
@@ -930,21 +997,31 @@ fn retrieval_config_errors_are_clear() -> TestResult {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("hardwre"), "{}", stderr(&out));
 
-    // The dynamic default with these values cannot be passed by any cosine.
+    // A query whose threshold no cosine can reach is refused by name, even when the
+    // job's other queries are fine.
     let out = abridge(&[
         "run",
         job_arg,
         "--set",
-        "filter.similarity.threshold={ base = 0.9, per_token = 0.1 }",
+        "filter.similarity.queries=[\"printer\", \"the printer on the second floor is offline and every job waits\"]",
+        "--set",
+        "filter.similarity.threshold={ base = 0.5, per_token = 0.05 }",
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("above 1"), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("above 1") && err.contains("every job waits") && !err.contains("\"printer\""),
+        "{err}"
+    );
 
     // An index held by another writer.
+    let model = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let encoder = BertEncoder::load(&model, &candle_core::Device::Cpu, 1)?;
     let index = abridge_operators::index::TicketIndex::open_or_create(
         &dir.path().join("index"),
         384,
-        Path::new("m"),
+        &model,
+        encoder.fingerprint(),
     )?;
     let held = index.writer()?;
     let out = abridge(&["run", job_arg]);
@@ -1378,7 +1455,17 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
         ),
     )?;
     let run_a = run_json(&job, &[])?.run_id;
-    let run_b = run_json(&job, &["--set", &format!("input.path={}", b.display())])?.run_id;
+    // Run B alerts only on summaries longer than 90% of their text.
+    let run_b = run_json(
+        &job,
+        &[
+            "--set",
+            &format!("input.path={}", b.display()),
+            "--set",
+            "metrics.alerts.compression_max=0.9",
+        ],
+    )?
+    .run_id;
     let runs = dir.path().join("out");
     let runs = runs.to_str().unwrap_or_default();
 
@@ -1425,6 +1512,15 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
     assert_eq!(run(&run_b)["means"]["rouge1"], 1.0);
     assert_eq!(run(&run_b)["summarized"], 3);
     assert_eq!(run(&run_b)["without_reference"], 1);
+    // Alerts by each run's own thresholds: A's two summaries are over 35% of their text
+    // (the default), none of B's over 90%; a flag overrides both (B: 2 of 3 over 20%).
+    assert_eq!(run(&run_a)["alerts"]["compression_high"], 2);
+    assert_eq!(run(&run_b)["thresholds"]["compression_max"], 0.9);
+    assert!(run(&run_b)["alerts"]["compression_high"].is_null());
+    let strict = eval(&["--compression-max", "0.2"])?;
+    for (i, high) in [2, 2].into_iter().enumerate() {
+        assert_eq!(strict["runs"][i]["alerts"]["compression_high"], high);
+    }
     let comparison = &report["comparison"];
     assert_eq!(comparison["shared"], 2, "T3 is only in B");
     let rouge_l = comparison["measures"]
@@ -1504,6 +1600,87 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
             stderr(&out)
         );
     }
+    Ok(())
+}
+
+#[test]
+fn truncation_is_recorded_per_row_and_compression_measures_what_the_model_saw() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("tickets.parquet");
+    let long =
+        "The printer on floor two is offline and every print job waits in the queue. ".repeat(40);
+    write_tickets(
+        &input,
+        &[
+            ("T1", "Printer", Some("The printer is offline.")),
+            ("T2", "Printer", Some(long.as_str())),
+        ],
+    )?;
+    let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let bloom = repo().join("tests/fixtures/bloom-tiny-4h");
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[input]\npath = \"{}\"\n[output]\npath = \"{}\"\n[embed]\nmodel = \"{}\"\n\
+             [summarize]\nbackend = \"seqgpt\"\nmodel = \"{}\"\nprompt = \"seqgpt\"\n\
+             max_new_tokens = 8\ntemperature = 0.7\nmax_input_tokens = 16\n",
+            input.display(),
+            dir.path().join("out").display(),
+            encoder.display(),
+            bloom.display()
+        ),
+    )?;
+    let run = run_json(&job, &[])?;
+    assert_eq!(run.rows_failed, 0);
+    let out = sql(
+        &job,
+        "SELECT id, embedding_cut_tokens AS embed_cut, text_cut_tokens AS prompt_cut, \
+         text_cut_chars AS chars_cut, summary_embedding_cut_tokens AS summary_cut, \
+         compression, compression(summary, text) AS of_whole_text, \
+         compression(summary, left(text, CAST(character_length(text) - text_cut_chars AS BIGINT))) \
+         AS of_seen_text FROM summaries ORDER BY id",
+        "json",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    let (short, cut) = (&rows[0], &rows[1]);
+    let num = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    // The short ticket fits both limits: nothing cut, compression of its whole text.
+    for k in ["embed_cut", "prompt_cut", "chars_cut", "summary_cut"] {
+        assert_eq!(short[k], 0, "{k}: {short}");
+    }
+    assert_eq!(num(short, "compression"), num(short, "of_whole_text"));
+    // The long one (over 600 tokens) is cut by MiniLM's 256 and by the 16-token budget,
+    // and its compression is against the 16 tokens' worth of text the model saw.
+    assert!(num(cut, "embed_cut") > 300.0, "{cut}");
+    assert!(num(cut, "prompt_cut") > 500.0, "{cut}");
+    assert!(num(cut, "chars_cut") > 2500.0, "{cut}");
+    assert!(
+        (num(cut, "compression") - num(cut, "of_seen_text")).abs() < 1e-12,
+        "{cut}"
+    );
+    assert!(
+        num(cut, "compression") > 10.0 * num(cut, "of_whole_text"),
+        "{cut}"
+    );
+    // `abridge eval` measures it the same way.
+    let runs = dir.path().join("out");
+    let eval = abridge(&[
+        "eval",
+        "--runs",
+        runs.to_str().unwrap_or_default(),
+        "--recompute",
+        "compression",
+        "--json",
+    ]);
+    assert!(eval.status.success(), "{}", stderr(&eval));
+    let eval: serde_json::Value = serde_json::from_str(&stdout(&eval))?;
+    let mean = (num(short, "compression") + num(cut, "compression")) / 2.0;
+    let got = eval["runs"][0]["means"]["compression"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    assert!((got - mean).abs() < 1e-9, "{got} vs {mean}");
     Ok(())
 }
 

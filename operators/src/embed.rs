@@ -5,17 +5,19 @@
 //! What is embedded is `text`, or a template over the row's columns (`{title}\n{text}`).
 //! Rows that already failed (their `error` is set), or whose template columns are all
 //! null, get a null embedding. The same stage, on `{summary}`, writes `summary_embedding`
-//! for the `drift` metric.
+//! for the `drift` metric. Beside each vector column, `<column>_cut_tokens` says how many
+//! tokens the encoder's length limit cut from the end of the text: a long ticket's vector
+//! describes its head only, and a user should be able to see which ones.
 
 use std::sync::Arc;
 
 use abridge_schemas::output::ERROR;
-use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array};
+use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, UInt32Builder};
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use crate::encoder::EncoderWorker;
+use crate::encoder::{Encoded, EncoderWorker};
 use crate::template::Template;
 use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream, then_batches};
 
@@ -75,6 +77,11 @@ impl Embed {
         }
         let mut fields: Vec<_> = input.fields().iter().cloned().collect();
         fields.push(Arc::new(vector_field(output, encoder.dim())));
+        fields.push(Arc::new(Field::new(
+            cut_tokens_column(output),
+            DataType::UInt32,
+            true,
+        )));
         Ok(Self {
             name,
             encoder,
@@ -82,6 +89,13 @@ impl Embed {
             schema: Arc::new(Schema::new_with_metadata(fields, input.metadata().clone())),
         })
     }
+}
+
+/// The column beside a vector column `vectors` that counts, per row, the tokens past the
+/// encoder's length limit (`embedding_cut_tokens`): the end of the text the vector does
+/// not see. Null where the row was not embedded.
+pub fn cut_tokens_column(vectors: &str) -> String {
+    format!("{vectors}_cut_tokens")
 }
 
 /// The `embedding` field for vectors of `dim` floats.
@@ -148,22 +162,26 @@ async fn embed_batch(
         .map(|r| errors.is_none_or(|e| e.is_null(r)) && used.iter().any(|c| c.is_valid(r)))
         .collect();
     let texts = template.render(&batch, &keep)?;
-    let vectors = if texts.is_empty() {
-        Vec::new()
+    let encoded = if texts.is_empty() {
+        Encoded::default()
     } else {
         encoder
-            .encode(texts)
+            .encode_counting_cuts(texts)
             .await
             .map_err(|e| OperatorError::Encoder(Box::new(e)))?
     };
     // Scatter the encoded rows back; skipped rows are null with zeroed values.
     let mut values = vec![0f32; rows * dim];
+    let mut cut = UInt32Builder::with_capacity(rows);
     let mut next = 0;
     for (row, &k) in keep.iter().enumerate() {
         if k {
             values[row * dim..(row + 1) * dim]
-                .copy_from_slice(&vectors[next * dim..(next + 1) * dim]);
+                .copy_from_slice(&encoded.vectors[next * dim..(next + 1) * dim]);
+            cut.append_option(encoded.cut_tokens.get(next).copied());
             next += 1;
+        } else {
+            cut.append_null();
         }
     }
     let item = Arc::new(Field::new("item", DataType::Float32, false));
@@ -175,6 +193,7 @@ async fn embed_batch(
     )?;
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     columns.push(Arc::new(list));
+    columns.push(Arc::new(cut.finish()));
     Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
@@ -230,6 +249,14 @@ mod tests {
             .clone();
         assert_eq!(list.value_length(), 384);
         assert!(list.is_valid(0) && list.is_null(1) && list.is_valid(2));
+        let cut = out[0]
+            .column_by_name("embedding_cut_tokens")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::UInt32Array>()
+            .unwrap()
+            .clone();
+        assert_eq!(cut.iter().collect::<Vec<_>>(), [Some(0), None, Some(0)]);
         let direct = worker
             .encode(vec!["Printer: offline again".into()])
             .await

@@ -91,6 +91,15 @@ pub enum IndexError {
     },
 }
 
+/// Writes abridge's record of the index (whole or not at all: a crash leaves the old one).
+fn write_meta(dir: &Path, meta: &IndexMeta) -> Result<(), TantivyError> {
+    let text = serde_json::to_string_pretty(meta).unwrap_or_default();
+    let staged = dir.join(format!("{META_FILE}.tmp"));
+    std::fs::write(&staged, text)?;
+    std::fs::rename(&staged, dir.join(META_FILE))?;
+    Ok(())
+}
+
 /// What abridge records beside tantivy's own files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexMeta {
@@ -100,6 +109,35 @@ pub struct IndexMeta {
     pub dim: usize,
     /// The encoder that made them, so that `abridge search --index` can embed queries alike.
     pub model: PathBuf,
+    /// That encoder's fingerprint ([`crate::encoder::Encoder::fingerprint`]): vectors of
+    /// another model are not comparable with these, even of the same length. None in
+    /// indexes made before it was recorded (the next run records it).
+    #[serde(default)]
+    pub encoder: Option<String>,
+}
+
+impl IndexMeta {
+    /// Why vectors of the encoder `fingerprint` (model `model`) do not belong in this
+    /// index, if they do not.
+    pub fn mismatch(&self, dim: usize, model: &Path, fingerprint: &str) -> Option<String> {
+        if self.dim != dim {
+            return Some(format!(
+                "it holds {}-dimension vectors (model {}), the encoder {} makes {dim}",
+                self.dim,
+                self.model.display(),
+                model.display()
+            ));
+        }
+        match &self.encoder {
+            Some(theirs) if theirs != fingerprint => Some(format!(
+                "its vectors were made by another encoder (model {}, fingerprint {theirs}) \
+                 than {} (fingerprint {fingerprint}); cosines between the two mean nothing",
+                self.model.display(),
+                model.display()
+            )),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -184,27 +222,32 @@ pub struct Hit {
 
 impl TicketIndex {
     /// Opens the index in `dir`, creating it (and the folder) when there is none. An
-    /// existing index must hold vectors of `dim` floats.
-    pub fn open_or_create(dir: &Path, dim: usize, model: &Path) -> Result<Self, IndexError> {
-        if dir.join(META_FILE).exists() {
-            let index = Self::open(dir)?;
-            if index.meta.dim != dim {
-                return Err(IndexError::Incompatible {
-                    dir: dir.to_path_buf(),
-                    reason: format!(
-                        "it holds {}-dimension vectors (model {}), this job's encoder makes {dim}; \
-                         give the job another index path or delete this one",
-                        index.meta.dim,
-                        index.meta.model.display()
-                    ),
-                });
-            }
-            return Ok(index);
-        }
+    /// existing index must hold vectors of the same encoder (`dim` floats from the model
+    /// whose fingerprint is `fingerprint`).
+    pub fn open_or_create(
+        dir: &Path,
+        dim: usize,
+        model: &Path,
+        fingerprint: &str,
+    ) -> Result<Self, IndexError> {
         let tantivy_err = |source| IndexError::Tantivy {
             dir: dir.to_path_buf(),
             source,
         };
+        if dir.join(META_FILE).exists() {
+            let mut index = Self::open(dir)?;
+            if let Some(reason) = index.meta.mismatch(dim, model, fingerprint) {
+                return Err(IndexError::Incompatible {
+                    dir: dir.to_path_buf(),
+                    reason: format!("{reason}; give the job another index path or delete this one"),
+                });
+            }
+            if index.meta.encoder.is_none() {
+                index.meta.encoder = Some(fingerprint.to_string());
+                write_meta(dir, &index.meta).map_err(tantivy_err)?;
+            }
+            return Ok(index);
+        }
         if dir.join("meta.json").exists() {
             return Err(IndexError::Incompatible {
                 dir: dir.to_path_buf(),
@@ -219,9 +262,9 @@ impl TicketIndex {
             format: FORMAT,
             dim,
             model: model.to_path_buf(),
+            encoder: Some(fingerprint.to_string()),
         };
-        let text = serde_json::to_string_pretty(&meta).unwrap_or_default();
-        std::fs::write(dir.join(META_FILE), text).map_err(|e| tantivy_err(e.into()))?;
+        write_meta(dir, &meta).map_err(tantivy_err)?;
         Ok(Self {
             index,
             fields,
@@ -841,7 +884,7 @@ mod tests {
     fn reindexing_replaces_and_nothing_shows_before_commit()
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let index = TicketIndex::open_or_create(dir.path(), 2, Path::new("/m"))?;
+        let index = TicketIndex::open_or_create(dir.path(), 2, Path::new("/m"), "f")?;
         let writer = index.writer()?;
         writer.add_batch(
             &batch(
@@ -889,9 +932,18 @@ mod tests {
         );
         drop(writer);
         assert!(matches!(
-            TicketIndex::open_or_create(dir.path(), 3, Path::new("/m")),
+            TicketIndex::open_or_create(dir.path(), 3, Path::new("/m"), "f"),
             Err(IndexError::Incompatible { .. })
         ));
+        // Another model of the same dimension is refused by its fingerprint.
+        let err = TicketIndex::open_or_create(dir.path(), 2, Path::new("/other"), "g")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("another encoder") && e.contains("/other")),
+            "{err:?}"
+        );
         assert!(matches!(
             TicketIndex::open(&dir.path().join("nope")),
             Err(IndexError::Missing { .. })

@@ -11,7 +11,7 @@
 //! bounded channel; that thread is always joined before [`ParquetSink::write`] returns,
 //! also when the run is stopped ([`StopSignal`]), so nothing is published after it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::compaction;
 use crate::dedup::{row_key, value};
-use crate::filter::KEPT;
+use crate::filter::{KEPT, MATCHED_QUERY};
 use crate::stop::{StopLevel, StopSignal};
 use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
 
@@ -82,6 +82,8 @@ pub struct SinkReport {
     pub rows_failed: u64,
     /// Of which rows without an error that the filter did not keep (`kept = false`).
     pub rows_filtered: u64,
+    /// Kept rows by the similarity query they matched (`matched_query`).
+    pub kept_by_query: BTreeMap<String, u64>,
 }
 
 impl SinkReport {
@@ -90,11 +92,16 @@ impl SinkReport {
         let kept = batch
             .column_by_name(KEPT)
             .and_then(|c| c.as_any().downcast_ref::<BooleanArray>());
+        let matched = batch
+            .column_by_name(MATCHED_QUERY)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>());
         for row in 0..batch.num_rows() {
             if errors.is_some_and(|e| e.is_valid(row)) {
                 self.rows_failed += 1;
             } else if kept.is_some_and(|k| k.is_valid(row) && !k.value(row)) {
                 self.rows_filtered += 1;
+            } else if let Some(query) = matched.and_then(|m| value(m, row)) {
+                *self.kept_by_query.entry(query.to_string()).or_default() += 1;
             }
         }
         self.rows += batch.num_rows() as u64;
@@ -139,7 +146,8 @@ pub fn published_files(dir: &Path) -> Result<(SinkReport, Vec<u128>), OperatorEr
     }
     names.sort();
     for path in names {
-        for batch in read_columns(&path, &[ID, output::CONTENT_HASH, output::ERROR, KEPT])? {
+        let columns = [ID, output::CONTENT_HASH, output::ERROR, KEPT, MATCHED_QUERY];
+        for batch in read_columns(&path, &columns)? {
             report.count(&batch);
             let strings = |name| {
                 batch
@@ -458,6 +466,9 @@ impl RunFiles {
         self.report.rows += file.counts.rows;
         self.report.rows_failed += file.counts.rows_failed;
         self.report.rows_filtered += file.counts.rows_filtered;
+        for (query, kept) in file.counts.kept_by_query {
+            *self.report.kept_by_query.entry(query).or_default() += kept;
+        }
         self.report.files.push(file.path);
         for observer in &self.sink.observers {
             observer.published(&self.report)?;

@@ -1,7 +1,8 @@
 //! `summarize`: one summary per kept ticket, from any [`Generator`].
 //!
-//! Per row: the text is cut to a token budget (from its head; the rest of the row is kept
-//! as is), the prompt template is filled in, the generator answers, and the answer is
+//! Per row: the text is cut to a token budget (its head is kept; what was left out is
+//! counted in `text_cut_tokens` and `text_cut_chars`, the rest of the row is kept as
+//! is), the prompt template is filled in, the generator answers, and the answer is
 //! cleaned (echoed prompt and template anchors trimmed, then the job's rewrite rules in
 //! order). Glossary terms that were in the text but not in the summary are reported per
 //! row, after one optional retry that names them in the prompt.
@@ -27,7 +28,9 @@ use futures::future::BoxFuture;
 use regex::Regex;
 
 use crate::filter::KEPT;
-use crate::generator::{Generation, GenerationRequest, GeneratorError, Sampling, SharedGenerator};
+use crate::generator::{
+    Generation, GenerationRequest, GeneratorError, Head, Sampling, SharedGenerator,
+};
 use crate::template::Template;
 use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream, then_batches};
 
@@ -48,6 +51,11 @@ pub const FINISH_REASON: &str = "finish_reason";
 pub const LATENCY_MS: &str = "latency_ms";
 /// Column: glossary terms in the text that the summary lost.
 pub const GLOSSARY_MISSED: &str = "glossary_missed";
+/// Column: tokens of `text` past `max_input_tokens`, left out of the prompt (0: none).
+pub const TEXT_CUT_TOKENS: &str = "text_cut_tokens";
+/// Column: characters of `text` left out of the prompt, so that `compression` can be
+/// measured against the text the model saw.
+pub const TEXT_CUT_CHARS: &str = "text_cut_chars";
 /// Column (when `samples` > 1): the other sampled summaries of the row, for `stability`.
 pub const SUMMARY_SAMPLES: &str = "summary_samples";
 
@@ -209,6 +217,8 @@ fn output_fields(samples: usize) -> Vec<Field> {
         Field::new(FINISH_REASON, DataType::Utf8, true),
         Field::new(LATENCY_MS, DataType::Int64, true),
         Field::new(GLOSSARY_MISSED, text_list(), true),
+        Field::new(TEXT_CUT_TOKENS, DataType::Int32, true),
+        Field::new(TEXT_CUT_CHARS, DataType::Int32, true),
     ];
     if samples > 1 {
         fields.push(Field::new(SUMMARY_SAMPLES, text_list(), true));
@@ -328,7 +338,7 @@ impl Shared {
         // compiler's lifetime inference for `Send` streams.)
         let budget = self.settings.max_input_tokens;
         let window = self.settings.in_flight.max(1);
-        let mut cuts: Vec<BoxFuture<'_, Result<String, GeneratorError>>> = Vec::new();
+        let mut cuts: Vec<BoxFuture<'_, Result<Head, GeneratorError>>> = Vec::new();
         for &r in &todo {
             let text = if texts.is_valid(r) {
                 texts.value(r)
@@ -339,10 +349,25 @@ impl Shared {
         }
         let heads: Vec<_> = futures::stream::iter(cuts).buffered(window).collect().await;
         let mut head_texts: Vec<Option<String>> = vec![None; rows];
+        let mut left_out: Vec<Option<LeftOut>> = vec![None; rows];
         let mut outcomes: Vec<Outcome> = (0..rows).map(|_| Outcome::Skipped).collect();
         for (&r, head) in todo.iter().zip(heads) {
             match head {
-                Ok(head) => head_texts[r] = Some(head),
+                Ok(head) => {
+                    let whole = if texts.is_valid(r) {
+                        texts.value(r)
+                    } else {
+                        ""
+                    };
+                    left_out[r] = Some(LeftOut {
+                        tokens: head.cut_tokens,
+                        chars: whole
+                            .chars()
+                            .count()
+                            .saturating_sub(head.text.chars().count()),
+                    });
+                    head_texts[r] = Some(head.text);
+                }
                 Err(e) => outcomes[r] = Outcome::Failed(format!("summarize: {e}")),
             }
         }
@@ -368,7 +393,7 @@ impl Shared {
         for (row, outcome) in answers {
             outcomes[row] = outcome;
         }
-        self.assemble(schema, &batch, outcomes, metrics)
+        self.assemble(schema, &batch, outcomes, &left_out, metrics)
     }
 
     async fn summarize_row(&self, prompt: String, key: u64, source: &str) -> Outcome {
@@ -452,6 +477,7 @@ impl Shared {
         schema: &SchemaRef,
         batch: &RecordBatch,
         outcomes: Vec<Outcome>,
+        left_out: &[Option<LeftOut>],
         metrics: &OperatorMetrics,
     ) -> Result<RecordBatch, OperatorError> {
         let old_errors = batch
@@ -471,6 +497,12 @@ impl Shared {
         let mut latency = Int64Builder::new();
         let mut missed = ListBuilder::new(StringBuilder::new());
         let mut samples = ListBuilder::new(StringBuilder::new());
+        let mut cut_tokens = Int32Builder::new();
+        let mut cut_chars = Int32Builder::new();
+        for cut in left_out {
+            cut_tokens.append_option(cut.map(|c| clamp_i32(c.tokens)));
+            cut_chars.append_option(cut.map(|c| clamp_i32(c.chars)));
+        }
         let mut failed = 0;
         for (row, outcome) in outcomes.into_iter().enumerate() {
             let old = old_errors.filter(|e| e.is_valid(row)).map(|e| e.value(row));
@@ -549,6 +581,8 @@ impl Shared {
             Arc::new(finish.finish()),
             Arc::new(latency.finish()),
             Arc::new(missed.finish()),
+            Arc::new(cut_tokens.finish()),
+            Arc::new(cut_chars.finish()),
         ]);
         if self.settings.samples > 1 {
             columns.push(Arc::new(samples.finish()));
@@ -586,6 +620,13 @@ fn cut_repetition(text: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// What a prompt left out of a row's text.
+#[derive(Debug, Clone, Copy)]
+struct LeftOut {
+    tokens: usize,
+    chars: usize,
 }
 
 fn clamp_i32(n: usize) -> i32 {

@@ -178,6 +178,15 @@ impl PipelineError {
                 128 + signal.unwrap_or(SIGINT).clamp(1, 127) as u8
             }
             PipelineError::InputFilesSkipped { .. } => 3,
+            // An index of another encoder or layout: the job must name another index.
+            PipelineError::Index(err)
+                if matches!(
+                    **err,
+                    abridge_operators::index::IndexError::Incompatible { .. }
+                ) =>
+            {
+                2
+            }
             PipelineError::Job(_)
             | PipelineError::JobDoesNotFitInput { .. }
             | PipelineError::Model { .. }

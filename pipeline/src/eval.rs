@@ -46,10 +46,60 @@ pub struct EvalOptions {
     /// An encoder folder to embed text and summary again for `drift` (the current model,
     /// when the runs' vectors came from another); without it, drift uses the stored vectors.
     pub encoder: Option<PathBuf>,
-    /// Thresholds of the `alerts` column.
-    pub thresholds: AlertThresholds,
+    /// Thresholds of the `alerts` column set here; the rest are each run's own
+    /// (`[metrics.alerts]` of its recorded job).
+    pub thresholds: AlertOverrides,
     /// Where the evaluation goes; default `RUNS/_eval/<eval_id>`.
     pub out: Option<PathBuf>,
+}
+
+/// Alert thresholds given on the command line, each replacing the runs' own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct AlertOverrides {
+    /// Replaces `drift_min`.
+    pub drift_min: Option<f64>,
+    /// Replaces `compression_min`.
+    pub compression_min: Option<f64>,
+    /// Replaces `compression_max`.
+    pub compression_max: Option<f64>,
+    /// Replaces `stability_max`.
+    pub stability_max: Option<f64>,
+}
+
+impl AlertOverrides {
+    /// `recorded` with the overridden thresholds replaced.
+    pub fn apply(&self, recorded: AlertThresholds) -> AlertThresholds {
+        AlertThresholds {
+            drift_min: self.drift_min.unwrap_or(recorded.drift_min),
+            compression_min: self.compression_min.unwrap_or(recorded.compression_min),
+            compression_max: self.compression_max.unwrap_or(recorded.compression_max),
+            stability_max: self.stability_max.unwrap_or(recorded.stability_max),
+        }
+    }
+}
+
+/// The alert thresholds a run was made with: `[metrics.alerts]` of its recorded job
+/// (defaults for the keys it leaves out, and for runs without a record).
+fn recorded_thresholds(run_dir: &Path) -> Result<AlertThresholds, PipelineError> {
+    let path = run_dir.join(run::JOB_RECORD);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(AlertThresholds::default());
+        }
+        Err(source) => return Err(PipelineError::Io { path, source }),
+    };
+    let unreadable = |e: String| PipelineError::Usage(format!("{}: {e}", path.display()));
+    let job: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| unreadable(e.to_string()))?;
+    match job.get("metrics").and_then(|m| m.get("alerts")) {
+        Some(alerts) => alerts
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| unreadable(format!("[metrics.alerts]: {e}"))),
+        None => Ok(AlertThresholds::default()),
+    }
 }
 
 /// A measure `eval` can compute again.
@@ -78,6 +128,8 @@ pub struct RunSummary {
     pub means: BTreeMap<String, Option<f64>>,
     /// Rows raising each alert.
     pub alerts: BTreeMap<String, u64>,
+    /// The thresholds its alerts were raised with: the run's own, less any overridden.
+    pub thresholds: AlertThresholds,
 }
 
 /// What an evaluation wrote and found.
@@ -97,7 +149,13 @@ const MEASURES: [&str; 6] = [ROUGE1, ROUGE2, ROUGE_L, DRIFT, COMPRESSION, STABIL
 
 /// Evaluates the runs `options` names and writes the evaluation table and its summary.
 pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError> {
-    let dirs = selected_runs(&options.runs, &options.run_ids)?;
+    let selected = selected_runs(&options.runs, &options.run_ids)?;
+    let mut thresholds = BTreeMap::new();
+    for (dir, manifest) in &selected {
+        let recorded = recorded_thresholds(dir)?;
+        thresholds.insert(manifest.run_id.clone(), options.thresholds.apply(recorded));
+    }
+    let dirs: Vec<PathBuf> = selected.into_iter().map(|(dir, _)| dir).collect();
     let mut session = SqlSession::new();
     session.register_run_dirs("runs", &dirs).await?;
     let columns = session.columns("runs").await?;
@@ -145,7 +203,14 @@ pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError
         "CAST(NULL AS DOUBLE)".to_string()
     };
     let compression = if again(Recompute::Compression) {
-        format!("compression({summary}, runs.text)")
+        // Against the text the model saw, as the metrics stage measures it.
+        match has("text_cut_chars") {
+            true => format!(
+                "compression({summary}, left(runs.text, \
+                 CAST(character_length(runs.text) - coalesce(runs.text_cut_chars, 0) AS BIGINT)))"
+            ),
+            false => format!("compression({summary}, runs.text)"),
+        }
     } else {
         stored(COMPRESSION)
     };
@@ -177,7 +242,7 @@ pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError
     }
     let batches = batches
         .iter()
-        .map(|b| with_measures(b, &options.thresholds))
+        .map(|b| with_measures(b, &thresholds))
         .collect::<Result<Vec<_>, _>>()?;
     let skipped = session
         .query(&format!(
@@ -196,7 +261,7 @@ pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError
         source,
     })?;
     write_parquet(&dir.join("evaluation.parquet"), &batches)?;
-    let mut runs = summarize_runs(&batches);
+    let mut runs = summarize_runs(&batches, &thresholds);
     for batch in &skipped {
         let ids = texts_of(batch.column(0))?;
         let counts = arrow::compute::cast(batch.column(1), &DataType::UInt64)?;
@@ -207,7 +272,7 @@ pub async fn evaluate(options: &EvalOptions) -> Result<Evaluation, PipelineError
             }
         }
     }
-    let summary = serde_json::json!({ "runs": runs, "thresholds": options.thresholds });
+    let summary = serde_json::json!({ "runs": runs });
     write_json(&dir.join("summary.json"), &summary)?;
     Ok(Evaluation { dir, runs, batches })
 }
@@ -308,8 +373,11 @@ fn texts_of(array: &ArrayRef) -> Result<Vec<Option<String>>, PipelineError> {
         .collect())
 }
 
-/// The folders of the committed runs named (all when none is), or which name is unknown.
-fn selected_runs(output: &Path, ids: &[String]) -> Result<Vec<PathBuf>, PipelineError> {
+/// The committed runs named (all when none is), or which name is unknown.
+fn selected_runs(
+    output: &Path,
+    ids: &[String],
+) -> Result<Vec<(PathBuf, run::RunManifest)>, PipelineError> {
     let runs = committed_runs(output).map_err(|source| PipelineError::Io {
         path: output.to_path_buf(),
         source,
@@ -321,13 +389,13 @@ fn selected_runs(output: &Path, ids: &[String]) -> Result<Vec<PathBuf>, Pipeline
         )));
     }
     if ids.is_empty() {
-        return Ok(runs.into_iter().map(|(dir, _)| dir).collect());
+        return Ok(runs);
     }
     ids.iter()
         .map(|id| {
             runs.iter()
                 .find(|(_, m)| &m.run_id == id)
-                .map(|(dir, _)| dir.clone())
+                .cloned()
                 .ok_or_else(|| {
                     let known: Vec<&str> = runs.iter().map(|(_, m)| m.run_id.as_str()).collect();
                     PipelineError::Usage(format!(
@@ -341,10 +409,10 @@ fn selected_runs(output: &Path, ids: &[String]) -> Result<Vec<PathBuf>, Pipeline
 }
 
 /// `batch` with the `scores` struct spread into `rouge1`, `rouge2`, `rouge_l`, and the
-/// `alerts` the measures raise.
+/// `alerts` the measures raise under the thresholds of each row's run.
 fn with_measures(
     batch: &RecordBatch,
-    thresholds: &AlertThresholds,
+    thresholds: &BTreeMap<String, AlertThresholds>,
 ) -> Result<RecordBatch, PipelineError> {
     let column = |name: &str| {
         batch
@@ -357,10 +425,13 @@ fn with_measures(
     };
     let (drift, compression, stability) =
         (measure(DRIFT)?, measure(COMPRESSION)?, measure(STABILITY)?);
+    let run_ids = texts_of(column("run_id")?)?;
     let mut alerts = ListBuilder::new(StringBuilder::new());
     let get = |a: &Float64Array, r: usize| a.is_valid(r).then(|| a.value(r));
-    for r in 0..batch.num_rows() {
-        let fired = thresholds.alerts(get(&drift, r), get(&compression, r), get(&stability, r));
+    for (r, run_id) in run_ids.iter().enumerate() {
+        let run = run_id.as_ref().and_then(|id| thresholds.get(id));
+        let run = run.copied().unwrap_or_default();
+        let fired = run.alerts(get(&drift, r), get(&compression, r), get(&stability, r));
         alerts.append_value(fired.into_iter().map(Some));
     }
     let mut fields: Vec<Field> = Vec::new();
@@ -391,7 +462,10 @@ fn with_measures(
 }
 
 /// Per-run means and alert counts.
-fn summarize_runs(batches: &[RecordBatch]) -> Vec<RunSummary> {
+fn summarize_runs(
+    batches: &[RecordBatch],
+    thresholds: &BTreeMap<String, AlertThresholds>,
+) -> Vec<RunSummary> {
     let mut runs: Vec<RunSummary> = Vec::new();
     let mut sums: Vec<BTreeMap<&str, (f64, u64)>> = Vec::new();
     for batch in batches {
@@ -418,6 +492,7 @@ fn summarize_runs(batches: &[RecordBatch]) -> Vec<RunSummary> {
                     without_reference: 0,
                     means: BTreeMap::new(),
                     alerts: BTreeMap::new(),
+                    thresholds: thresholds.get(id).copied().unwrap_or_default(),
                 });
                 sums.push(BTreeMap::new());
             }

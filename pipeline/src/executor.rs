@@ -33,7 +33,7 @@ use crate::job::{Job, JobError};
 use crate::retrieval;
 use crate::summarizer;
 use crate::table::manifest::{
-    InputFileFailure, RunManifest, RunStatus, ShardRecord, StageSummary, now_rfc3339,
+    InputFileFailure, QueryOutcome, RunManifest, RunStatus, ShardRecord, StageSummary, now_rfc3339,
 };
 use crate::table::plan::{self, ResumeMode};
 use crate::table::{self, TableRun};
@@ -74,6 +74,8 @@ pub struct PreparedRun {
     stages: Vec<(Box<dyn Operator>, OperatorMetrics)>,
     /// The job's index, committed with each published output file.
     index: Option<Arc<RunIndexer>>,
+    /// The similarity queries and their thresholds, for the run's summary.
+    queries: Vec<(String, f32)>,
     notes: Vec<String>,
     progress: Progress,
 }
@@ -127,6 +129,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         .map_err(doesnt_fit)?;
     let normalized = normalize.schema();
     let mut notes = Vec::new();
+    let mut query_thresholds = Vec::new();
     // Before anything of the output is read: a second live run is refused here, by name.
     let output = &job.config.output.path;
     let (mut table, opened) = TableRun::open(
@@ -203,6 +206,10 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
                 Some(config) => retrieval::similarity_queries(config, &worker, &job.path).await?,
                 None => Vec::new(),
             };
+            query_thresholds = queries
+                .iter()
+                .map(|q| (q.text.clone(), q.threshold))
+                .collect();
             let topics = match &filter.topics {
                 Some(config) => Some(retrieval::topic_rule(config, &worker, &job.path).await?),
                 None => None,
@@ -223,6 +230,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
                     &config.path,
                     worker.dim(),
                     &embed.model,
+                    worker.fingerprint(),
                     output,
                     table.resuming(),
                 )?;
@@ -280,6 +288,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         scan,
         stages,
         index,
+        queries: query_thresholds,
         notes,
         progress: Progress {
             expected_rows,
@@ -354,6 +363,7 @@ impl PreparedRun {
             updated_at: Some(now_rfc3339()),
             rows_per_s: None,
             eta_s: None,
+            queries: Vec::new(),
             stages: Vec::new(),
             error: None,
         };
@@ -451,6 +461,15 @@ impl PreparedRun {
             Err(source) => return Err(self.table.fail(manifest, source)),
             Ok(report) => report,
         };
+        manifest.queries = self
+            .queries
+            .iter()
+            .map(|(query, threshold)| QueryOutcome {
+                query: query.clone(),
+                threshold: *threshold,
+                kept: report.kept_by_query.get(query).copied().unwrap_or(0),
+            })
+            .collect();
         let accounted = manifest.rows_resumed
             + manifest.rows_skipped_done
             + manifest.rows_other_shards

@@ -11,10 +11,9 @@ use abridge_operators::OperatorError;
 use abridge_operators::encoder::EncoderWorker;
 use abridge_operators::encoder::bert::BertEncoder;
 use abridge_operators::index::TicketIndex;
-use abridge_operators::quality::AlertThresholds;
 use abridge_operators::stop::{StopLevel, StopSignal};
 use abridge_pipeline::PipelineError;
-use abridge_pipeline::eval::{self, EvalOptions, Recompute};
+use abridge_pipeline::eval::{self, AlertOverrides, EvalOptions, Recompute};
 use abridge_pipeline::executor::{self, RunOptions};
 use abridge_pipeline::job::Job;
 use abridge_pipeline::progress::{ProgressMode, ProgressReporter};
@@ -228,6 +227,9 @@ struct SqlArgs {
     /// Write the result to this file instead of stdout (required for parquet).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Threads the query may use [default: one per core].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -268,6 +270,18 @@ struct EvalArgs {
     /// Where to write the evaluation [default: RUNS/_eval/<id>].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Alert when drift is below this [default: each run's own `[metrics.alerts]`].
+    #[arg(long, value_name = "X")]
+    drift_min: Option<f64>,
+    /// Alert when compression is below this [default: each run's own].
+    #[arg(long, value_name = "X")]
+    compression_min: Option<f64>,
+    /// Alert when compression is above this [default: each run's own].
+    #[arg(long, value_name = "X")]
+    compression_max: Option<f64>,
+    /// Alert when stability is above this [default: each run's own].
+    #[arg(long, value_name = "X")]
+    stability_max: Option<f64>,
     /// Print the summary (and comparison) as JSON.
     #[arg(long)]
     json: bool,
@@ -552,6 +566,19 @@ fn summary(m: &RunManifest) -> String {
         m.rows_read,
         parts.join(" + ")
     ));
+    for q in &m.queries {
+        out.push_str(&format!(
+            "  query {:?} (threshold {:.3}) kept {} tickets{}\n",
+            q.query,
+            q.threshold,
+            q.kept,
+            if q.kept == 0 {
+                ": lower its threshold?"
+            } else {
+                ""
+            }
+        ));
+    }
     out.push_str(&format!(
         "  {:<13} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9}\n",
         "stage", "rows in", "rows out", "failed", "dropped", "filtered", "busy ms"
@@ -589,7 +616,12 @@ async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         stem: args.stem,
         recompute: args.recompute.clone(),
         encoder: args.encoder.clone(),
-        thresholds: AlertThresholds::default(),
+        thresholds: AlertOverrides {
+            drift_min: args.drift_min,
+            compression_min: args.compression_min,
+            compression_max: args.compression_max,
+            stability_max: args.stability_max,
+        },
         out: args.out.clone(),
     };
     let evaluation = eval::evaluate(&options).await?;
@@ -607,7 +639,6 @@ async fn eval(args: EvalArgs) -> anyhow::Result<()> {
         &evaluation.dir.join("report.html"),
         &evaluation,
         comparison.as_ref(),
-        &options.thresholds,
     )?;
     if args.json {
         let out = serde_json::json!({
@@ -674,7 +705,10 @@ async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     if args.format == OutputFormat::Parquet && args.out.is_none() {
         return Err(PipelineError::Usage("--format parquet needs --out FILE".into()).into());
     }
-    let mut session = SqlSession::new();
+    let mut session = match args.threads {
+        Some(threads) => SqlSession::with_threads(threads),
+        None => SqlSession::new(),
+    };
     let job_path = match args.job {
         Some(job) => Some(job),
         None => Some(PathBuf::from(DEFAULT_JOB)).filter(|p| p.exists()),
@@ -762,6 +796,14 @@ async fn search(args: SearchArgs) -> anyhow::Result<()> {
                 source: Box::new(OperatorError::Encoder(Box::new(e))),
             })
             .context("vector search embeds the query (or use --mode bm25)")?;
+        let meta = index.meta();
+        if let Some(reason) = meta.mismatch(encoder.dim(), &model, encoder.fingerprint()) {
+            return Err(PipelineError::Usage(format!(
+                "index {}: {reason}; search it with the encoder that made it, or use --mode bm25",
+                dir.display()
+            ))
+            .into());
+        }
         Some(encoder)
     };
     let hits = retrieval::search(&index, encoder.as_ref(), &args.query, args.k, args.mode).await?;

@@ -41,9 +41,8 @@ pub fn write_report(
     path: &Path,
     evaluation: &Evaluation,
     comparison: Option<&Comparison>,
-    thresholds: &AlertThresholds,
 ) -> Result<(), PipelineError> {
-    let html = render(evaluation, comparison, thresholds);
+    let html = render(evaluation, comparison);
     std::fs::write(path, html).map_err(|source| PipelineError::Io {
         path: path.to_path_buf(),
         source,
@@ -127,11 +126,13 @@ fn number(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_string(), |v| format!("{v:.3}"))
 }
 
-fn render(
-    evaluation: &Evaluation,
-    comparison: Option<&Comparison>,
-    thresholds: &AlertThresholds,
-) -> String {
+fn render(evaluation: &Evaluation, comparison: Option<&Comparison>) -> String {
+    // Drawn: the first run's thresholds (each run's are listed at the end).
+    let thresholds = &evaluation
+        .runs
+        .first()
+        .map(|r| r.thresholds)
+        .unwrap_or_default();
     let rows = rows(evaluation);
     let mut html = String::new();
     let _ = write!(
@@ -317,15 +318,31 @@ fn render(
         );
     }
     html.push_str("</table>");
-    let _ = writeln!(
-        html,
-        "<p class=\"where\">Thresholds: drift &lt; {}, compression outside [{}, {}], \
-         stability &gt; {}.</p></body></html>",
-        thresholds.drift_min,
-        thresholds.compression_min,
-        thresholds.compression_max,
-        thresholds.stability_max
-    );
+    let describe = |t: &AlertThresholds| {
+        format!(
+            "drift &lt; {}, compression outside [{}, {}], stability &gt; {}",
+            t.drift_min, t.compression_min, t.compression_max, t.stability_max
+        )
+    };
+    if evaluation.runs.iter().all(|r| &r.thresholds == thresholds) {
+        let _ = write!(
+            html,
+            "<p class=\"where\">Alerts: {}.</p>",
+            describe(thresholds)
+        );
+    } else {
+        html.push_str("<p class=\"where\">Alerts, each run by its own thresholds:");
+        for run in &evaluation.runs {
+            let _ = write!(
+                html,
+                "<br>{}: {}",
+                escape(&run.run_id),
+                describe(&run.thresholds)
+            );
+        }
+        html.push_str("</p>");
+    }
+    html.push_str("</body></html>\n");
     html
 }
 

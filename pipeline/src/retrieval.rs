@@ -40,28 +40,26 @@ pub async fn similarity_queries(
         let tokens = encoder
             .count_tokens(&text)
             .map_err(|e| encoder_error(job, e))?;
+        let threshold = config.threshold.for_tokens(tokens);
+        // A cosine never exceeds 1: a query that no ticket can match is a mistake in the
+        // job, not a quiet night.
+        if threshold > 1.0 {
+            return Err(JobError::Invalid {
+                path: job.to_path_buf(),
+                key: "filter.similarity.threshold".into(),
+                message: format!(
+                    "query {text:?} ({tokens} tokens) gets threshold {threshold:.3}, above 1, \
+                     the largest cosine there is: no ticket could match it; lower base or \
+                     per_token, or set a fixed threshold"
+                ),
+            }
+            .into());
+        }
         queries.push(Query {
-            threshold: config.threshold.for_tokens(tokens),
+            threshold,
             text,
             vector: vector.to_vec(),
         });
-    }
-    // A cosine never exceeds 1: a rule that no ticket can pass is a mistake in the job.
-    if queries.iter().all(|q| q.threshold > 1.0) {
-        let worst = queries
-            .iter()
-            .map(|q| format!("{:?}: {:.2}", q.text, q.threshold))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(JobError::Invalid {
-            path: job.to_path_buf(),
-            key: "filter.similarity.threshold".into(),
-            message: format!(
-                "every query's threshold is above 1, the largest cosine there is ({worst}); \
-                 lower base/per_token or set a fixed threshold"
-            ),
-        }
-        .into());
     }
     Ok(queries)
 }

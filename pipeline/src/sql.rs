@@ -43,7 +43,24 @@ impl SqlSession {
     /// A session with no tables, and abridge's measures as functions (`rouge_n`,
     /// `rouge_l`, `cosine`, `compression`; see `abridge_operators::quality::functions`).
     pub fn new() -> Self {
-        let ctx = SessionContext::new();
+        Self::with_context(SessionContext::new())
+    }
+
+    /// A session whose queries run on `threads` threads: `threads` partitions, and as
+    /// many threads for the measures' row-parallel scoring (the global pool, so once per
+    /// process).
+    pub fn with_threads(threads: usize) -> Self {
+        let threads = threads.max(1);
+        // Fails only when the pool was already built (a second session): it keeps its size.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("abridge-sql-{i}"))
+            .build_global();
+        let config = datafusion::prelude::SessionConfig::new().with_target_partitions(threads);
+        Self::with_context(SessionContext::new_with_config(config))
+    }
+
+    fn with_context(ctx: SessionContext) -> Self {
         for function in abridge_operators::quality::functions::all() {
             ctx.register_udf(function);
         }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::bert_net::{BertNet, l2_normalize, pool};
-use super::{Encoder, EncoderError};
+use super::{Encoded, Encoder, EncoderError};
 
 /// How token vectors become one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,7 @@ pub struct BertEncoder {
     batch_size: usize,
     pool: rayon::ThreadPool,
     device: Device,
+    fingerprint: String,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +105,7 @@ impl BertEncoder {
         tokenizer.with_padding(None);
 
         let weights_path = dir.join("model.safetensors");
+        let fingerprint = fingerprint(dir, &config_text, pooling, max_seq_length)?;
         let weights = candle_core::safetensors::load(&weights_path, device).map_err(|e| {
             EncoderError::MissingFile {
                 dir: dir.to_path_buf(),
@@ -129,6 +131,7 @@ impl BertEncoder {
                 .build()
                 .map_err(|e| EncoderError::Threads(e.to_string()))?,
             device: device.clone(),
+            fingerprint,
         })
     }
 
@@ -168,11 +171,33 @@ impl Encoder for BertEncoder {
         self.dim
     }
 
-    fn encode(&self, texts: &[&str]) -> Result<Vec<f32>, EncoderError> {
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    fn encode(&self, texts: &[&str]) -> Result<Encoded, EncoderError> {
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
+        // Truncation moves the tokens past max_seq_length into overflowing encodings
+        // (each with its own special tokens): the text's tokens the vector never sees.
+        let cut_tokens = encodings
+            .iter()
+            .map(|e| {
+                let cut: usize = e
+                    .get_overflowing()
+                    .iter()
+                    .map(|o| {
+                        o.get_special_tokens_mask()
+                            .iter()
+                            .filter(|&&m| m == 0)
+                            .count()
+                    })
+                    .sum();
+                u32::try_from(cut).unwrap_or(u32::MAX)
+            })
+            .collect();
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| encodings[i].len());
         // Batches run in parallel, one per core: candle parallelizes its matmuls but not
@@ -195,7 +220,10 @@ impl Encoder for BertEncoder {
                 out[i * self.dim..(i + 1) * self.dim].copy_from_slice(&vector);
             }
         }
-        Ok(out)
+        Ok(Encoded {
+            vectors: out,
+            cut_tokens,
+        })
     }
 
     fn count_tokens(&self, text: &str) -> Result<usize, EncoderError> {
@@ -249,6 +277,29 @@ fn sentence_transformers_settings(
         }
     }
     Ok((pooling, max_len))
+}
+
+/// A digest of what decides the model's vectors: its config, tokenizer, pooling, length
+/// limit and weights (every byte: fine-tuned copies of one model share the rest).
+fn fingerprint(
+    dir: &Path,
+    config: &str,
+    pooling: Pooling,
+    max_seq_length: usize,
+) -> Result<String, EncoderError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(config.as_bytes());
+    hasher.update(format!("{pooling:?} {max_seq_length}").as_bytes());
+    for file in ["tokenizer.json", "model.safetensors"] {
+        let missing = |e: std::io::Error| EncoderError::MissingFile {
+            dir: dir.to_path_buf(),
+            file: file.into(),
+            reason: e.to_string(),
+        };
+        let reader = std::fs::File::open(dir.join(file)).map_err(missing)?;
+        hasher.update_reader(reader).map_err(missing)?;
+    }
+    Ok(hasher.finalize().to_hex()[..16].to_string())
 }
 
 fn read(dir: &Path, file: &str) -> Result<String, EncoderError> {
@@ -317,7 +368,7 @@ mod tests {
         let model = model();
         assert_eq!(model.pooling(), Pooling::Mean);
         let texts: Vec<&str> = fixture.texts.iter().map(String::as_str).collect();
-        let got = model.encode(&texts).unwrap();
+        let got = model.encode(&texts).unwrap().vectors;
         for (i, expected) in fixture.embeddings.iter().enumerate() {
             let vector = &got[i * model.dim()..(i + 1) * model.dim()];
             let c = cosine(vector, expected);
@@ -336,12 +387,26 @@ mod tests {
         let fixture = fixture();
         let model = model();
         let texts: Vec<&str> = fixture.texts.iter().map(String::as_str).collect();
-        let batched = model.encode(&texts).unwrap();
+        let batched = model.encode(&texts).unwrap().vectors;
         for (i, text) in texts.iter().enumerate() {
-            let single = model.encode(&[text]).unwrap();
+            let single = model.encode(&[text]).unwrap().vectors;
             let c = cosine(&single, &batched[i * model.dim()..(i + 1) * model.dim()]);
             assert!(c >= 0.99999, "text {i}: cosine {c}");
         }
+    }
+
+    #[test]
+    fn counts_the_tokens_past_the_length_limit() {
+        let model = model();
+        let long = "the printer on floor two is offline again. ".repeat(60);
+        let mut whole = model.tokenizer.clone();
+        whole.with_truncation(None).unwrap();
+        let tokens = whole.encode(long.as_str(), false).unwrap().len();
+        let encoded = model.encode(&["short text", &long]).unwrap();
+        // MiniLM's limit is 256 tokens, [CLS] and [SEP] among them.
+        assert!(tokens > 254, "{tokens}");
+        assert_eq!(encoded.cut_tokens, [0, (tokens - 254) as u32]);
+        assert_eq!(model.fingerprint().len(), 16);
     }
 
     #[test]

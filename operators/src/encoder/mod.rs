@@ -65,16 +65,30 @@ pub trait Encoder: Send + Sync {
     /// Length of every vector.
     fn dim(&self) -> usize;
 
-    /// Encodes `texts` (blocking). Returns `texts.len() * dim()` floats, one L2-normalized
-    /// vector per text in input order.
-    fn encode(&self, texts: &[&str]) -> Result<Vec<f32>, EncoderError>;
+    /// A digest of the model (weights, tokenizer, pooling): vectors of two encoders are
+    /// comparable only when their fingerprints are equal, whatever their dimensions.
+    fn fingerprint(&self) -> &str;
+
+    /// Encodes `texts` (blocking): one L2-normalized vector per text in input order, and
+    /// how many tokens of each the model's length limit left out.
+    fn encode(&self, texts: &[&str]) -> Result<Encoded, EncoderError>;
 
     /// Number of tokens the model sees for `text`, special tokens excluded: the length
     /// that length-dependent thresholds are measured in.
     fn count_tokens(&self, text: &str) -> Result<usize, EncoderError>;
 }
 
-type Request = (Vec<String>, oneshot::Sender<Result<Vec<f32>, EncoderError>>);
+/// What [`Encoder::encode`] returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Encoded {
+    /// `texts.len() * dim()` floats, one vector per text.
+    pub vectors: Vec<f32>,
+    /// Per text, the tokens past the model's length limit (`max_seq_length`), which the
+    /// vector does not see; 0 when the whole text fit.
+    pub cut_tokens: Vec<u32>,
+}
+
+type Request = (Vec<String>, oneshot::Sender<Result<Encoded, EncoderError>>);
 
 /// A handle on an encoder running on its own thread. Cloning gives another handle on the
 /// same thread; the thread ends when the last handle is dropped.
@@ -110,13 +124,23 @@ impl EncoderWorker {
         self.encoder.dim()
     }
 
+    /// The model's [`Encoder::fingerprint`].
+    pub fn fingerprint(&self) -> &str {
+        self.encoder.fingerprint()
+    }
+
     /// Tokens of `text` as [`Encoder::count_tokens`] counts them (on the caller's thread).
     pub fn count_tokens(&self, text: &str) -> Result<usize, EncoderError> {
         self.encoder.count_tokens(text)
     }
 
-    /// Encodes `texts` on the worker thread.
+    /// Encodes `texts` on the worker thread: their vectors, `texts.len() * dim()` floats.
     pub async fn encode(&self, texts: Vec<String>) -> Result<Vec<f32>, EncoderError> {
+        Ok(self.encode_counting_cuts(texts).await?.vectors)
+    }
+
+    /// Encodes `texts` on the worker thread, with the tokens cut from each.
+    pub async fn encode_counting_cuts(&self, texts: Vec<String>) -> Result<Encoded, EncoderError> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send((texts, reply))

@@ -25,7 +25,7 @@ use super::bloom::{Bloom, SequenceCache};
 use super::llama::{Llama, render_chat};
 use super::paged::{BlockTable, DEFAULT_BLOCK_SIZE, KERNEL_HEAD_SIZES, PagedKv};
 use super::{
-    Generation, GenerationRequest, Generator, GeneratorError, PagedAttention, pick_token,
+    Generation, GenerationRequest, Generator, GeneratorError, Head, PagedAttention, pick_token,
     uniform_draw,
 };
 
@@ -338,21 +338,24 @@ impl Generator for BatchGenerator {
         &self,
         text: String,
         max_tokens: usize,
-    ) -> BoxFuture<'_, Result<String, GeneratorError>> {
+    ) -> BoxFuture<'_, Result<Head, GeneratorError>> {
         let tokenizer = Arc::clone(&self.tokenizer);
         Box::pin(async move {
             let encoding = tokenizer
                 .encode(text.as_str(), false)
                 .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))?;
             if encoding.len() <= max_tokens {
-                return Ok(text);
+                return Ok(Head::whole(text));
             }
             // The text up to the end of the last token that fits.
             let end = encoding
                 .get_offsets()
                 .get(max_tokens.saturating_sub(1))
                 .map_or(0, |&(_, end)| end);
-            Ok(text.get(..end).unwrap_or_default().to_string())
+            Ok(Head {
+                text: text.get(..end).unwrap_or_default().to_string(),
+                cut_tokens: encoding.len() - max_tokens,
+            })
         })
     }
 }
@@ -918,17 +921,14 @@ mod tests {
         let (generator, _, _) = fixture();
         let text = "The printer is offline again and print jobs are stuck".to_string();
         let all = generator.truncate(text.clone(), 1000).await.expect("fits");
-        assert_eq!(all, text);
+        assert_eq!(all, Head::whole(text.clone()));
         let head = generator.truncate(text.clone(), 3).await.expect("cut");
         assert!(
-            text.starts_with(&head) && head.len() < text.len(),
+            text.starts_with(&head.text) && head.text.len() < text.len(),
             "{head:?}"
         );
-        let count = generator
-            .tokenizer
-            .encode(head.as_str(), false)
-            .expect("encode")
-            .len();
-        assert!(count <= 3, "{head:?} is {count} tokens");
+        let count = |t: &str| generator.tokenizer.encode(t, false).expect("encode").len();
+        assert!(count(&head.text) <= 3, "{head:?}");
+        assert_eq!(head.cut_tokens, count(&text) - 3, "{head:?}");
     }
 }

@@ -1,4 +1,5 @@
-//! Llama-architecture GGUF files (SmolLM2, Llama 3.x and the like) on abridge's own batch
+//! Llama-architecture GGUF files (SmolLM2, TinyLlama, Llama 2 and 3.0 and the like:
+//! plain rotary positions, no rope scaling) on abridge's own batch
 //! engine, for CPUs: mistral.rs 0.8.1 decodes one sequence at a time there, a matrix
 //! product per row, and ran SmolLM2-135M at 0.29x of llama.cpp (README, Summarize). Here
 //! a decoding step multiplies the whole batch through each weight once, as the BLOOM
@@ -79,6 +80,7 @@ impl LlamaConfig {
         if number("rope.dimension_count").is_ok_and(|d| d != head_dim) {
             return Err("rotary positions over part of a head are not supported".into());
         }
+        refuse_rope_scaling(content)?;
         Ok(Self {
             hidden_size,
             layers: number("block_count")?,
@@ -93,6 +95,32 @@ impl LlamaConfig {
                 .get("tokenizer.ggml.eos_token_id")
                 .and_then(|v| v.to_u32().ok()),
         })
+    }
+}
+
+/// Rotary positions stretched for long contexts (Llama 3.1's and 3.2's `rope_freqs`
+/// factors, linear or YaRN scaling) change every position's angle; this engine has been
+/// checked against transformers only without them, so a file that uses them is refused by
+/// name rather than summarized wrongly (the `mistralrs` backend runs such files).
+fn refuse_rope_scaling(content: &gguf_file::Content) -> Result<(), String> {
+    let scaling = content
+        .metadata
+        .get("llama.rope.scaling.type")
+        .and_then(|v| v.to_string().ok())
+        .filter(|kind| kind.as_str() != "none");
+    let scaled = match scaling {
+        Some(kind) => Some(format!("`llama.rope.scaling.type` = {kind:?}")),
+        None => content
+            .tensor_infos
+            .contains_key("rope_freqs.weight")
+            .then(|| "a `rope_freqs.weight` tensor (Llama 3.1/3.2 rope scaling)".to_string()),
+    };
+    match scaled {
+        Some(what) => Err(format!(
+            "it scales rotary positions ({what}), which abridge's own engine does not \
+             support: use `backend = \"mistralrs\"` for this file"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -586,6 +614,38 @@ mod tests {
         let path =
             cached_model_dir("smollm2-135m-instruct").join("SmolLM2-135M-Instruct.Q4_1.gguf");
         Llama::load(&path, packed).unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models)"))
+    }
+
+    #[test]
+    fn rope_scaling_is_refused_by_name() {
+        let path =
+            cached_model_dir("smollm2-135m-instruct").join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let header = || {
+            let mut file = File::open(&path).expect("run scripts/fetch-models");
+            gguf_file::Content::read(&mut file).expect("a GGUF header")
+        };
+        assert!(LlamaConfig::from_gguf(&header()).is_ok());
+        let mut yarn = header();
+        yarn.metadata.insert(
+            "llama.rope.scaling.type".into(),
+            gguf_file::Value::String("yarn".into()),
+        );
+        let err = LlamaConfig::from_gguf(&yarn).unwrap_err();
+        assert!(
+            err.contains("\"yarn\"") && err.contains("mistralrs"),
+            "{err}"
+        );
+        let mut llama31 = header();
+        let factors = gguf_file::TensorInfo {
+            ggml_dtype: candle_core::quantized::GgmlDType::F32,
+            shape: candle_core::Shape::from(32),
+            offset: 0,
+        };
+        llama31
+            .tensor_infos
+            .insert("rope_freqs.weight".into(), factors);
+        let err = LlamaConfig::from_gguf(&llama31).unwrap_err();
+        assert!(err.contains("rope_freqs"), "{err}");
     }
 
     fn reference() -> serde_json::Value {

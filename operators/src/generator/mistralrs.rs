@@ -24,8 +24,8 @@ use mistralrs::{
 };
 
 use super::{
-    Generation, GenerationRequest, Generator, GeneratorError, PagedAttention, Sampling, pick_token,
-    uniform_draw,
+    Generation, GenerationRequest, Generator, GeneratorError, Head, PagedAttention, Sampling,
+    pick_token, uniform_draw,
 };
 
 /// How prompts reach the model.
@@ -312,10 +312,10 @@ impl MistralRsGenerator {
         })
     }
 
-    async fn head(&self, text: String, max_tokens: usize) -> Result<String, GeneratorError> {
+    async fn head(&self, text: String, max_tokens: usize) -> Result<Head, GeneratorError> {
         // A token covers at least one byte: texts this short fit without asking.
         if text.len() <= max_tokens {
-            return Ok(text);
+            return Ok(Head::whole(text));
         }
         let failed =
             |e: mistralrs::error::Error| GeneratorError::Request(format!("tokenizer: {e}"));
@@ -325,12 +325,17 @@ impl MistralRsGenerator {
             .await
             .map_err(failed)?;
         if ids.len() <= max_tokens {
-            return Ok(text);
+            return Ok(Head::whole(text));
         }
-        self.model
+        let head = self
+            .model
             .detokenize(ids[..max_tokens].to_vec(), true)
             .await
-            .map_err(failed)
+            .map_err(failed)?;
+        Ok(Head {
+            text: head,
+            cut_tokens: ids.len() - max_tokens,
+        })
     }
 }
 
@@ -350,7 +355,7 @@ impl Generator for MistralRsGenerator {
         &self,
         text: String,
         max_tokens: usize,
-    ) -> BoxFuture<'_, Result<String, GeneratorError>> {
+    ) -> BoxFuture<'_, Result<Head, GeneratorError>> {
         Box::pin(self.head(text, max_tokens))
     }
 }
@@ -688,10 +693,12 @@ mod tests {
         let text = "The VPN disconnects every ten minutes. ".repeat(40);
         let head = model.truncate(text.clone(), 12).await.unwrap();
         assert!(
-            head.len() < 80 && text.starts_with(head.trim_end()),
+            head.text.len() < 80 && text.starts_with(head.text.trim_end()),
             "{head:?}"
         );
-        assert_eq!(model.truncate("short".into(), 12).await.unwrap(), "short");
+        assert!(head.cut_tokens > 12 * 20, "{head:?}");
+        let short = model.truncate("short".into(), 12).await.unwrap();
+        assert_eq!(short, Head::whole("short".into()));
         let long_prompt = "word ".repeat(9000);
         let err = model
             .generate(request(&long_prompt, 0.0, 1))

@@ -82,7 +82,7 @@ pub trait Generator: Send + Sync {
         &self,
         text: String,
         max_tokens: usize,
-    ) -> BoxFuture<'_, Result<String, GeneratorError>>;
+    ) -> BoxFuture<'_, Result<Head, GeneratorError>>;
 
     /// Completes a batch of prompts, answers in request order. The engine sees them all
     /// at once; callers that want to keep it busy across batches use
@@ -94,6 +94,25 @@ pub trait Generator: Send + Sync {
         Box::pin(futures::future::join_all(
             requests.into_iter().map(|r| self.generate(r)),
         ))
+    }
+}
+
+/// The part of a text that fits a prompt's token budget ([`Generator::truncate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The text's head: whole tokens from its start.
+    pub text: String,
+    /// Tokens of the text past the budget, left out; 0 when it all fit.
+    pub cut_tokens: usize,
+}
+
+impl Head {
+    /// A text that fits whole.
+    pub fn whole(text: String) -> Self {
+        Self {
+            text,
+            cut_tokens: 0,
+        }
     }
 }
 

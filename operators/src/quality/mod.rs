@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | `rouge1`, `rouge2`, `rouge_l` | F1 against the `reference` column (when the input has one) |
 //! | `drift` | cosine of the ticket's vector (`embedding`) and the summary's (`summary_embedding`) |
-//! | `compression` | characters of the summary per character of the text |
+//! | `compression` | characters of the summary per character of the text the model saw (its head, when the prompt's token budget cut it: `text_cut_chars`) |
 //! | `stability` | spread of ROUGE-L over the row's sampled summaries ([`measures::stability`]) |
 //! | `alerts` | the thresholds the row crossed ([`AlertThresholds`]) |
 //!
@@ -27,13 +27,13 @@ use arrow::array::{
     ListBuilder, StringArray, StringBuilder,
 };
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 pub use measures::AlertThresholds;
 
 use crate::embed::{EMBEDDING, SUMMARY_EMBEDDING};
-use crate::summarize::{SUMMARY, SUMMARY_SAMPLES};
+use crate::summarize::{SUMMARY, SUMMARY_SAMPLES, TEXT_CUT_CHARS};
 use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
 
 /// Column: ROUGE-1 F1 against the reference.
@@ -75,6 +75,7 @@ struct Columns {
     embedding: Option<usize>,
     summary_embedding: Option<usize>,
     samples: Option<usize>,
+    text_cut_chars: Option<usize>,
 }
 
 /// The `metrics` stage over streams of `input`, which must hold `text` and `summary`.
@@ -106,6 +107,7 @@ pub fn quality_metrics(
         embedding: vectors(EMBEDDING)?,
         summary_embedding: vectors(SUMMARY_EMBEDDING)?,
         samples: find(SUMMARY_SAMPLES),
+        text_cut_chars: find(TEXT_CUT_CHARS),
     };
     let mut fields: Vec<_> = input.fields().iter().cloned().collect();
     fields.extend(output_fields().into_iter().map(Arc::new));
@@ -142,6 +144,17 @@ fn strings(batch: &RecordBatch, column: usize) -> Result<StringArray, OperatorEr
 
 fn value(array: &StringArray, row: usize) -> Option<&str> {
     array.is_valid(row).then(|| array.value(row))
+}
+
+/// `text` less its last `cut` characters.
+fn head_chars(text: &str, cut: usize) -> &str {
+    if cut == 0 {
+        return text;
+    }
+    let keep = text.chars().count().saturating_sub(cut);
+    text.char_indices()
+        .nth(keep)
+        .map_or(text, |(end, _)| &text[..end])
 }
 
 /// Row `row` of a vector column, if present and not null.
@@ -182,6 +195,11 @@ impl BatchTransform for QualityMetrics {
         let samples = c
             .samples
             .and_then(|i| batch.column(i).as_any().downcast_ref::<ListArray>());
+        let cut_chars = c
+            .text_cut_chars
+            .map(|i| cast(batch.column(i), &DataType::Int64))
+            .transpose()?;
+        let cut_chars = cut_chars.as_ref().map(|a| a.as_primitive::<Int64Type>());
 
         let mut rouge: [Float64Builder; 3] = std::array::from_fn(|_| Float64Builder::new());
         let mut drift = Float64Builder::with_capacity(rows);
@@ -214,7 +232,10 @@ impl BatchTransform for QualityMetrics {
             let d = vector(embedding, row)
                 .zip(vector(summary_embedding, row))
                 .and_then(|(a, b)| measures::cosine(a, b));
-            let ratio = measures::compression(summary, text);
+            let cut = cut_chars
+                .filter(|c| c.is_valid(row))
+                .map_or(0, |c| usize::try_from(c.value(row)).unwrap_or(0));
+            let ratio = measures::compression(summary, head_chars(text, cut));
             let spread = samples.filter(|s| s.is_valid(row)).and_then(|s| {
                 let others = s.value(row);
                 let others = others.as_string::<i32>();
@@ -261,6 +282,39 @@ mod tests {
         )
         .unwrap();
         (field, Arc::new(array))
+    }
+
+    #[test]
+    fn compression_is_against_the_text_the_prompt_held() {
+        assert_eq!(head_chars("打印机离线了", 2), "打印机离");
+        assert_eq!(head_chars("abc", 0), "abc");
+        assert_eq!(head_chars("abc", 9), "");
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("text", DataType::Utf8, true),
+            Field::new(SUMMARY, DataType::Utf8, true),
+            Field::new(TEXT_CUT_CHARS, DataType::Int32, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from(vec!["abcdefghij", "abcdefghij"])),
+                Arc::new(StringArray::from(vec!["ab", "ab"])),
+                Arc::new(arrow::array::Int32Array::from(vec![Some(6), None])),
+            ],
+        )
+        .unwrap();
+        let stage = quality_metrics(QualitySettings::default(), &schema).unwrap();
+        let out = stage
+            .inner()
+            .transform(batch, &OperatorMetrics::default())
+            .unwrap();
+        let compression = out
+            .column_by_name(COMPRESSION)
+            .unwrap()
+            .as_primitive::<Float64Type>()
+            .clone();
+        // 2 of the 4 characters the model saw; 2 of 10 where nothing was cut.
+        assert_eq!(compression.values().to_vec(), [0.5, 0.2]);
     }
 
     #[test]

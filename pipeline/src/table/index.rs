@@ -23,10 +23,11 @@ pub fn open_index_for_run(
     dir: &Path,
     dim: usize,
     model: &Path,
+    fingerprint: &str,
     output: &Path,
     resuming: Option<(&str, &[PathBuf])>,
 ) -> Result<(IndexCommitter, Option<u64>), PipelineError> {
-    let index = TicketIndex::open_or_create(dir, dim, model).map_err(index_error)?;
+    let index = TicketIndex::open_or_create(dir, dim, model, fingerprint).map_err(index_error)?;
     let committer = index.writer().map_err(index_error)?;
     let runs = committed_runs(output).map_err(|source| PipelineError::Io {
         path: output.to_path_buf(),

@@ -45,7 +45,7 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 #[cfg(test)]
 const HEARTBEAT: Duration = Duration::from_millis(100);
 /// A lock of another host untouched this long belongs to a dead run.
-pub const HEARTBEAT_MISSED: Duration = Duration::from_secs(30);
+const HEARTBEAT_MISSED: Duration = Duration::from_secs(30);
 /// How long a run waits for another host's lock to go stale before refusing: past the
 /// staleness and one more heartbeat.
 #[cfg(not(test))]
@@ -124,7 +124,7 @@ pub struct OutputLock {
 }
 
 /// The lock file of shard `index` of `count`.
-pub fn shard_lock_file(index: u32, count: u32) -> String {
+fn shard_lock_file(index: u32, count: u32) -> String {
     format!("_abridge.{index}of{count}.lock")
 }
 

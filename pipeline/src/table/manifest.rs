@@ -125,6 +125,10 @@ pub struct RunManifest {
     /// so far (the rows in flight then still take a moment).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<f64>,
+    /// Each similarity query with its threshold and the tickets it kept (in the whole
+    /// run, every attempt), so that a query that keeps nothing stands out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queries: Vec<QueryOutcome>,
     /// Per-stage counters, in pipeline order (of the last attempt).
     pub stages: Vec<StageSummary>,
     /// Why the run failed, if it did.
@@ -133,6 +137,17 @@ pub struct RunManifest {
 
 fn one() -> u32 {
     1
+}
+
+/// What one similarity query did in a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryOutcome {
+    /// The query as written in the job.
+    pub query: String,
+    /// The cosine a ticket needed.
+    pub threshold: f32,
+    /// Tickets kept on this query (`matched_query`).
+    pub kept: u64,
 }
 
 /// One shard of a job split by `--shard i/n` and grouped by `--run-group`.

@@ -46,8 +46,9 @@ use plan::{Attempt, ResumeMode};
 
 /// One run of an output table, from its lock to its end; see the module documentation.
 pub struct TableRun {
-    /// Released when the run ends (this value is dropped), after its last manifest.
-    lock: OutputLock,
+    /// Held for its `Drop`: released when the run ends (this value is dropped), after
+    /// its last manifest.
+    _lock: OutputLock,
     attempt: Attempt,
 }
 
@@ -74,7 +75,13 @@ impl TableRun {
             lock.relabel(&attempt.run_id)?;
         }
         let notes = cleared.into_iter().chain(attempt.note.clone()).collect();
-        Ok((Self { lock, attempt }, notes))
+        Ok((
+            Self {
+                _lock: lock,
+                attempt,
+            },
+            notes,
+        ))
     }
 
     /// The run's id.
@@ -233,15 +240,6 @@ impl TableRun {
         manifest.files = report.files.iter().map(|f| file_name(f)).collect();
         let new_rows = report.rows.saturating_sub(self.attempt.previous.rows);
         manifest.rows_per_s = Some(new_rows as f64 / manifest.elapsed_s.max(1e-3));
-    }
-}
-
-impl std::fmt::Debug for TableRun {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TableRun")
-            .field("lock", &self.lock)
-            .field("run_id", &self.attempt.run_id)
-            .finish()
     }
 }
 
