@@ -303,11 +303,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let stage = quality_metrics(QualitySettings::default(), &schema).unwrap();
-        let out = stage
-            .inner()
-            .transform(batch, &OperatorMetrics::default())
-            .unwrap();
+        let out = measure_default(&schema, batch);
         let compression = out
             .column_by_name(COMPRESSION)
             .unwrap()
@@ -315,6 +311,15 @@ mod tests {
             .clone();
         // 2 of the 4 characters the model saw; 2 of 10 where nothing was cut.
         assert_eq!(compression.values().to_vec(), [0.5, 0.2]);
+    }
+
+    /// `batch` through the metrics stage with the default settings.
+    fn measure_default(schema: &SchemaRef, batch: RecordBatch) -> RecordBatch {
+        let stage = quality_metrics(QualitySettings::default(), schema).unwrap();
+        stage
+            .inner()
+            .transform(batch, &OperatorMetrics::default())
+            .unwrap()
     }
 
     #[test]
@@ -356,11 +361,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let stage = quality_metrics(QualitySettings::default(), &schema).unwrap();
-        let out = stage
-            .inner()
-            .transform(batch, &OperatorMetrics::default())
-            .unwrap();
+        let out = measure_default(&schema, batch);
         let column = |name: &str| {
             out.column_by_name(name)
                 .unwrap()
