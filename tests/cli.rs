@@ -762,6 +762,50 @@ fn words(text: &str) -> std::collections::HashSet<String> {
         .collect()
 }
 
+/// The default threshold is decided per query from the encoder's cosine to unrelated
+/// text: with MiniLM (unrelated ~0.03) a little above 0.375, different per query, and
+/// every kept ticket reaches its query's.
+#[test]
+fn relative_thresholds_are_decided_per_query_and_kept_tickets_reach_them() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 80, 4)?;
+    let sections = retrieval_sections(dir.path())
+        .replace(
+            "queries = [\"a device or service is down and the employee cannot work\"]",
+            "queries = [\"printer offline\", \"the VPN connection keeps dropping when working from home\"]",
+        )
+        .replace("threshold = 0.1", "threshold = { above_unrelated = 0.375 }");
+    let job = job_file(dir.path(), &input, &sections)?;
+    let m = run_json(&job, &[])?;
+    let thresholds: Vec<f32> = m.queries.iter().map(|q| q.threshold).collect();
+    assert_eq!(thresholds.len(), 2);
+    assert!(
+        thresholds.iter().all(|t| (0.35..0.5).contains(t)),
+        "{thresholds:?}"
+    );
+    assert!(
+        (thresholds[0] - thresholds[1]).abs() > 1e-4,
+        "{thresholds:?}"
+    );
+    let out = sql(
+        &job,
+        "SELECT matched_query AS q, min(similarity) AS least, count(*) AS kept FROM summaries \
+         WHERE kept GROUP BY matched_query",
+        "json",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out))?;
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    assert!(!rows.is_empty(), "some ticket is kept");
+    for row in rows {
+        let query = m.queries.iter().find(|q| row["q"] == q.query.as_str());
+        let query = query.ok_or_else(|| format!("{row} matched no query of the run"))?;
+        assert!(row["least"].as_f64().unwrap_or(0.0) >= f64::from(query.threshold) - 1e-6);
+        assert_eq!(row["kept"].as_u64(), Some(query.kept));
+    }
+    Ok(())
+}
+
 #[test]
 fn filter_marks_rows_and_index_search_finds_by_meaning() -> TestResult {
     let dir = tempfile::tempdir()?;
