@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use abridge_operators::OperatorError;
 use abridge_operators::generator::batch::BatchGenerator;
+#[cfg(feature = "mistralrs")]
 use abridge_operators::generator::mistralrs::{MistralRsGenerator, MistralRsOptions, PromptFormat};
 use abridge_operators::generator::{GeneratorError, PagedAttention, Sampling, SharedGenerator};
 use abridge_operators::summarize::{Rewrite, Summarize, SummarizeSettings};
@@ -61,6 +62,19 @@ pub async fn summarize_stage(
         block_size: config.paged_attention.block_size,
     };
     let (generator, how) = match config.backend {
+        #[cfg(not(feature = "mistralrs"))]
+        Backend::Mistralrs => {
+            return Err(JobError::Invalid {
+                path: job_path.to_path_buf(),
+                key: "summarize.backend".into(),
+                message: "this abridge was built without mistral.rs (cargo feature \
+                          `mistralrs`, on by default): rebuild with it, or use `llama` \
+                          (Llama GGUF files) or `seqgpt` (BLOOM checkpoints)"
+                    .into(),
+            }
+            .into());
+        }
+        #[cfg(feature = "mistralrs")]
         Backend::Mistralrs => {
             let options = MistralRsOptions {
                 model: config.model.clone(),

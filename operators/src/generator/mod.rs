@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod bloom;
 pub mod llama;
+#[cfg(feature = "mistralrs")]
 pub mod mistralrs;
 pub mod paged;
 mod skinny;
