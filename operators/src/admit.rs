@@ -21,7 +21,7 @@ use arrow::record_batch::RecordBatch;
 
 use crate::dedup::digest;
 use crate::filter::string_column;
-use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
+use crate::{BatchTransform, OperatorError, StageCounters, TransformStage};
 
 /// One of `count` shards, numbered from 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +113,7 @@ impl BatchTransform for Admit {
     fn transform(
         &self,
         batch: RecordBatch,
-        metrics: &OperatorMetrics,
+        metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError> {
         let ids = strings(&batch, TicketColumn::Id.name())?;
         let hashes = match self.done.is_empty() {
@@ -190,7 +190,7 @@ mod tests {
             let mut elsewhere = 0;
             for index in 0..count {
                 let stage = Admit::try_new(&input.schema(), Some(Shard { index, count }), DoneTickets::default()).unwrap();
-                let metrics = OperatorMetrics::default();
+                let metrics = StageCounters::default();
                 let out = stage.inner().transform(input.clone(), &metrics).unwrap();
                 for (row, id) in ids(&out).into_iter().enumerate() {
                     proptest::prop_assert_eq!(Shard::of(id.as_deref(), count), index, "row {}", row);
@@ -217,7 +217,7 @@ mod tests {
             &["h1", "h2", "h3", "h4"],
         );
         let stage = Admit::try_new(&input.schema(), None, done).unwrap();
-        let metrics = OperatorMetrics::default();
+        let metrics = StageCounters::default();
         let out = stage.inner().transform(input, &metrics).unwrap();
         assert_eq!(
             ids(&out),

@@ -28,8 +28,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
 use crate::{
-    BatchTransform, Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
-    map_batches,
+    BatchTransform, Operator, OperatorError, SendableRecordBatchStream, StageCounters, map_batches,
 };
 
 /// The `dedup` stage over a normalized stream (one with a Utf8 `id` column).
@@ -70,7 +69,7 @@ impl Operator for Deduplicate {
     fn execute(
         &self,
         input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
+        metrics: StageCounters,
     ) -> Result<SendableRecordBatchStream, OperatorError> {
         // Each execution gets its own set of seen ids: one run, one set.
         let state = Arc::new(SeenIds {
@@ -108,7 +107,7 @@ impl BatchTransform for SeenIds {
     fn transform(
         &self,
         batch: RecordBatch,
-        metrics: &OperatorMetrics,
+        metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError> {
         let column = |name: &str| {
             batch
@@ -173,7 +172,7 @@ pub(crate) fn digest(id: &str) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::MetricsSnapshot;
+    use crate::CountersSnapshot;
     use arrow::datatypes::{DataType, Field, Schema};
     use futures::TryStreamExt;
 
@@ -218,14 +217,14 @@ mod tests {
     async fn kept(
         op: &Deduplicate,
         input: Vec<RecordBatch>,
-    ) -> Result<(Vec<usize>, MetricsSnapshot), OperatorError> {
+    ) -> Result<(Vec<usize>, CountersSnapshot), OperatorError> {
         let stream = Box::pin(
             datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
                 schema(),
                 futures::stream::iter(input.into_iter().map(Ok)),
             ),
         );
-        let metrics = OperatorMetrics::default();
+        let metrics = StageCounters::default();
         let out: Vec<RecordBatch> = op.execute(stream, metrics.clone())?.try_collect().await?;
         let mut numbers = Vec::new();
         for batch in &out {

@@ -19,7 +19,7 @@ use arrow::record_batch::RecordBatch;
 
 use crate::encoder::{Encoded, EncoderWorker};
 use crate::template::Template;
-use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream, then_batches};
+use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
 
 /// Name of the column this stage adds.
 pub const EMBEDDING: &str = "embedding";
@@ -126,7 +126,7 @@ impl Operator for Embed {
     fn execute(
         &self,
         input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
+        metrics: StageCounters,
     ) -> Result<SendableRecordBatchStream, OperatorError> {
         let encoder = self.encoder.clone();
         let template = Arc::clone(&self.template);
@@ -235,7 +235,7 @@ mod tests {
             futures::stream::iter(vec![Ok(batch)]),
         ));
         let out: Vec<RecordBatch> = op
-            .execute(input, OperatorMetrics::default())
+            .execute(input, StageCounters::default())
             .unwrap()
             .try_collect()
             .await

@@ -25,7 +25,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
 use crate::embed::EMBEDDING;
-use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
+use crate::{BatchTransform, OperatorError, StageCounters, TransformStage};
 
 /// The topic of tickets near no topic, or equally near two.
 pub const OTHER_TOPIC: &str = "other";
@@ -191,7 +191,7 @@ impl BatchTransform for SemanticFilter {
     fn transform(
         &self,
         batch: RecordBatch,
-        metrics: &OperatorMetrics,
+        metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError> {
         let rows = batch.num_rows();
         let vectors = batch
@@ -341,7 +341,7 @@ mod tests {
     fn run(filter: &TransformStage<SemanticFilter>, batch: RecordBatch) -> RecordBatch {
         filter
             .inner()
-            .transform(batch, &OperatorMetrics::default())
+            .transform(batch, &StageCounters::default())
             .unwrap()
     }
 

@@ -4,10 +4,11 @@
 //! Data enters through [`scan::ParquetScan`] (DataFusion reading the user's Parquet) and
 //! leaves through [`sink::ParquetSink`] (the run's output files). Operators know nothing of
 //! job files or the CLI: the pipeline crate builds them from its configuration, wires them
-//! with bounded channels and reads their [`OperatorMetrics`].
+//! with bounded channels and reads their [`StageCounters`].
 
 pub mod admit;
 mod compaction;
+mod counters;
 pub mod dedup;
 pub mod embed;
 pub mod encoder;
@@ -16,7 +17,6 @@ pub mod filter;
 pub mod generator;
 pub mod index;
 mod kernels;
-mod metrics;
 pub mod normalize;
 mod operator;
 pub mod quality;
@@ -26,19 +26,18 @@ pub mod stop;
 pub mod summarize;
 pub mod template;
 
+pub use counters::{CountersSnapshot, StageCounters};
 pub use error::OperatorError;
-pub use metrics::{MetricsSnapshot, OperatorMetrics};
 pub use operator::{BatchTransform, Operator, TransformStage, map_batches, then_batches};
 
 /// DataFusion's stream of record batches: what every operator consumes and produces.
 pub use datafusion::execution::SendableRecordBatchStream;
 
-/// abridge's cache folder: `$ABRIDGE_CACHE`, else `~/.cache/abridge` (the scripts' too).
+/// abridge's cache folder: `$ABRIDGE_CACHE`, else `~/.cache/abridge`, the folder the
+/// scripts fetch models into and the shipped job files name (so not `$XDG_CACHE_HOME`,
+/// which those paths would not follow).
 pub fn cache_dir() -> std::path::PathBuf {
     std::env::var_os("ABRIDGE_CACHE")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/abridge")
-        })
+        .unwrap_or_else(|| dirs::home_dir().unwrap_or_default().join(".cache/abridge"))
 }

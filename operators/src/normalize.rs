@@ -13,7 +13,7 @@ use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
-use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
+use crate::{BatchTransform, OperatorError, StageCounters, TransformStage};
 
 /// Separates title and text in the hashed content, so that moving words between the two
 /// changes the hash.
@@ -47,7 +47,7 @@ impl BatchTransform for Normalize {
     fn transform(
         &self,
         batch: RecordBatch,
-        metrics: &OperatorMetrics,
+        metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError> {
         let rows = batch.num_rows();
         let mut problems: Vec<Vec<&'static str>> = vec![Vec::new(); rows];
@@ -178,7 +178,7 @@ mod tests {
         mapping: ColumnMapping,
     ) -> Result<(RecordBatch, u64), OperatorError> {
         let op = Normalize::try_new(&mapping, &batch.schema(), "test", &[])?;
-        let metrics = OperatorMetrics::default();
+        let metrics = StageCounters::default();
         let out = op.inner().transform(batch, &metrics)?;
         Ok((out, metrics.snapshot().rows_failed))
     }

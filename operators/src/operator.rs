@@ -7,7 +7,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 
-use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
+use crate::{OperatorError, SendableRecordBatchStream, StageCounters};
 
 /// A pipeline stage: a stream of record batches in, a stream out.
 ///
@@ -26,7 +26,7 @@ pub trait Operator: Send + Sync {
     fn execute(
         &self,
         input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
+        metrics: StageCounters,
     ) -> Result<SendableRecordBatchStream, OperatorError>;
 }
 
@@ -40,7 +40,7 @@ pub trait BatchTransform: Send + Sync + 'static {
     fn transform(
         &self,
         batch: RecordBatch,
-        metrics: &OperatorMetrics,
+        metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError>;
 }
 
@@ -78,7 +78,7 @@ impl<T: BatchTransform> Operator for TransformStage<T> {
     fn execute(
         &self,
         input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
+        metrics: StageCounters,
     ) -> Result<SendableRecordBatchStream, OperatorError> {
         Ok(map_batches(Arc::clone(&self.transform), input, metrics))
     }
@@ -88,7 +88,7 @@ impl<T: BatchTransform> Operator for TransformStage<T> {
 pub fn map_batches<T: BatchTransform>(
     transform: Arc<T>,
     input: SendableRecordBatchStream,
-    metrics: OperatorMetrics,
+    metrics: StageCounters,
 ) -> SendableRecordBatchStream {
     let schema = transform.schema();
     let stream = input.map(move |batch| {
@@ -110,11 +110,11 @@ pub fn map_batches<T: BatchTransform>(
 pub fn then_batches<F, Fut>(
     schema: SchemaRef,
     input: SendableRecordBatchStream,
-    metrics: OperatorMetrics,
+    metrics: StageCounters,
     work: F,
 ) -> SendableRecordBatchStream
 where
-    F: Fn(RecordBatch, OperatorMetrics) -> Fut + Send + 'static,
+    F: Fn(RecordBatch, StageCounters) -> Fut + Send + 'static,
     Fut: Future<Output = Result<RecordBatch, OperatorError>> + Send + 'static,
 {
     let stream = input.then(move |batch| {

@@ -27,7 +27,7 @@ use futures::{FutureExt, StreamExt};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
+use crate::{OperatorError, SendableRecordBatchStream, StageCounters};
 
 /// What to read.
 #[derive(Debug, Clone)]
@@ -70,7 +70,7 @@ pub struct OpenScan {
 impl ParquetScan {
     /// Resolves and checks the input files and plans the scan. Rows are only read once the
     /// returned stream is polled; `metrics` counts them as they come.
-    pub async fn open(&self, metrics: OperatorMetrics) -> Result<OpenScan, OperatorError> {
+    pub async fn open(&self, metrics: StageCounters) -> Result<OpenScan, OperatorError> {
         // One partition keeps input order stable from run to run: "first occurrence" and
         // resumption depend on it, and the model stages downstream set the pace anyway.
         let mut config = SessionConfig::new()
@@ -417,7 +417,7 @@ mod tests {
             limit: None,
             batch_size: 64,
         };
-        let open = scan.open(OperatorMetrics::default()).await?;
+        let open = scan.open(StageCounters::default()).await?;
         let mut stream = open.stream;
         let mut rows = 0;
         while let Some(batch) = stream.next().await {

@@ -34,7 +34,7 @@ use crate::compaction;
 use crate::dedup::{row_key, value};
 use crate::filter::{KEPT, MATCHED_QUERY};
 use crate::stop::{StopLevel, StopSignal};
-use crate::{OperatorError, OperatorMetrics, SendableRecordBatchStream};
+use crate::{OperatorError, SendableRecordBatchStream, StageCounters};
 
 /// Where and how to write one run's rows.
 #[derive(Clone)]
@@ -211,7 +211,7 @@ impl ParquetSink {
     pub async fn write(
         self,
         mut input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
+        metrics: StageCounters,
     ) -> Result<SinkReport, OperatorError> {
         let schema = Self::output_schema(&input.schema());
         let (tx, mut rx) = mpsc::channel::<ToWriter>(2);
@@ -597,7 +597,7 @@ mod tests {
         let report = sink(&by_rows, 20, Duration::from_secs(3600), &stop)
             .write(
                 slow_input(5, Duration::ZERO, false),
-                OperatorMetrics::default(),
+                StageCounters::default(),
             )
             .await?;
         assert_eq!(report.rows, 50);
@@ -613,7 +613,7 @@ mod tests {
         let report = by_time_sink
             .write(
                 slow_input(3, Duration::from_millis(300), false),
-                OperatorMetrics::default(),
+                StageCounters::default(),
             )
             .await?;
         assert_eq!(
@@ -667,7 +667,7 @@ mod tests {
         let write = tokio::spawn(
             sink(dir.path(), 20, Duration::from_secs(3600), &stop).write(
                 slow_input(3, Duration::ZERO, true),
-                OperatorMetrics::default(),
+                StageCounters::default(),
             ),
         );
         let deadline = Instant::now() + Duration::from_secs(10);

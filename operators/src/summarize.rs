@@ -32,7 +32,7 @@ use crate::generator::{
     Generation, GenerationRequest, GeneratorError, Head, Sampling, SharedGenerator,
 };
 use crate::template::Template;
-use crate::{Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream, then_batches};
+use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
 
 /// Column: the cleaned summary.
 pub const SUMMARY: &str = "summary";
@@ -266,7 +266,7 @@ impl Operator for Summarize {
     fn execute(
         &self,
         input: SendableRecordBatchStream,
-        metrics: OperatorMetrics,
+        metrics: StageCounters,
     ) -> Result<SendableRecordBatchStream, OperatorError> {
         let shared = Arc::clone(&self.shared);
         let schema = Arc::clone(&self.schema);
@@ -309,7 +309,7 @@ impl Shared {
         &self,
         schema: &SchemaRef,
         batch: RecordBatch,
-        metrics: &OperatorMetrics,
+        metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError> {
         let rows = batch.num_rows();
         let errors = batch.column_by_name(ERROR);
@@ -478,7 +478,7 @@ impl Shared {
         batch: &RecordBatch,
         outcomes: Vec<Outcome>,
         left_out: &[Option<LeftOut>],
-        metrics: &OperatorMetrics,
+        metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError> {
         let old_errors = batch
             .column_by_name(ERROR)

@@ -1,6 +1,7 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use abridge_operators::OperatorError;
+use abridge_operators::encoder::EncoderError;
 use datafusion::error::DataFusionError;
 
 use crate::job::JobError;
@@ -195,5 +196,13 @@ impl PipelineError {
             | PipelineError::Usage(_) => 2,
             _ => 1,
         }
+    }
+}
+
+/// An encoder's error while running `job` (or searching an index: the encoder's folder).
+pub(crate) fn encoder_error(job: &Path, source: EncoderError) -> PipelineError {
+    PipelineError::Model {
+        job: job.to_path_buf(),
+        source: Box::new(OperatorError::Encoder(Box::new(source))),
     }
 }

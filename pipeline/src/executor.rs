@@ -22,15 +22,15 @@ use abridge_operators::scan::{OpenScan, ParquetScan};
 use abridge_operators::sink::{ParquetSink, PublishObserver};
 use abridge_operators::stop::{StopLevel, StopSignal};
 use abridge_operators::{
-    MetricsSnapshot, Operator, OperatorError, OperatorMetrics, SendableRecordBatchStream,
+    CountersSnapshot, Operator, OperatorError, SendableRecordBatchStream, StageCounters,
 };
 use arrow::datatypes::{Schema, SchemaRef};
 use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
 use futures::StreamExt;
 
 use crate::error::PipelineError;
+use crate::filter_rules;
 use crate::job::{Job, JobError};
-use crate::retrieval;
 use crate::summarizer;
 use crate::table::manifest::{
     InputFileFailure, QueryOutcome, RunManifest, RunStatus, ShardRecord, StageSummary, now_rfc3339,
@@ -57,9 +57,9 @@ pub struct Progress {
     /// Rows in the input files (before `where`), or the limit if lower: a ceiling for ETAs.
     pub expected_rows: u64,
     /// Rows read so far.
-    pub read: OperatorMetrics,
+    pub read: StageCounters,
     /// Rows written so far.
-    pub written: OperatorMetrics,
+    pub written: StageCounters,
 }
 
 /// A run whose input is open and whose stages are built, so that every configuration
@@ -71,7 +71,7 @@ pub struct PreparedRun {
     options: RunOptions,
     fingerprint: String,
     scan: OpenScan,
-    stages: Vec<(Box<dyn Operator>, OperatorMetrics)>,
+    stages: Vec<(Box<dyn Operator>, StageCounters)>,
     /// The job's index, committed with each published output file.
     index: Option<Arc<RunIndexer>>,
     /// The similarity queries and their thresholds, for the run's summary.
@@ -107,7 +107,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         limit: options.limit,
         batch_size: job.config.run.batch_size,
     };
-    let read = OperatorMetrics::default();
+    let read = StageCounters::default();
     let scan = scan
         .open(read.clone())
         .await
@@ -160,12 +160,12 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let dedup = Deduplicate::try_new(normalized)
         .map_err(doesnt_fit)?
         .resuming(table.take_committed_keys());
-    let mut stages: Vec<(Box<dyn Operator>, OperatorMetrics)> = vec![
-        (Box::new(normalize), OperatorMetrics::default()),
-        (Box::new(admit), OperatorMetrics::default()),
-        (Box::new(dedup), OperatorMetrics::default()),
+    let mut stages: Vec<(Box<dyn Operator>, StageCounters)> = vec![
+        (Box::new(normalize), StageCounters::default()),
+        (Box::new(admit), StageCounters::default()),
+        (Box::new(dedup), StageCounters::default()),
     ];
-    let last_schema = |stages: &[(Box<dyn Operator>, OperatorMetrics)]| {
+    let last_schema = |stages: &[(Box<dyn Operator>, StageCounters)]| {
         stages
             .last()
             .map(|(s, _)| s.schema())
@@ -196,14 +196,16 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             &last_schema(&stages),
         )
         .map_err(doesnt_fit)?;
-        stages.push((Box::new(stage), OperatorMetrics::default()));
+        stages.push((Box::new(stage), StageCounters::default()));
 
         if let Some(filter) = &job.config.filter {
             if filter.topics.is_some() {
                 refuse_input_topic(&job, &scan.schema)?;
             }
             let queries = match &filter.similarity {
-                Some(config) => retrieval::similarity_queries(config, &worker, &job.path).await?,
+                Some(config) => {
+                    filter_rules::similarity_queries(config, &worker, &job.path).await?
+                }
                 None => Vec::new(),
             };
             query_thresholds = queries
@@ -211,12 +213,12 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
                 .map(|q| (q.text.clone(), q.threshold))
                 .collect();
             let topics = match &filter.topics {
-                Some(config) => Some(retrieval::topic_rule(config, &worker, &job.path).await?),
+                Some(config) => Some(filter_rules::topic_rule(config, &worker, &job.path).await?),
                 None => None,
             };
             let stage = SemanticFilter::try_new(&last_schema(&stages), queries, topics)
                 .map_err(doesnt_fit)?;
-            stages.push((Box::new(stage), OperatorMetrics::default()));
+            stages.push((Box::new(stage), StageCounters::default()));
         }
 
         match (&job.config.index, &options.shard) {
@@ -262,18 +264,18 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         )
         .await?;
         notes.push(note);
-        stages.push((Box::new(stage), OperatorMetrics::default()));
+        stages.push((Box::new(stage), StageCounters::default()));
         // The summaries' own vectors, for `drift`.
         if let Some(worker) = summary_encoder {
             let stage = Embed::summaries(worker, &last_schema(&stages)).map_err(doesnt_fit)?;
-            stages.push((Box::new(stage), OperatorMetrics::default()));
+            stages.push((Box::new(stage), StageCounters::default()));
         }
         let settings = QualitySettings {
             stem: metrics.stem,
             thresholds: metrics.alerts,
         };
         let stage = quality_metrics(settings, &last_schema(&stages)).map_err(doesnt_fit)?;
-        stages.push((Box::new(stage), OperatorMetrics::default()));
+        stages.push((Box::new(stage), StageCounters::default()));
     }
 
     let expected_rows = match options.limit {
@@ -293,7 +295,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         progress: Progress {
             expected_rows,
             read,
-            written: OperatorMetrics::default(),
+            written: StageCounters::default(),
         },
     })
 }
@@ -441,7 +443,7 @@ impl PreparedRun {
                 })
                 .collect();
         }
-        let stage_sum = |name: Option<&str>, count: fn(&MetricsSnapshot) -> u64| -> u64 {
+        let stage_sum = |name: Option<&str>, count: fn(&CountersSnapshot) -> u64| -> u64 {
             self.stages
                 .iter()
                 .filter(|(s, _)| name.is_none_or(|n| s.name() == n))
@@ -508,7 +510,7 @@ fn until_drained(
 /// Wires `stages` after `input`, each driven on its own task behind a bounded channel.
 fn chain(
     input: SendableRecordBatchStream,
-    stages: &[(Box<dyn Operator>, OperatorMetrics)],
+    stages: &[(Box<dyn Operator>, StageCounters)],
     capacity: usize,
 ) -> Result<SendableRecordBatchStream, OperatorError> {
     let mut stream = bounded(input, capacity);

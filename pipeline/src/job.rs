@@ -1022,7 +1022,7 @@ fn resolve_path(base: &Path, path: &str, hub_ok: bool) -> String {
 }
 
 fn absolute(base: &Path, path: &str) -> String {
-    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let home = dirs::home_dir();
     if let (Some(rest), Some(home)) = (path.strip_prefix("~/"), home) {
         return lexically_normal(&home.join(rest)).display().to_string();
     }

@@ -4,17 +4,19 @@
 //! [`executor::PreparedRun`]: the input is resolved and checked and every stage is built
 //! before anything is written. Executing it streams the input's record batches through
 //! the stages of `abridge-operators` into a new run folder of the output table, by the
-//! protocol in [`table`]. [`sql`] queries those tables, [`retrieval`] searches a job's index;
-//! [`summarizer`] loads the generator; [`sample`] makes synthetic input.
+//! protocol in [`table`]. [`filter_rules`] embeds the filter's queries and topics,
+//! [`summarizer`] loads the generator; [`sql`] queries the tables, [`search`] a job's index;
+//! [`sample`] makes synthetic input.
 
 pub mod error;
 pub mod eval;
 pub mod executor;
+pub mod filter_rules;
 pub mod job;
 pub mod progress;
 pub mod report;
-pub mod retrieval;
 pub mod sample;
+pub mod search;
 pub mod sql;
 pub mod status;
 pub mod summarizer;

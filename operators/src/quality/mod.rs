@@ -34,7 +34,7 @@ pub use measures::AlertThresholds;
 
 use crate::embed::{EMBEDDING, SUMMARY_EMBEDDING};
 use crate::summarize::{SUMMARY, SUMMARY_SAMPLES, TEXT_CUT_CHARS};
-use crate::{BatchTransform, OperatorError, OperatorMetrics, TransformStage};
+use crate::{BatchTransform, OperatorError, StageCounters, TransformStage};
 
 /// Column: ROUGE-1 F1 against the reference.
 pub const ROUGE1: &str = "rouge1";
@@ -176,7 +176,7 @@ impl BatchTransform for QualityMetrics {
     fn transform(
         &self,
         batch: RecordBatch,
-        _metrics: &OperatorMetrics,
+        _metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError> {
         let rows = batch.num_rows();
         let c = &self.columns;
@@ -318,7 +318,7 @@ mod tests {
         let stage = quality_metrics(QualitySettings::default(), schema).unwrap();
         stage
             .inner()
-            .transform(batch, &OperatorMetrics::default())
+            .transform(batch, &StageCounters::default())
             .unwrap()
     }
 

@@ -12,7 +12,9 @@
 //! mean (0 when both are 0). An empty candidate or reference scores 0, as in rouge-score.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
+
+use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use super::porter;
 
@@ -116,7 +118,7 @@ fn flush(word: &mut String, stem: bool, emit: &mut impl FnMut(&str)) {
 #[derive(Default)]
 pub struct Vocabulary {
     /// Token hash → number of the first token seen with that hash.
-    by_hash: HashMap<u64, u32, BuildHasherDefault<KeyIsHash>>,
+    by_hash: FxHashMap<u64, u32>,
     /// Number → where the token is in `text`.
     spans: Vec<(usize, usize)>,
     text: String,
@@ -134,9 +136,9 @@ impl Vocabulary {
     }
 
     fn number(&mut self, token: &str) -> u32 {
-        let mut hasher = FxHasher::default();
-        hasher.write(token.as_bytes());
-        let hash = hasher.finish();
+        // FxHash (rustc's hasher): tokens are short and not adversarial, and SipHash
+        // would be a third of the scoring time.
+        let hash = FxBuildHasher.hash_one(token.as_bytes());
         match self.by_hash.get(&hash) {
             None => {
                 let id = self.add(token);
@@ -171,46 +173,6 @@ impl Vocabulary {
         self.spans.clear();
         self.text.clear();
         self.collisions.clear();
-    }
-}
-
-/// FxHash (rustc's hasher): tokens are short and not adversarial, and SipHash would be a
-/// third of the scoring time.
-#[derive(Default)]
-struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// For maps keyed by a hash already: the key is its own hash.
-#[derive(Default)]
-struct KeyIsHash(u64);
-
-impl Hasher for KeyIsHash {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
     }
 }
 

@@ -9,7 +9,7 @@ use abridge_operators::index::{IndexCommitter, IndexPosition, TicketIndex};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::PipelineError;
-use crate::retrieval::index_error;
+use crate::search::index_error;
 use crate::table::manifest::committed_runs;
 
 /// Opens the job's index for a run and brings it in step with the output table: the

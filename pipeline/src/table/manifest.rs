@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
-use abridge_operators::MetricsSnapshot;
+use abridge_operators::CountersSnapshot;
 use serde::{Deserialize, Serialize};
 
 /// The manifest's file name inside a run folder.
@@ -49,7 +49,7 @@ pub struct StageSummary {
     pub stage: String,
     /// Its counters.
     #[serde(flatten)]
-    pub metrics: MetricsSnapshot,
+    pub metrics: CountersSnapshot,
 }
 
 /// What a run did: written as `_run.json` and printed by `abridge run --json`.

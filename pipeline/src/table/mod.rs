@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use abridge_operators::sink::{PublishObserver, SinkReport, published_files};
 use abridge_operators::stop::StopSignal;
-use abridge_operators::{OperatorError, OperatorMetrics};
+use abridge_operators::{OperatorError, StageCounters};
 use arrow::record_batch::RecordBatch;
 
 use crate::error::PipelineError;
@@ -161,7 +161,7 @@ impl TableRun {
         &self,
         manifest: &RunManifest,
         expected_rows: u64,
-        read: OperatorMetrics,
+        read: StageCounters,
     ) -> Arc<dyn PublishObserver> {
         Arc::new(ProgressRecord {
             manifest: Mutex::new(manifest.clone()),
@@ -253,7 +253,7 @@ struct ProgressRecord {
     /// Rows earlier attempts published.
     rows_before: u64,
     expected_rows: u64,
-    read: OperatorMetrics,
+    read: StageCounters,
 }
 
 impl PublishObserver for ProgressRecord {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use abridge_pipeline::PipelineError;
 use abridge_pipeline::eval::Recompute;
-use abridge_pipeline::retrieval::SearchMode;
+use abridge_pipeline::search::SearchMode;
 use abridge_pipeline::sql::OutputFormat;
 use clap::{Args, Parser, Subcommand};
 

@@ -9,7 +9,7 @@ use abridge_operators::encoder::bert::BertEncoder;
 use abridge_operators::index::TicketIndex;
 use abridge_pipeline::PipelineError;
 use abridge_pipeline::job::Job;
-use abridge_pipeline::retrieval::{self, SearchMode};
+use abridge_pipeline::search::{self as index_search, SearchMode};
 use anyhow::Context;
 use candle_core::Device;
 
@@ -36,7 +36,7 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let index = TicketIndex::open(&dir).map_err(retrieval::index_error)?;
+    let index = TicketIndex::open(&dir).map_err(index_search::index_error)?;
     let encoder = if args.mode == SearchMode::Bm25 {
         None
     } else {
@@ -58,7 +58,8 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
         }
         Some(encoder)
     };
-    let hits = retrieval::search(&index, encoder.as_ref(), &args.query, args.k, args.mode).await?;
+    let hits =
+        index_search::search(&index, encoder.as_ref(), &args.query, args.k, args.mode).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout());
     match args.format {
         HitFormat::Json => {

@@ -1,3 +1,7 @@
+//! Row counters of every stage (rows in, out, failed, dropped, filtered; busy time): what
+//! progress, the run summary and the manifest report. The quality metrics of summaries are
+//! in `quality/`.
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -7,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Live counters of one operator, shared between the operator and whoever reports progress.
 /// Cloning gives another handle on the same counters.
 #[derive(Debug, Clone, Default)]
-pub struct OperatorMetrics(Arc<Counters>);
+pub struct StageCounters(Arc<Counters>);
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -23,7 +27,7 @@ struct Counters {
 
 /// A point-in-time copy of an operator's counters, as printed in run summaries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct MetricsSnapshot {
+pub struct CountersSnapshot {
     /// Rows received.
     pub rows_in: u64,
     /// Rows passed on (failed rows included: they flow on with their `error`).
@@ -47,7 +51,7 @@ pub struct MetricsSnapshot {
     pub busy_ms: u64,
 }
 
-impl OperatorMetrics {
+impl StageCounters {
     /// Counts rows received.
     pub fn add_in(&self, rows: usize) {
         self.0.rows_in.fetch_add(rows as u64, Ordering::Relaxed);
@@ -98,8 +102,8 @@ impl OperatorMetrics {
     }
 
     /// The counters now.
-    pub fn snapshot(&self) -> MetricsSnapshot {
-        MetricsSnapshot {
+    pub fn snapshot(&self) -> CountersSnapshot {
+        CountersSnapshot {
             rows_in: self.0.rows_in.load(Ordering::Relaxed),
             rows_out: self.0.rows_out.load(Ordering::Relaxed),
             rows_failed: self.0.rows_failed.load(Ordering::Relaxed),
