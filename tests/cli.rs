@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use abridge_operators::encoder::Encoder;
-use abridge_operators::encoder::bert::BertEncoder;
+use abridge_models::encoder::Encoder;
+use abridge_models::models::bert::BertEncoder;
 use abridge_pipeline::job::Job;
 use abridge_pipeline::table::lock::{LOCK_FILE, OutputLock};
 use abridge_pipeline::table::manifest::{RunManifest, RunStatus};
@@ -243,6 +243,52 @@ fn second_run_becomes_summaries_and_both_are_in_runs() -> TestResult {
         stdout(&out),
         format!("r,n\n2,{}\n", first.rows_written + second.rows_written)
     );
+    Ok(())
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_the_runs_fields() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 40, 3)?;
+    let job = job_file(dir.path(), &input, "")?;
+    let events = |out: &Output| -> Result<Vec<serde_json::Value>, serde_json::Error> {
+        stderr(out).lines().map(serde_json::from_str).collect()
+    };
+    let job_path = job.to_str().unwrap_or_default();
+    let out = abridge(&["run", job_path, "--log-format", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let logged = events(&out)?;
+    let started = logged
+        .iter()
+        .find(|e| e["dir"].is_string())
+        .ok_or("no run-started event")?;
+    let run_id = started["run_id"].as_str().ok_or("run_id")?;
+    let committed = logged
+        .iter()
+        .find(|e| e["rows_written"].is_u64())
+        .ok_or("no run-committed event")?;
+    assert_eq!(committed["run_id"], run_id);
+    assert_eq!(committed["rows_written"], 40);
+    assert_eq!(committed["level"], "INFO");
+    assert!(committed["timestamp"].is_string(), "{committed}");
+
+    // An error is an event too, with the exit code a scheduler sees.
+    let out = abridge(&["run", "/no/such/job.toml", "--log-format", "json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let logged = events(&out)?;
+    assert_eq!(logged.len(), 1, "{}", stderr(&out));
+    assert_eq!(logged[0]["level"], "ERROR");
+    assert_eq!(logged[0]["exit_code"], 2);
+    assert!(
+        logged[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/no/such/job.toml")),
+        "{}",
+        logged[0]
+    );
+    // Text, the default, writes the same error for people.
+    let out = abridge(&["run", "/no/such/job.toml"]);
+    assert!(stderr(&out).starts_with("error: "), "{}", stderr(&out));
     Ok(())
 }
 
@@ -670,7 +716,7 @@ fn help_teaches_each_command() {
 fn embed_stage_writes_normalized_vectors_of_the_model_dimension() -> TestResult {
     let dir = tempfile::tempdir()?;
     let input = repo().join("jobs/data/demo-tickets.parquet");
-    let model = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let model = abridge_models::cached_model_dir("minilm-l6-v2");
     let job = job_file(
         dir.path(),
         &input,
@@ -721,7 +767,7 @@ fn embed_stage_writes_normalized_vectors_of_the_model_dimension() -> TestResult 
 /// `[embed]`, `[filter]` and `[index]` sections over the small test model, with the index
 /// in `dir/index`.
 fn retrieval_sections(dir: &Path) -> String {
-    let model = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let model = abridge_models::cached_model_dir("minilm-l6-v2");
     format!(
         r#"
 [embed]
@@ -941,7 +987,7 @@ fn filter_marks_rows_and_index_search_finds_by_meaning() -> TestResult {
     // Another encoder of the same dimension (a copy of the model with one weight changed)
     // is refused by name, by search and by a run into the same index.
     let other = dir.path().join("other-encoder");
-    let model = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let model = abridge_models::cached_model_dir("minilm-l6-v2");
     for sub in ["", "1_Pooling"] {
         std::fs::create_dir_all(other.join(sub))?;
         for entry in std::fs::read_dir(model.join(sub))? {
@@ -1059,7 +1105,7 @@ fn retrieval_config_errors_are_clear() -> TestResult {
     );
 
     // An index held by another writer.
-    let model = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let model = abridge_models::cached_model_dir("minilm-l6-v2");
     let encoder = BertEncoder::load(&model, &candle_core::Device::Cpu, 1)?;
     let index = abridge_operators::index::TicketIndex::open_or_create(
         &dir.path().join("index"),
@@ -1110,7 +1156,7 @@ fn write_batch(path: &Path, batch: &RecordBatch) -> TestResult {
 /// A job over `input` (already in abridge's column names) with a `[summarize]` section on
 /// the small test model, SmolLM2-135M-Instruct (GGUF).
 fn summarize_job(dir: &Path, input: &Path, settings: &str) -> std::io::Result<PathBuf> {
-    let model = abridge_operators::encoder::bert::cached_model_dir("smollm2-135m-instruct");
+    let model = abridge_models::cached_model_dir("smollm2-135m-instruct");
     let path = dir.join("job.toml");
     std::fs::write(
         &path,
@@ -1371,8 +1417,8 @@ fn summarize_config_errors_are_clear_before_any_row() -> TestResult {
 fn metrics_columns_are_written_and_the_sql_functions_recompute_them() -> TestResult {
     let dir = tempfile::tempdir()?;
     let input = sample(dir.path(), "tickets.parquet", 6, 3)?;
-    let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
-    let generator = abridge_operators::encoder::bert::cached_model_dir("smollm2-135m-instruct");
+    let encoder = abridge_models::cached_model_dir("minilm-l6-v2");
+    let generator = abridge_models::cached_model_dir("smollm2-135m-instruct");
     let job = job_file(
         dir.path(),
         &input,
@@ -1612,7 +1658,7 @@ fn eval_remeasures_runs_and_compares_two_on_shared_tickets() -> TestResult {
     assert_eq!(report["runs"][0]["without_reference"], 1, "T1 has no gold");
 
     // Only what is asked is computed again; drift from vectors made now, with --encoder.
-    let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let encoder = abridge_models::cached_model_dir("minilm-l6-v2");
     let report = eval(&[
         "--run",
         &run_b,
@@ -1672,7 +1718,7 @@ fn truncation_is_recorded_per_row_and_compression_measures_what_the_model_saw() 
             ("T2", "Printer", Some(long.as_str())),
         ],
     )?;
-    let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let encoder = abridge_models::cached_model_dir("minilm-l6-v2");
     let bloom = repo().join("tests/fixtures/bloom-tiny-4h");
     let job = dir.path().join("job.toml");
     std::fs::write(

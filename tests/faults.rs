@@ -39,7 +39,7 @@ fn stderr(out: &Output) -> String {
 /// files so that a run commits many times.
 fn full_job(dir: &Path, rows: usize) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let input = sample_tickets(dir, rows, 11, false)?;
-    let encoder = abridge_operators::encoder::bert::cached_model_dir("minilm-l6-v2");
+    let encoder = abridge_models::cached_model_dir("minilm-l6-v2");
     let job = dir.join("job.toml");
     std::fs::write(
         &job,

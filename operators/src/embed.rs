@@ -9,22 +9,83 @@
 //! tokens the encoder's length limit cut from the end of the text: a long ticket's vector
 //! describes its head only, and a user should be able to see which ones.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use abridge_models::encoder::{Encoded, EncoderError, EncoderWorker};
+use abridge_models::models::bert::BertEncoder;
 use abridge_schemas::output::ERROR;
 use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, UInt32Builder};
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use crate::encoder::{Encoded, EncoderWorker};
 use crate::template::Template;
 use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
+use serde::{Deserialize, Serialize};
 
 /// Name of the column this stage adds.
 pub const EMBEDDING: &str = "embedding";
 /// The column the stage adds when it embeds summaries ([`Embed::summaries`]).
 pub const SUMMARY_EMBEDDING: &str = "summary_embedding";
+
+/// `[embed]`: one vector per ticket from a BERT-family sentence encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedConfig {
+    /// Model folder in Hugging Face layout (config.json, tokenizer.json,
+    /// model.safetensors, sentence-transformers files): GTE, BGE, MiniLM, e5...
+    pub model: PathBuf,
+    /// What to embed: a template over the row's columns. Default: `{text}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// Texts per forward pass. Default: 32.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Where the encoder runs: `cpu` (default), `cuda` or `cuda:N` (a build with the
+    /// `cuda` feature and an NVIDIA GPU).
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_batch_size() -> usize {
+    32
+}
+
+pub(crate) fn default_device() -> String {
+    "cpu".into()
+}
+
+impl EmbedConfig {
+    /// Why this section cannot be used, naming the key.
+    pub fn validate(&self) -> Result<(), OperatorError> {
+        if self.batch_size == 0 {
+            return Err(OperatorError::config(
+                "embed.batch_size",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads the encoder (on a blocking thread: minutes for a large model), starts its
+    /// worker and makes the stage over `input`. The worker is returned too: the filter,
+    /// the index and the summaries' vectors use the same encoder.
+    pub async fn build(&self, input: &SchemaRef) -> Result<(Embed, EncoderWorker), OperatorError> {
+        let model_error = |e| OperatorError::Encoder(Box::new(e));
+        let device = abridge_models::device(&self.device)
+            .map_err(|message| OperatorError::config("embed.device", message))?;
+        let (dir, batch_size) = (self.model.clone(), self.batch_size);
+        let encoder =
+            tokio::task::spawn_blocking(move || BertEncoder::load(&dir, &device, batch_size))
+                .await
+                .map_err(|_| model_error(EncoderError::WorkerGone))?
+                .map_err(model_error)?;
+        let worker = EncoderWorker::spawn(Arc::new(encoder)).map_err(model_error)?;
+        let stage = Embed::try_new(worker.clone(), self.input.as_deref(), input)?;
+        Ok((stage, worker))
+    }
+}
 
 /// The `embed` stage.
 pub struct Embed {
@@ -200,7 +261,8 @@ async fn embed_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encoder::bert::{BertEncoder, cached_model_dir};
+    use abridge_models::cached_model_dir;
+    use abridge_models::models::bert::BertEncoder;
     use arrow::array::StringArray;
     use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
     use futures::TryStreamExt;

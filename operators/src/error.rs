@@ -76,13 +76,21 @@ pub enum OperatorError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A stage's configuration cannot be used: `key` is its dotted key in the job file.
+    #[error("key `{key}`: {message}")]
+    Config {
+        /// The dotted key (`summarize.device`).
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The sentence encoder failed to load or run.
     #[error(transparent)]
-    Encoder(Box<crate::encoder::EncoderError>),
+    Encoder(Box<abridge_models::encoder::EncoderError>),
 
     /// The summarizer's model failed to load.
     #[error(transparent)]
-    Generator(Box<crate::generator::GeneratorError>),
+    Generator(Box<abridge_models::generator::GeneratorError>),
     /// A post-processing rule's pattern is not a regular expression.
     #[error("rule `{pattern}`: not a valid regular expression: {reason}")]
     Rule {
@@ -112,6 +120,16 @@ pub enum OperatorError {
     /// The run was told to stop at once; what was published before stays.
     #[error("stopped at once: the file being written was abandoned")]
     Stopped,
+}
+
+impl OperatorError {
+    /// A [`OperatorError::Config`] error of `key`.
+    pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        OperatorError::Config {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
 }
 
 impl From<crate::index::IndexError> for OperatorError {

@@ -4,23 +4,21 @@
 //! Data enters through [`scan::ParquetScan`] (DataFusion reading the user's Parquet) and
 //! leaves through [`sink::ParquetSink`] (the run's output files). Operators know nothing of
 //! job files or the CLI: the pipeline crate builds them from its configuration, wires them
-//! with bounded channels and reads their [`StageCounters`].
+//! with bounded channels and reads their [`StageCounters`]. The models the stages call
+//! (encoders, generators) are abridge-models'.
 
-pub mod admit;
 mod compaction;
 mod counters;
 pub mod dedup;
 pub mod embed;
-pub mod encoder;
 mod error;
 pub mod filter;
-pub mod generator;
 pub mod index;
-mod kernels;
 pub mod normalize;
 mod operator;
 pub mod quality;
 pub mod scan;
+pub mod scope;
 pub mod sink;
 pub mod stop;
 pub mod summarize;
@@ -32,12 +30,3 @@ pub use operator::{BatchTransform, Operator, TransformStage, map_batches, then_b
 
 /// DataFusion's stream of record batches: what every operator consumes and produces.
 pub use datafusion::execution::SendableRecordBatchStream;
-
-/// abridge's cache folder: `$ABRIDGE_CACHE`, else `~/.cache/abridge`, the folder the
-/// scripts fetch models into and the shipped job files name (so not `$XDG_CACHE_HOME`,
-/// which those paths would not follow).
-pub fn cache_dir() -> std::path::PathBuf {
-    std::env::var_os("ABRIDGE_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| dirs::home_dir().unwrap_or_default().join(".cache/abridge"))
-}

@@ -27,7 +27,57 @@ use futures::{FutureExt, StreamExt};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use crate::{OperatorError, SendableRecordBatchStream, StageCounters};
+use crate::normalize::Normalize;
+use crate::{OperatorError, SendableRecordBatchStream, StageCounters, TransformStage};
+use abridge_schemas::ColumnMapping;
+use serde::{Deserialize, Serialize};
+
+/// `[input]`: the Parquet tickets to read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// A Parquet file, a folder (every `*.parquet` below it) or a glob (`data/*.parquet`).
+    pub path: String,
+    /// Optional SQL condition over the input's own column names, pushed down into the
+    /// Parquet reader, e.g. `status = 'open' AND language = 'zh'`.
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
+    pub where_clause: Option<String>,
+    /// Which input column fills each ticket column (`id`, `text`, `title`, `created_at`,
+    /// `reference`, `topic`). Unset ones default to the column of the same name.
+    #[serde(default)]
+    pub columns: ColumnMapping,
+    /// Input columns not to carry into the output. Default: none (everything else is kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
+}
+
+impl InputConfig {
+    /// Why this section cannot be used, naming the key.
+    pub fn validate(&self) -> Result<(), OperatorError> {
+        if self.path.trim().is_empty() {
+            return Err(OperatorError::config("input.path", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The scan of this input: at most `limit` rows (after `where`), `batch_size` per batch.
+    pub fn scan(&self, limit: Option<usize>, batch_size: usize) -> ParquetScan {
+        ParquetScan {
+            path: self.path.clone(),
+            where_clause: self.where_clause.clone(),
+            limit,
+            batch_size,
+        }
+    }
+
+    /// The `normalize` stage over the scan's `schema`: the column mapping applied.
+    pub fn normalize(
+        &self,
+        schema: &SchemaRef,
+    ) -> Result<TransformStage<Normalize>, OperatorError> {
+        Normalize::try_new(&self.columns, schema, &self.path, &self.drop)
+    }
+}
 
 /// What to read.
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 
+use abridge_models::encoder::EncoderError;
 use abridge_operators::OperatorError;
-use abridge_operators::encoder::EncoderError;
 use datafusion::error::DataFusionError;
 
 use crate::job::JobError;

@@ -18,8 +18,8 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use serde::Serialize;
 
-use abridge_operators::encoder::EncoderWorker;
-use abridge_operators::encoder::bert::BertEncoder;
+use abridge_models::encoder::EncoderWorker;
+use abridge_models::models::bert::BertEncoder;
 
 use crate::error::PipelineError;
 use crate::sql::SqlSession;
@@ -317,7 +317,7 @@ async fn embed_drift(
     dir: &Path,
     batches: Vec<RecordBatch>,
 ) -> Result<Vec<RecordBatch>, PipelineError> {
-    let model_error = |e: abridge_operators::encoder::EncoderError| {
+    let model_error = |e: abridge_models::encoder::EncoderError| {
         PipelineError::Usage(format!("--encoder {}: {e}", dir.display()))
     };
     let path = dir.to_path_buf();

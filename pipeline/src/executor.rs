@@ -9,16 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use abridge_operators::admit::{Admit, DoneTickets, Shard};
+use abridge_models::encoder::EncoderWorker;
 use abridge_operators::dedup::Deduplicate;
 use abridge_operators::embed::Embed;
-use abridge_operators::encoder::bert::BertEncoder;
-use abridge_operators::encoder::{EncoderError, EncoderWorker};
-use abridge_operators::filter::SemanticFilter;
 use abridge_operators::index::RunIndexer;
-use abridge_operators::normalize::Normalize;
-use abridge_operators::quality::{QualitySettings, quality_metrics};
-use abridge_operators::scan::{OpenScan, ParquetScan};
+use abridge_operators::scan::OpenScan;
+use abridge_operators::scope::{DoneTickets, RunScope, Shard};
 use abridge_operators::sink::{ParquetSink, PublishObserver};
 use abridge_operators::stop::{StopLevel, StopSignal};
 use abridge_operators::{
@@ -29,9 +25,7 @@ use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchSt
 use futures::StreamExt;
 
 use crate::error::PipelineError;
-use crate::filter_rules;
-use crate::job::{Job, JobError};
-use crate::summarizer;
+use crate::job::{Job, JobError, StageConfig};
 use crate::table::manifest::{
     InputFileFailure, QueryOutcome, RunManifest, RunStatus, ShardRecord, StageSummary, now_rfc3339,
 };
@@ -98,17 +92,12 @@ fn refuse_input_topic(job: &Job, input: &SchemaRef) -> Result<(), PipelineError>
     Ok(())
 }
 
-/// Opens the job's input and builds its stages.
+/// Opens the job's input and builds its stages, one [`StageConfig`] after another.
 pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, PipelineError> {
     let input = &job.config.input;
-    let scan = ParquetScan {
-        path: input.path.clone(),
-        where_clause: input.where_clause.clone(),
-        limit: options.limit,
-        batch_size: job.config.run.batch_size,
-    };
     let read = StageCounters::default();
-    let scan = scan
+    let scan = input
+        .scan(options.limit, job.config.run.batch_size)
         .open(read.clone())
         .await
         .map_err(|source| match source {
@@ -121,163 +110,41 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
                 source: Box::new(source),
             },
         })?;
-    let doesnt_fit = |source| PipelineError::JobDoesNotFitInput {
-        job: job.path.clone(),
-        source: Box::new(source),
-    };
-    let normalize = Normalize::try_new(&input.columns, &scan.schema, &input.path, &input.drop)
-        .map_err(doesnt_fit)?;
-    let normalized = normalize.schema();
-    let mut notes = Vec::new();
-    let mut query_thresholds = Vec::new();
+    let normalize = input
+        .normalize(&scan.schema)
+        .map_err(|e| stage_error(&job.path, e))?;
     // Before anything of the output is read: a second live run is refused here, by name.
-    let output = &job.config.output.path;
-    let (mut table, opened) = TableRun::open(
+    let (table, notes) = TableRun::open(
         &job,
         options.resume,
         options.limit,
         options.shard.as_ref(),
         &options.stop,
     )?;
-    notes.extend(opened);
-    let fingerprint = job.results_fingerprint();
-    let done = match job.config.run.skip_done {
-        true => plan::done_tickets(&job, &fingerprint)?,
-        false => DoneTickets::default(),
+    let mut chain = Chain {
+        job: &job,
+        options,
+        input_schema: Arc::clone(&scan.schema),
+        fingerprint: job.results_fingerprint(),
+        table,
+        stages: vec![(Box::new(normalize), StageCounters::default())],
+        encoder: None,
+        index: None,
+        queries: Vec::new(),
+        notes,
     };
-    if job.config.run.skip_done {
-        notes.push(format!(
-            "skip_done: {} tickets were processed by earlier runs with these settings; \
-             unchanged ones are skipped",
-            done.len()
-        ));
+    for stage in job.config.stages() {
+        chain.add(stage).await?;
     }
-    let shard = options.shard.as_ref().map(|s| Shard {
-        index: s.index,
-        count: s.count,
-    });
-    let admit = Admit::try_new(&normalized, shard, done).map_err(doesnt_fit)?;
-    let dedup = Deduplicate::try_new(normalized)
-        .map_err(doesnt_fit)?
-        .resuming(table.take_committed_keys());
-    let mut stages: Vec<(Box<dyn Operator>, StageCounters)> = vec![
-        (Box::new(normalize), StageCounters::default()),
-        (Box::new(admit), StageCounters::default()),
-        (Box::new(dedup), StageCounters::default()),
-    ];
-    let last_schema = |stages: &[(Box<dyn Operator>, StageCounters)]| {
-        stages
-            .last()
-            .map(|(s, _)| s.schema())
-            .unwrap_or_else(|| Arc::new(Schema::empty()))
-    };
-    let mut index = None;
-    let mut summary_encoder = None;
-    if let Some(embed) = &job.config.embed {
-        let model_error = |e| PipelineError::Model {
-            job: job.path.clone(),
-            source: Box::new(OperatorError::Encoder(Box::new(e))),
-        };
-        let device = embed.candle_device().map_err(|message| JobError::Invalid {
-            path: job.path.clone(),
-            key: "embed.device".into(),
-            message,
-        })?;
-        let (dir, batch_size) = (embed.model.clone(), embed.batch_size);
-        let encoder =
-            tokio::task::spawn_blocking(move || BertEncoder::load(&dir, &device, batch_size))
-                .await
-                .map_err(|_| model_error(EncoderError::WorkerGone))?
-                .map_err(model_error)?;
-        let worker = EncoderWorker::spawn(Arc::new(encoder)).map_err(model_error)?;
-        let stage = Embed::try_new(
-            worker.clone(),
-            embed.input.as_deref(),
-            &last_schema(&stages),
-        )
-        .map_err(doesnt_fit)?;
-        stages.push((Box::new(stage), StageCounters::default()));
-
-        if let Some(filter) = &job.config.filter {
-            if filter.topics.is_some() {
-                refuse_input_topic(&job, &scan.schema)?;
-            }
-            let queries = match &filter.similarity {
-                Some(config) => {
-                    filter_rules::similarity_queries(config, &worker, &job.path).await?
-                }
-                None => Vec::new(),
-            };
-            query_thresholds = queries
-                .iter()
-                .map(|q| (q.text.clone(), q.threshold))
-                .collect();
-            let topics = match &filter.topics {
-                Some(config) => Some(filter_rules::topic_rule(config, &worker, &job.path).await?),
-                None => None,
-            };
-            let stage = SemanticFilter::try_new(&last_schema(&stages), queries, topics)
-                .map_err(doesnt_fit)?;
-            stages.push((Box::new(stage), StageCounters::default()));
-        }
-
-        match (&job.config.index, &options.shard) {
-            (Some(config), Some(_)) => notes.push(format!(
-                "shard runs do not write the index ({}): the next unsharded run of the job \
-                 rebuilds it from the table",
-                config.path.display()
-            )),
-            (Some(config), None) => {
-                let (committer, rebuilt) = table::index::open_index_for_run(
-                    &config.path,
-                    worker.dim(),
-                    &embed.model,
-                    worker.fingerprint(),
-                    output,
-                    table.resuming(),
-                )?;
-                if let Some(rows) = rebuilt {
-                    notes.push(format!(
-                        "index {} did not match the output table (new index, or a run \
-                         interrupted between a file's commit and the index's): brought in step \
-                         from the table's files ({rows} tickets)",
-                        config.path.display()
-                    ));
-                }
-                index = Some(Arc::new(RunIndexer {
-                    committer,
-                    run_id: table.run_id().to_string(),
-                }));
-            }
-            (None, _) => {}
-        }
-        summary_encoder = Some(worker);
-    }
-
-    if let Some(config) = &job.config.summarize {
-        let metrics = &job.config.metrics;
-        let (stage, note) = summarizer::summarize_stage(
-            config,
-            metrics.stability_samples,
-            &last_schema(&stages),
-            &job.path,
-        )
-        .await?;
-        notes.push(note);
-        stages.push((Box::new(stage), StageCounters::default()));
-        // The summaries' own vectors, for `drift`.
-        if let Some(worker) = summary_encoder {
-            let stage = Embed::summaries(worker, &last_schema(&stages)).map_err(doesnt_fit)?;
-            stages.push((Box::new(stage), StageCounters::default()));
-        }
-        let settings = QualitySettings {
-            stem: metrics.stem,
-            thresholds: metrics.alerts,
-        };
-        let stage = quality_metrics(settings, &last_schema(&stages)).map_err(doesnt_fit)?;
-        stages.push((Box::new(stage), StageCounters::default()));
-    }
-
+    let Chain {
+        fingerprint,
+        table,
+        stages,
+        index,
+        queries,
+        notes,
+        ..
+    } = chain;
     let expected_rows = match options.limit {
         Some(limit) => scan.file_rows.min(limit as u64),
         None => scan.file_rows,
@@ -290,7 +157,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         scan,
         stages,
         index,
-        queries: query_thresholds,
+        queries,
         notes,
         progress: Progress {
             expected_rows,
@@ -298,6 +165,167 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             written: StageCounters::default(),
         },
     })
+}
+
+/// The stages built so far, and what later stages take from earlier ones.
+struct Chain<'a> {
+    job: &'a Job,
+    options: &'a RunOptions,
+    /// The input files' own columns (before normalize).
+    input_schema: SchemaRef,
+    fingerprint: String,
+    table: TableRun,
+    stages: Vec<(Box<dyn Operator>, StageCounters)>,
+    /// The `embed` stage's encoder, which the filter, the index and the summaries'
+    /// vectors use too.
+    encoder: Option<EncoderWorker>,
+    index: Option<Arc<RunIndexer>>,
+    /// The similarity queries and their thresholds, for the run's summary.
+    queries: Vec<(String, f32)>,
+    notes: Vec<String>,
+}
+
+impl Chain<'_> {
+    /// The schema the next stage reads.
+    fn schema(&self) -> SchemaRef {
+        self.stages
+            .last()
+            .map(|(s, _)| s.schema())
+            .unwrap_or_else(|| Arc::new(Schema::empty()))
+    }
+
+    fn push(&mut self, stage: impl Operator + 'static) {
+        self.stages
+            .push((Box::new(stage), StageCounters::default()));
+    }
+
+    fn encoder(&self) -> Result<EncoderWorker, PipelineError> {
+        self.encoder.clone().ok_or_else(|| {
+            JobError::Invalid {
+                path: self.job.path.clone(),
+                key: "embed".into(),
+                message: "the stages that work on vectors need an [embed] section".into(),
+            }
+            .into()
+        })
+    }
+
+    async fn add(&mut self, stage: StageConfig<'_>) -> Result<(), PipelineError> {
+        let job = self.job;
+        let fail = |e| stage_error(&job.path, e);
+        let input = self.schema();
+        match stage {
+            StageConfig::Scope(run) => {
+                let done = match run.skip_done {
+                    true => plan::done_tickets(job, &self.fingerprint)?,
+                    false => DoneTickets::default(),
+                };
+                if run.skip_done {
+                    self.notes.push(format!(
+                        "skip_done: {} tickets were processed by earlier runs with these \
+                         settings; unchanged ones are skipped",
+                        done.len()
+                    ));
+                }
+                let shard = self.options.shard.as_ref().map(|s| Shard {
+                    index: s.index,
+                    count: s.count,
+                });
+                self.push(RunScope::try_new(&input, shard, done).map_err(fail)?);
+            }
+            StageConfig::Dedup => {
+                let committed = self.table.take_committed_keys();
+                self.push(
+                    Deduplicate::try_new(input)
+                        .map_err(fail)?
+                        .resuming(committed),
+                );
+            }
+            StageConfig::Embed(config) => {
+                let (stage, encoder) = config.build(&input).await.map_err(fail)?;
+                self.encoder = Some(encoder);
+                self.push(stage);
+            }
+            StageConfig::Filter(config) => {
+                if config.topics.is_some() {
+                    refuse_input_topic(job, &self.input_schema)?;
+                }
+                let stage = config.build(&self.encoder()?, &input).await.map_err(fail)?;
+                self.queries = stage
+                    .inner()
+                    .queries()
+                    .iter()
+                    .map(|q| (q.text.clone(), q.threshold))
+                    .collect();
+                self.push(stage);
+            }
+            StageConfig::Index(config, _) if self.options.shard.is_some() => {
+                self.notes.push(format!(
+                    "shard runs do not write the index ({}): the next unsharded run of the \
+                     job rebuilds it from the table",
+                    config.path.display()
+                ));
+            }
+            StageConfig::Index(config, embed) => {
+                let encoder = self.encoder()?;
+                let (committer, rebuilt) = table::index::open_index_for_run(
+                    &config.path,
+                    encoder.dim(),
+                    &embed.model,
+                    encoder.fingerprint(),
+                    &job.config.output.path,
+                    self.table.resuming(),
+                )?;
+                if let Some(rows) = rebuilt {
+                    self.notes.push(format!(
+                        "index {} did not match the output table (new index, or a run \
+                         interrupted between a file's commit and the index's): brought in \
+                         step from the table's files ({rows} tickets)",
+                        config.path.display()
+                    ));
+                }
+                self.index = Some(Arc::new(RunIndexer {
+                    committer,
+                    run_id: self.table.run_id().to_string(),
+                }));
+            }
+            StageConfig::Summarize(config, metrics) => {
+                let (stage, note) = config
+                    .build(metrics.stability_samples, &input)
+                    .await
+                    .map_err(fail)?;
+                self.notes.push(note);
+                self.push(stage);
+            }
+            StageConfig::EmbedSummaries => {
+                let stage = Embed::summaries(self.encoder()?, &input).map_err(fail)?;
+                self.push(stage);
+            }
+            StageConfig::Metrics(config) => self.push(config.build(&input).map_err(fail)?),
+        }
+        Ok(())
+    }
+}
+
+/// A stage that could not be built: a setting (exit code 2, by key), a model, or the
+/// input's columns.
+fn stage_error(job: &Path, e: OperatorError) -> PipelineError {
+    match e {
+        OperatorError::Config { key, message } => JobError::Invalid {
+            path: job.to_path_buf(),
+            key,
+            message,
+        }
+        .into(),
+        e @ (OperatorError::Encoder(_) | OperatorError::Generator(_)) => PipelineError::Model {
+            job: job.to_path_buf(),
+            source: Box::new(e),
+        },
+        e => PipelineError::JobDoesNotFitInput {
+            job: job.to_path_buf(),
+            source: Box::new(e),
+        },
+    }
 }
 
 impl PreparedRun {
@@ -452,7 +480,7 @@ impl PreparedRun {
         };
         manifest.duplicates_dropped = stage_sum(None, |m| m.rows_dropped);
         manifest.rows_resumed = stage_sum(Some("dedup"), |m| m.rows_skipped);
-        manifest.rows_skipped_done = stage_sum(Some("admit"), |m| m.rows_skipped);
+        manifest.rows_skipped_done = stage_sum(Some("scope"), |m| m.rows_skipped);
         manifest.rows_other_shards = stage_sum(None, |m| m.rows_elsewhere);
         manifest.finished_at = Some(now_rfc3339());
         manifest.updated_at = manifest.finished_at.clone();

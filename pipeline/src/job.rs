@@ -5,12 +5,19 @@
 //! name the key). Relative paths in the file are relative to the file's folder; relative
 //! paths given with `--set` are relative to the current directory, as a user typing them
 //! expects. The resolved configuration is what gets recorded beside a run's output.
+//!
+//! Each stage's own section (its config type, defaults and checks) lives beside the stage
+//! in abridge-operators; this file holds what is about the job as a whole. Past 800 lines
+//! with its tests (over a third of it), which load job files of every shape.
 
 use std::path::{Path, PathBuf};
 
-use abridge_operators::filter::OTHER_TOPIC;
-use abridge_operators::quality::AlertThresholds;
-use abridge_schemas::ColumnMapping;
+use abridge_operators::OperatorError;
+use abridge_operators::embed::EmbedConfig;
+use abridge_operators::filter::FilterConfig;
+use abridge_operators::quality::MetricsConfig;
+use abridge_operators::scan::InputConfig;
+use abridge_operators::summarize::SummarizeConfig;
 use serde::{Deserialize, Serialize};
 
 /// Everything a run needs to know.
@@ -45,61 +52,6 @@ pub struct JobConfig {
     pub run: RunConfig,
 }
 
-/// `[embed]`: one vector per ticket from a BERT-family sentence encoder.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmbedConfig {
-    /// Model folder in Hugging Face layout (config.json, tokenizer.json,
-    /// model.safetensors, sentence-transformers files): GTE, BGE, MiniLM, e5...
-    pub model: PathBuf,
-    /// What to embed: a template over the row's columns. Default: `{text}`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input: Option<String>,
-    /// Texts per forward pass. Default: 32.
-    #[serde(default = "default_embed_batch_size")]
-    pub batch_size: usize,
-    /// Where the encoder runs: `cpu` (default), `cuda` or `cuda:N` (a build with the
-    /// `cuda` feature and an NVIDIA GPU).
-    #[serde(default = "default_device")]
-    pub device: String,
-}
-
-fn default_device() -> String {
-    "cpu".into()
-}
-
-impl EmbedConfig {
-    /// The candle device named by `device`, or why it cannot be used.
-    pub fn candle_device(&self) -> Result<candle_core::Device, String> {
-        candle_device(&self.device)
-    }
-}
-
-/// The device `cpu`, `cuda` or `cuda:N` names, or why it cannot be used.
-pub fn candle_device(name: &str) -> Result<candle_core::Device, String> {
-    match name.trim() {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => cuda(ordinal),
-            _ => Err(format!("`{other}` is not cpu, cuda or cuda:N")),
-        },
-    }
-}
-
-fn cuda(ordinal: usize) -> Result<candle_core::Device, String> {
-    if !candle_core::utils::cuda_is_available() {
-        return Err("this abridge was built without the `cuda` feature; \
-             build it with `scripts/build-cuda` or use device = \"cpu\""
-            .into());
-    }
-    candle_core::Device::new_cuda(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))
-}
-
-fn default_embed_batch_size() -> usize {
-    32
-}
-
 /// `[index]`: a tantivy index of every ticket with its vector, kept in step with the
 /// output table (re-indexed tickets replace their old version).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,364 +59,6 @@ fn default_embed_batch_size() -> usize {
 pub struct IndexConfig {
     /// The index folder (created on the first run).
     pub path: PathBuf,
-}
-
-/// `[filter]`: both rules are optional; a ticket is kept when it passes every rule set.
-/// Filtered tickets are still written, with `kept = false` and `filter_reason`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FilterConfig {
-    /// Keep tickets near one of the queries.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub similarity: Option<SimilarityConfig>,
-    /// Classify tickets into topics and keep the allowed ones.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topics: Option<TopicsConfig>,
-}
-
-/// `[filter.similarity]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SimilarityConfig {
-    /// What the job is looking for, in words: a ticket is kept when its cosine to any
-    /// query reaches that query's threshold.
-    pub queries: Vec<String>,
-    /// How close a ticket must come to a query: `{ above_unrelated = 0.375 }` (the
-    /// default), a number (the same for every query), or `{ base, per_token }`.
-    ///
-    /// Cosines depend on the encoder: MiniLM gives unrelated texts ~0.03, others put even
-    /// unrelated pairs above 0.6, so no one number suits every encoder. `above_unrelated = a` places each query's
-    /// threshold the fraction `a` of the way from its mean cosine to unrelated sentences
-    /// (a fixed set of everyday English and Chinese sentences, embedded by the job's
-    /// encoder) up to 1. 0.375 had the best mean F1 on the sample's categories with
-    /// MiniLM-L6 (24 queries of 2 to 32 tokens: 0.924, against 0.926 for the best fixed
-    /// number there, 0.385); an encoder that packs its cosines closer to 1 moves the
-    /// thresholds with it. `scripts/tune-threshold` measures every rule for your encoder.
-    /// A query whose threshold exceeds 1 is refused.
-    #[serde(default)]
-    pub threshold: Threshold,
-}
-
-/// How a query's similarity threshold is decided.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Threshold {
-    /// The same threshold for every query.
-    Fixed(f32),
-    /// `base + per_token × query tokens`.
-    Dynamic(DynamicThreshold),
-    /// `unrelated + above_unrelated × (1 − unrelated)`.
-    Relative(RelativeThreshold),
-}
-
-/// `base + per_token × query tokens`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DynamicThreshold {
-    /// Threshold of a query of no tokens.
-    pub base: f32,
-    /// Added per token of the query (negative: longer queries pass more easily).
-    pub per_token: f32,
-}
-
-/// A threshold relative to the cosine the encoder gives the query and unrelated text.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RelativeThreshold {
-    /// From 0 (as close as unrelated text) to 1 (identical), below 1.
-    pub above_unrelated: f32,
-}
-
-impl Default for Threshold {
-    fn default() -> Self {
-        Threshold::Relative(RelativeThreshold {
-            above_unrelated: 0.375,
-        })
-    }
-}
-
-impl Threshold {
-    /// The threshold of a query of `tokens` tokens whose mean cosine to unrelated
-    /// sentences is `unrelated`.
-    pub fn for_query(&self, tokens: usize, unrelated: f32) -> f32 {
-        match *self {
-            Threshold::Fixed(t) => t,
-            Threshold::Dynamic(d) => d.base + d.per_token * tokens as f32,
-            Threshold::Relative(r) => unrelated + r.above_unrelated * (1.0 - unrelated),
-        }
-    }
-
-    /// Whether deciding it needs the cosines of unrelated sentences.
-    pub fn needs_unrelated(&self) -> bool {
-        matches!(self, Threshold::Relative(_))
-    }
-}
-
-/// `[filter.topics]`: zero-shot topics by cosine to each topic's prototype (the mean
-/// vector of its label and description sentences).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicsConfig {
-    /// Topic label → sentences that describe it (may be empty: the label alone).
-    pub labels: std::collections::BTreeMap<String, Vec<String>>,
-    /// Topics whose tickets are kept; may include `other`. Default: every label.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allowed: Option<Vec<String>>,
-    /// A best cosine below this gives topic `other`. Default: 0.3.
-    #[serde(default = "default_min_topic_score")]
-    pub min_score: f32,
-}
-
-fn default_min_topic_score() -> f32 {
-    0.3
-}
-
-/// `[summarize]`: one summary per kept ticket.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SummarizeConfig {
-    /// The engine. `mistralrs` (the default) loads every text architecture mistral.rs
-    /// knows (Llama, Qwen2/3, Gemma, Phi, Mistral ...) from GGUF or safetensors; `llama`
-    /// runs Llama-architecture GGUF files without rope scaling (SmolLM2, TinyLlama, Llama
-    /// 3.0; files that scale rotary positions, as Llama 3.1/3.2's do, are refused) on
-    /// abridge's own batch engine, on CPU; `seqgpt` runs BLOOM checkpoints (SeqGPT-560M)
-    /// on it.
-    #[serde(default)]
-    pub backend: Backend,
-    /// A `.gguf` file, a folder holding one, or a Hugging Face model folder.
-    pub model: String,
-    /// Lets `model` be a Hugging Face hub id, downloaded on first use. Default: false
-    /// (a nightly job should not depend on the network).
-    #[serde(default)]
-    pub allow_download: bool,
-    /// A template over the ticket's columns that uses `{text}` (`{{`/`}}` for literal
-    /// braces), or a preset: `instruct` (default), `anchor` (`【摘要】{text}【/摘要】`),
-    /// `multi-event` (one sentence per event), `seqgpt` (SeqGPT's own format, with the
-    /// task and labels of `[summarize.seqgpt]`).
-    #[serde(default = "default_prompt")]
-    pub prompt: String,
-    /// What the `seqgpt` preset asks for.
-    #[serde(default)]
-    pub seqgpt: SeqGptPromptConfig,
-    /// `auto` (default: the model's chat template when it has one), `chat` or `raw`.
-    #[serde(default)]
-    pub prompt_format: PromptFormatConfig,
-    /// Most tokens a summary may have. Default: 128.
-    #[serde(default = "default_max_new_tokens")]
-    pub max_new_tokens: usize,
-    /// 0 decodes greedily. Default: 0.3.
-    #[serde(default = "default_temperature")]
-    pub temperature: f64,
-    /// Nucleus sampling mass. Default: 0.9.
-    #[serde(default = "default_top_p")]
-    pub top_p: f64,
-    /// With the ticket id, fixes every random draw: same seed, same ticket, same summary.
-    /// Default: 0.
-    #[serde(default)]
-    pub seed: u64,
-    /// Tokens of `text` a prompt holds; longer texts are cut from their head. Default: 512.
-    #[serde(default = "default_max_input_tokens")]
-    pub max_input_tokens: usize,
-    /// Terms that must appear verbatim in a summary when the text has them; misses are
-    /// listed per row in `glossary_missed`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub glossary: Vec<String>,
-    /// Ask once more, naming the missed terms, when a summary loses some. Default: true.
-    #[serde(default = "default_true")]
-    pub glossary_retry: bool,
-    /// Regex rewrites applied in order to every summary: `{ pattern = "...", replace = "..." }`
-    /// (`$1`, `${name}` for groups).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rules: Vec<RuleConfig>,
-    /// Requests kept open at the engine (the seqgpt engine's batch size). Default: 8;
-    /// with mistral.rs 1 on CPU, where it runs one sequence at a time (its batching
-    /// without PagedAttention mixes sequences up, and was slower there anyway:
-    /// scripts/bench-summarize), and 8 on CUDA with PagedAttention (on an H100, 32
-    /// concurrent requests stalled mistral.rs 0.8.1: scripts/gpu-check); the seqgpt
-    /// engine on CUDA 256 (a GPU step costs about the same for 1 or 256 sequences; its
-    /// paged KV cache admits as many as its memory budget holds).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub in_flight: Option<usize>,
-    /// `cpu` (default), `cuda` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
-    /// In-situ quantization of safetensors weights at load: `Q4K`, `Q8_0`, `4`, `8` ...
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub isq: Option<String>,
-    /// Load a quantized GGUF file's weights as f32, from an exact copy made once in
-    /// `$ABRIDGE_CACHE/f32` (default `~/.cache/abridge/f32`): on CPU mistral.rs multiplies
-    /// f32 weights with a GEMM, quantized ones row by row (SmolLM2-135M Q4_1: 1.8x faster
-    /// as f32). Default: on CPU for files whose f32 weights take at most 1 GiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dequantize: Option<bool>,
-    /// PagedAttention's KV cache (CUDA, both backends; on by default there).
-    #[serde(default)]
-    pub paged_attention: PagedAttentionConfig,
-}
-
-/// `[metrics]`: the health measures written beside every summary (DESIGN.md).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Porter-stem words before ROUGE (rouge-score's `use_stemmer`). Default: false.
-    #[serde(default)]
-    pub stem: bool,
-    /// Summaries drawn per ticket to measure `stability`; 1 (the default) turns it off.
-    /// Each extra draw costs a generation, and draws differ only with temperature > 0.
-    #[serde(default = "default_stability_samples")]
-    pub stability_samples: usize,
-    /// Thresholds of the `alerts` column: `drift_min` (0.45), `compression_min` (0.12),
-    /// `compression_max` (0.35), `stability_max` (0.03).
-    #[serde(default)]
-    pub alerts: AlertThresholds,
-}
-
-fn default_stability_samples() -> usize {
-    1
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            stem: false,
-            stability_samples: default_stability_samples(),
-            alerts: AlertThresholds::default(),
-        }
-    }
-}
-
-/// `[summarize.seqgpt]`: the instruction of the `seqgpt` prompt preset,
-/// `输入: {text}\n{task}: {labels}\n输出: [GEN]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SeqGptPromptConfig {
-    /// `抽取` (extract, the default) or `分类` (classify): SeqGPT's two trained tasks.
-    #[serde(default = "default_seqgpt_task")]
-    pub task: String,
-    /// What to extract or classify into. Default: `["摘要"]` (a summary).
-    #[serde(default = "default_seqgpt_labels")]
-    pub labels: Vec<String>,
-}
-
-fn default_seqgpt_task() -> String {
-    "抽取".into()
-}
-
-fn default_seqgpt_labels() -> Vec<String> {
-    vec!["摘要".into()]
-}
-
-impl Default for SeqGptPromptConfig {
-    fn default() -> Self {
-        Self {
-            task: default_seqgpt_task(),
-            labels: default_seqgpt_labels(),
-        }
-    }
-}
-
-/// Which engine summarizes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// mistral.rs.
-    #[default]
-    Mistralrs,
-    /// abridge's BLOOM, for SeqGPT-560M, BLOOMZ and other BLOOM checkpoints (a Hugging
-    /// Face folder: config.json, tokenizer.json, model.safetensors).
-    Seqgpt,
-    /// abridge's batch engine for Llama-architecture GGUF files (a `.gguf` file, or a
-    /// folder holding one), on CPU: every decoding step multiplies the whole batch
-    /// through each weight once, where mistral.rs decodes one sequence at a time.
-    Llama,
-}
-
-/// How prompts reach the model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptFormatConfig {
-    /// The chat template's user turn when the model has one, else raw.
-    #[default]
-    Auto,
-    /// Always the user turn of the chat template.
-    Chat,
-    /// Always the bare text.
-    Raw,
-}
-
-/// One post-processing rule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    /// A regular expression (Rust `regex` syntax).
-    pub pattern: String,
-    /// What each match becomes.
-    #[serde(default)]
-    pub replace: String,
-}
-
-/// `[summarize.paged_attention]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PagedAttentionConfig {
-    /// Default: on with CUDA, off on CPU. On CPU mistral.rs refuses it; the seqgpt engine
-    /// runs the same blocks with attention in Rust, slower than its default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enabled: Option<bool>,
-    /// KV-cache size in MiB (wins over `gpu_memory_fraction`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gpu_memory_mb: Option<usize>,
-    /// Share of GPU memory for the KV cache, e.g. 0.8. Default: room for 4096 tokens
-    /// (mistral.rs); half the memory free after loading (seqgpt).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gpu_memory_fraction: Option<f32>,
-    /// Tokens per block: 8, 16 or 32. Default: mistral.rs's choice; 16 (seqgpt).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub block_size: Option<usize>,
-}
-
-impl SummarizeConfig {
-    /// The template `prompt` stands for.
-    pub fn template(&self) -> String {
-        if self.prompt == "seqgpt" {
-            return abridge_operators::summarize::seqgpt_template(
-                &self.seqgpt.task,
-                &self.seqgpt.labels,
-            );
-        }
-        abridge_operators::summarize::preset(&self.prompt)
-            .map(str::to_string)
-            .unwrap_or_else(|| self.prompt.clone())
-    }
-
-    /// `in_flight`, or the default for `device`.
-    pub fn in_flight(&self) -> usize {
-        let cpu = self.device.trim() == "cpu";
-        self.in_flight.unwrap_or(match self.backend {
-            Backend::Mistralrs if cpu => 1,
-            Backend::Seqgpt if !cpu => 256,
-            _ => 8,
-        })
-    }
-}
-
-fn default_prompt() -> String {
-    "instruct".into()
-}
-fn default_max_new_tokens() -> usize {
-    128
-}
-fn default_temperature() -> f64 {
-    0.3
-}
-fn default_top_p() -> f64 {
-    0.9
-}
-fn default_max_input_tokens() -> usize {
-    512
-}
-fn default_true() -> bool {
-    true
 }
 
 /// `[job]`: what the job is.
@@ -477,25 +71,6 @@ pub struct JobMeta {
     /// Free text for the people who maintain the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-}
-
-/// `[input]`: the Parquet tickets to read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputConfig {
-    /// A Parquet file, a folder (every `*.parquet` below it) or a glob (`data/*.parquet`).
-    pub path: String,
-    /// Optional SQL condition over the input's own column names, pushed down into the
-    /// Parquet reader, e.g. `status = 'open' AND language = 'zh'`.
-    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
-    pub where_clause: Option<String>,
-    /// Which input column fills each ticket column (`id`, `text`, `title`, `created_at`,
-    /// `reference`, `topic`). Unset ones default to the column of the same name.
-    #[serde(default)]
-    pub columns: ColumnMapping,
-    /// Input columns not to carry into the output. Default: none (everything else is kept).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub drop: Vec<String>,
 }
 
 /// `[output]`: the output table.
@@ -713,7 +288,7 @@ impl Job {
             .validate()
             .map_err(|(key, message)| JobError::Invalid {
                 path: path.to_path_buf(),
-                key: key.to_string(),
+                key,
                 message,
             })?;
         Ok(Self {
@@ -807,7 +382,12 @@ impl Job {
 }
 
 impl JobConfig {
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// Each section's own checks, then what sections require of each other.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let section = |e: OperatorError| match e {
+            OperatorError::Config { key, message } => (key, message),
+            other => (String::new(), other.to_string()),
+        };
         let positive = [
             ("output.commit_every_rows", self.output.commit_every_rows),
             ("output.row_group_rows", self.output.row_group_rows),
@@ -816,7 +396,7 @@ impl JobConfig {
         ];
         for (key, value) in positive {
             if value == 0 {
-                return Err((key, "must be at least 1".into()));
+                return Err((key.into(), "must be at least 1".into()));
             }
         }
         let seconds = [
@@ -825,39 +405,32 @@ impl JobConfig {
         ];
         for (key, value, least) in seconds {
             if !(value.is_finite() && value >= least && value <= 1e9) {
-                return Err((key, format!("must be a number of seconds from {least}")));
+                return Err((
+                    key.into(),
+                    format!("must be a number of seconds from {least}"),
+                ));
             }
         }
-        let similarity = self.filter.as_ref().and_then(|f| f.similarity.as_ref());
-        if let Some(Threshold::Relative(r)) = similarity.map(|s| s.threshold)
-            && !(0.0..1.0).contains(&r.above_unrelated)
-        {
-            return Err((
-                "filter.similarity.threshold.above_unrelated",
-                "must be from 0 (as close as unrelated text) to below 1 (identical)".into(),
-            ));
+        self.input.validate().map_err(section)?;
+        if let Some(embed) = &self.embed {
+            embed.validate().map_err(section)?;
         }
-        if self.embed.as_ref().is_some_and(|e| e.batch_size == 0) {
-            return Err(("embed.batch_size", "must be at least 1".into()));
-        }
-        if self.input.path.trim().is_empty() {
-            return Err(("input.path", "must not be empty".into()));
+        if let Some(filter) = &self.filter {
+            filter.validate().map_err(section)?;
         }
         let no_embed = "needs an [embed] section: it works on the tickets' vectors";
         if self.embed.is_none() {
             if self.filter.is_some() {
-                return Err(("filter", no_embed.into()));
+                return Err(("filter".into(), no_embed.into()));
             }
             if self.index.is_some() {
-                return Err(("index", no_embed.into()));
+                return Err(("index".into(), no_embed.into()));
             }
         }
         if let Some(summarize) = &self.summarize {
-            summarize.validate()?;
+            summarize.validate().map_err(section)?;
         }
-        if self.metrics.stability_samples == 0 {
-            return Err(("metrics.stability_samples", "must be at least 1".into()));
-        }
+        self.metrics.validate().map_err(section)?;
         let samples = self.metrics.stability_samples;
         if samples > 1
             && self
@@ -866,7 +439,7 @@ impl JobConfig {
                 .is_some_and(|s| s.temperature == 0.0)
         {
             return Err((
-                "metrics.stability_samples",
+                "metrics.stability_samples".into(),
                 format!(
                     "is {samples}, but summarize.temperature is 0: greedy decoding draws the \
                      same summary every time, so stability would be 0 for {samples}x the work; \
@@ -874,114 +447,51 @@ impl JobConfig {
                 ),
             ));
         }
-        self.metrics
-            .alerts
-            .validate()
-            .map_err(|message| ("metrics.alerts", message))?;
-        let filter = self.filter.clone().unwrap_or_default();
-        if let Some(similarity) = &filter.similarity
-            && similarity.queries.iter().all(|q| q.trim().is_empty())
-        {
-            return Err((
-                "filter.similarity.queries",
-                "lists no query; add at least one, or remove [filter.similarity]".into(),
-            ));
-        }
-        if let Some(topics) = &filter.topics {
-            if topics.labels.is_empty() {
-                return Err((
-                    "filter.topics.labels",
-                    "names no topic; add `label = [\"description\", ...]` lines".into(),
-                ));
-            }
-            if topics.labels.contains_key(OTHER_TOPIC) {
-                return Err((
-                    "filter.topics.labels",
-                    format!(
-                        "`{OTHER_TOPIC}` is the topic of tickets near none; choose another label"
-                    ),
-                ));
-            }
-            for topic in topics.allowed.iter().flatten() {
-                if topic != OTHER_TOPIC && !topics.labels.contains_key(topic) {
-                    let labels: Vec<&str> = topics.labels.keys().map(String::as_str).collect();
-                    return Err((
-                        "filter.topics.allowed",
-                        format!(
-                            "`{topic}` is not a label; labels: {}, {OTHER_TOPIC}",
-                            labels.join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
         Ok(())
+    }
+
+    /// The stages after the input's (scan and normalize) in the order rows flow through
+    /// them, each with the section that configures it: what the executor builds.
+    pub fn stages(&self) -> Vec<StageConfig<'_>> {
+        let mut stages = vec![StageConfig::Scope(&self.run), StageConfig::Dedup];
+        if let Some(embed) = &self.embed {
+            stages.push(StageConfig::Embed(embed));
+            if let Some(filter) = &self.filter {
+                stages.push(StageConfig::Filter(filter));
+            }
+            if let Some(index) = &self.index {
+                stages.push(StageConfig::Index(index, embed));
+            }
+        }
+        if let Some(summarize) = &self.summarize {
+            stages.push(StageConfig::Summarize(summarize, &self.metrics));
+            if self.embed.is_some() {
+                stages.push(StageConfig::EmbedSummaries);
+            }
+            stages.push(StageConfig::Metrics(&self.metrics));
+        }
+        stages
     }
 }
 
-impl SummarizeConfig {
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        let template = self.template();
-        if !template.contains("{text}") {
-            let presets: Vec<&str> = abridge_operators::summarize::PRESETS
-                .iter()
-                .map(|(name, _)| *name)
-                .chain(["seqgpt"])
-                .collect();
-            return Err((
-                "summarize.prompt",
-                format!(
-                    "neither a preset ({}) nor a template that uses {{text}}",
-                    presets.join(", ")
-                ),
-            ));
-        }
-        let positive = [
-            ("summarize.max_new_tokens", self.max_new_tokens),
-            ("summarize.max_input_tokens", self.max_input_tokens),
-            ("summarize.in_flight", self.in_flight()),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err((key, "must be at least 1".into()));
-            }
-        }
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(("summarize.temperature", "must be 0 (greedy) or more".into()));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(("summarize.top_p", "must be in (0, 1]".into()));
-        }
-        if self.glossary.iter().any(|t| t.trim().is_empty()) {
-            return Err(("summarize.glossary", "has an empty term".into()));
-        }
-        for rule in &self.rules {
-            abridge_operators::summarize::Rewrite::new(&rule.pattern, &rule.replace)
-                .map_err(|e| ("summarize.rules", e.to_string()))?;
-        }
-        if let Err(message) = candle_device(&self.device)
-            && !message.contains("without the `cuda` feature")
-        {
-            return Err(("summarize.device", message));
-        }
-        if let Some(size) = self.paged_attention.block_size
-            && ![8, 16, 32].contains(&size)
-        {
-            return Err((
-                "summarize.paged_attention.block_size",
-                "must be 8, 16 or 32".into(),
-            ));
-        }
-        if let Some(f) = self.paged_attention.gpu_memory_fraction
-            && !(f > 0.0 && f <= 1.0)
-        {
-            return Err((
-                "summarize.paged_attention.gpu_memory_fraction",
-                "must be in (0, 1]".into(),
-            ));
-        }
-        Ok(())
-    }
+/// A stage of a job and the section it is built from ([`JobConfig::stages`]).
+#[derive(Debug, Clone, Copy)]
+pub enum StageConfig<'a> {
+    /// This shard's rows, less those done by earlier runs (`run.skip_done`).
+    Scope(&'a RunConfig),
+    /// Repeated ids and rows a resumed run committed, dropped.
+    Dedup,
+    /// The tickets' vectors; the encoder serves the stages after it too.
+    Embed(&'a EmbedConfig),
+    Filter(&'a FilterConfig),
+    /// Not a stream stage: the index the sink commits with each published file, with
+    /// the encoder's section (the index records which encoder made its vectors).
+    Index(&'a IndexConfig, &'a EmbedConfig),
+    /// With `[metrics]` for `stability_samples`.
+    Summarize(&'a SummarizeConfig, &'a MetricsConfig),
+    /// The summaries' vectors, by the `embed` encoder, for `drift`.
+    EmbedSummaries,
+    Metrics(&'a MetricsConfig),
 }
 
 fn resolve_paths(tree: &mut toml::Table, base: &Path) {
@@ -1105,6 +615,8 @@ fn set_key(tree: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use abridge_operators::filter::{RelativeThreshold, Threshold};
+    use abridge_operators::summarize::Backend;
 
     const MINIMAL: &str = r#"
 [input]

@@ -79,9 +79,15 @@ impl ProgressReporter {
                     }
                     None if last_log.elapsed() >= LOG_EVERY => {
                         last_log = Instant::now();
-                        eprintln!(
-                            "progress: {read}/{} rows read, {written} written, {rate:.0} rows/s",
-                            progress.expected_rows
+                        let expected = progress.expected_rows;
+                        let rows_per_s = rate.round();
+                        tracing::info!(
+                            read,
+                            expected,
+                            written,
+                            rows_per_s,
+                            "progress: {read}/{expected} rows read, {written} written, \
+                             {rows_per_s} rows/s"
                         );
                     }
                     None => {}

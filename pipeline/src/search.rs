@@ -1,7 +1,7 @@
 //! `abridge search`: a query against a job's index by words, by meaning, or both. (The
 //! index is kept in step with the table by `table::index`.)
 
-use abridge_operators::encoder::EncoderWorker;
+use abridge_models::encoder::EncoderWorker;
 use abridge_operators::index::{Hit, IndexError, TicketIndex, reciprocal_rank_fusion};
 
 use crate::error::{PipelineError, encoder_error};

@@ -35,6 +35,7 @@ pub use measures::AlertThresholds;
 use crate::embed::{EMBEDDING, SUMMARY_EMBEDDING};
 use crate::summarize::{SUMMARY, SUMMARY_SAMPLES, TEXT_CUT_CHARS};
 use crate::{BatchTransform, OperatorError, StageCounters, TransformStage};
+use serde::{Deserialize, Serialize};
 
 /// Column: ROUGE-1 F1 against the reference.
 pub const ROUGE1: &str = "rouge1";
@@ -51,18 +52,40 @@ pub const STABILITY: &str = "stability";
 /// Column: the alerts the row raised.
 pub const ALERTS: &str = "alerts";
 
-/// How the `metrics` stage measures.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct QualitySettings {
-    /// Porter-stem tokens before ROUGE (rouge-score's `use_stemmer`).
+/// `[metrics]`: the health measures written beside every summary (DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Porter-stem words before ROUGE (rouge-score's `use_stemmer`). Default: false.
+    #[serde(default)]
     pub stem: bool,
-    /// When a row raises alerts.
-    pub thresholds: AlertThresholds,
+    /// Summaries drawn per ticket to measure `stability`; 1 (the default) turns it off.
+    /// Each extra draw costs a generation, and draws differ only with temperature > 0.
+    #[serde(default = "default_stability_samples")]
+    pub stability_samples: usize,
+    /// Thresholds of the `alerts` column: `drift_min` (0.45), `compression_min` (0.12),
+    /// `compression_max` (0.35), `stability_max` (0.03).
+    #[serde(default)]
+    pub alerts: AlertThresholds,
+}
+
+fn default_stability_samples() -> usize {
+    1
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            stem: false,
+            stability_samples: default_stability_samples(),
+            alerts: AlertThresholds::default(),
+        }
+    }
 }
 
 /// The `metrics` stage: adds the measure columns to every batch.
 pub struct QualityMetrics {
-    settings: QualitySettings,
+    settings: MetricsConfig,
     columns: Columns,
     schema: SchemaRef,
 }
@@ -78,48 +101,65 @@ struct Columns {
     text_cut_chars: Option<usize>,
 }
 
-/// The `metrics` stage over streams of `input`, which must hold `text` and `summary`.
-pub fn quality_metrics(
-    settings: QualitySettings,
-    input: &SchemaRef,
-) -> Result<TransformStage<QualityMetrics>, OperatorError> {
-    let find = |name: &str| input.index_of(name).ok();
-    let need = |name: &str| {
-        find(name)
-            .ok_or_else(|| OperatorError::StageSchema(format!("metrics need a `{name}` column")))
-    };
-    let vectors = |name: &str| -> Result<Option<usize>, OperatorError> {
-        match find(name) {
-            Some(i) if matches!(input.field(i).data_type(), DataType::FixedSizeList(item, _) if item.data_type() == &DataType::Float32) => {
-                Ok(Some(i))
-            }
-            Some(i) => Err(OperatorError::StageSchema(format!(
-                "`{name}` is {}, not a list of f32",
-                input.field(i).data_type()
-            ))),
-            None => Ok(None),
+impl MetricsConfig {
+    /// Why this section cannot be used, naming the key.
+    pub fn validate(&self) -> Result<(), OperatorError> {
+        if self.stability_samples == 0 {
+            return Err(OperatorError::config(
+                "metrics.stability_samples",
+                "must be at least 1",
+            ));
         }
-    };
-    let columns = Columns {
-        text: need(TicketColumn::Text.name())?,
-        summary: need(SUMMARY)?,
-        reference: find(TicketColumn::Reference.name()),
-        embedding: vectors(EMBEDDING)?,
-        summary_embedding: vectors(SUMMARY_EMBEDDING)?,
-        samples: find(SUMMARY_SAMPLES),
-        text_cut_chars: find(TEXT_CUT_CHARS),
-    };
-    let mut fields: Vec<_> = input.fields().iter().cloned().collect();
-    fields.extend(output_fields().into_iter().map(Arc::new));
-    let schema = Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
-    Ok(TransformStage::new(
-        "metrics",
-        QualityMetrics {
-            settings,
-            columns,
-            schema,
-        },
-    ))
+        self.alerts
+            .validate()
+            .map_err(|message| OperatorError::config("metrics.alerts", message))
+    }
+
+    /// The `metrics` stage over streams of `input`, which must hold `text` and `summary`.
+    pub fn build(
+        &self,
+        input: &SchemaRef,
+    ) -> Result<TransformStage<QualityMetrics>, OperatorError> {
+        let settings = *self;
+        let find = |name: &str| input.index_of(name).ok();
+        let need = |name: &str| {
+            find(name).ok_or_else(|| {
+                OperatorError::StageSchema(format!("metrics need a `{name}` column"))
+            })
+        };
+        let vectors = |name: &str| -> Result<Option<usize>, OperatorError> {
+            match find(name) {
+                Some(i) if matches!(input.field(i).data_type(), DataType::FixedSizeList(item, _) if item.data_type() == &DataType::Float32) => {
+                    Ok(Some(i))
+                }
+                Some(i) => Err(OperatorError::StageSchema(format!(
+                    "`{name}` is {}, not a list of f32",
+                    input.field(i).data_type()
+                ))),
+                None => Ok(None),
+            }
+        };
+        let columns = Columns {
+            text: need(TicketColumn::Text.name())?,
+            summary: need(SUMMARY)?,
+            reference: find(TicketColumn::Reference.name()),
+            embedding: vectors(EMBEDDING)?,
+            summary_embedding: vectors(SUMMARY_EMBEDDING)?,
+            samples: find(SUMMARY_SAMPLES),
+            text_cut_chars: find(TEXT_CUT_CHARS),
+        };
+        let mut fields: Vec<_> = input.fields().iter().cloned().collect();
+        fields.extend(output_fields().into_iter().map(Arc::new));
+        let schema = Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
+        Ok(TransformStage::new(
+            "metrics",
+            QualityMetrics {
+                settings,
+                columns,
+                schema,
+            },
+        ))
+    }
 }
 
 fn output_fields() -> Vec<Field> {
@@ -248,7 +288,7 @@ impl BatchTransform for QualityMetrics {
             stability.append_option(spread);
             alerts.append_value(
                 self.settings
-                    .thresholds
+                    .alerts
                     .alerts(d, ratio, spread)
                     .into_iter()
                     .map(Some),
@@ -315,7 +355,7 @@ mod tests {
 
     /// `batch` through the metrics stage with the default settings.
     fn measure_default(schema: &SchemaRef, batch: RecordBatch) -> RecordBatch {
-        let stage = quality_metrics(QualitySettings::default(), schema).unwrap();
+        let stage = MetricsConfig::default().build(schema).unwrap();
         stage
             .inner()
             .transform(batch, &StageCounters::default())
@@ -402,6 +442,6 @@ mod tests {
     #[test]
     fn refuses_inputs_without_text_or_summary() {
         let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, true)]));
-        assert!(quality_metrics(QualitySettings::default(), &schema).is_err());
+        assert!(MetricsConfig::default().build(&schema).is_err());
     }
 }

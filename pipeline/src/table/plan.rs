@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use abridge_operators::admit::DoneTickets;
+use abridge_operators::scope::DoneTickets;
 use abridge_operators::sink::{SinkReport, published_files, read_columns};
 use abridge_schemas::output::{CONTENT_HASH, ERROR};
 use arrow::array::{Array, StringArray};

@@ -8,6 +8,8 @@ use abridge_pipeline::search::SearchMode;
 use abridge_pipeline::sql::OutputFormat;
 use clap::{Args, Parser, Subcommand};
 
+use crate::logging::LogFormat;
+
 /// Summarize large tables of documents with small language models.
 ///
 /// abridge reads tickets (or news, reports) from Parquet, processes them in a streaming
@@ -18,6 +20,11 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How notes, progress lines, signals and errors are written to stderr: `text` for
+    /// people, `json` for schedulers that collect logs (one object per line, with the
+    /// run id and counts as fields; `run` then logs progress instead of drawing a bar).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Subcommand)]

@@ -4,6 +4,7 @@
 
 mod args;
 mod eval;
+mod logging;
 mod run;
 mod sample;
 mod search;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         }
     }));
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     // Failpoints named by FAILPOINTS (test builds only; see operators' fault tests).
     let _failpoints = fail::FailScenario::setup();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -35,13 +37,13 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
+            tracing::error!("cannot start the async runtime: {err}");
             return ExitCode::from(1);
         }
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(args).await,
+            Command::Run(args) => run::run(args, cli.log_format).await,
             Command::Sql(args) => sql::sql(args).await,
             Command::Search(args) => search::search(args).await,
             Command::Eval(args) => eval::eval(args).await,
@@ -55,11 +57,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", message(&err));
             let code = err
                 .chain()
                 .find_map(|e| e.downcast_ref::<PipelineError>())
                 .map_or(1, PipelineError::exit_code);
+            tracing::error!(exit_code = code, "{}", message(&err));
             ExitCode::from(code)
         }
     }

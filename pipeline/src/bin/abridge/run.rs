@@ -10,8 +10,9 @@ use abridge_pipeline::table::plan::ResumeMode;
 use anyhow::Context;
 
 use crate::args::RunArgs;
+use crate::logging::LogFormat;
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, log_format: LogFormat) -> anyhow::Result<()> {
     let stop = StopSignal::default();
     forward_signals(&stop, args.quiet)?;
     let job = Job::load(&args.job, &args.set).map_err(PipelineError::from)?;
@@ -43,18 +44,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .into());
         }
     };
-    let mode = ProgressMode::detect(args.quiet || args.json);
+    let mode = match ProgressMode::detect(args.quiet || args.json) {
+        ProgressMode::Bar if log_format == LogFormat::Json => ProgressMode::Log,
+        mode => mode,
+    };
+    let run_id = prepared.run_id().to_string();
     if !args.quiet {
         for note in prepared.notes() {
-            eprintln!("note: {note}");
+            tracing::warn!(run_id, "{note}");
         }
     }
     if mode != ProgressMode::Off {
-        eprintln!(
-            "run {} → {}",
-            prepared.run_id(),
-            prepared.run_dir().display()
-        );
+        let dir = prepared.run_dir().display().to_string();
+        tracing::info!(run_id, dir, "run {run_id} → {dir}");
     }
     let reporter = ProgressReporter::start(prepared.progress(), mode);
     let result = prepared.execute().await;
@@ -63,7 +65,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&manifest)?);
     } else if !args.quiet {
-        eprint!("{}", summary(&manifest));
+        match log_format {
+            LogFormat::Text => eprint!("{}", summary(&manifest)),
+            LogFormat::Json => tracing::info!(
+                run_id = manifest.run_id,
+                rows_read = manifest.rows_read,
+                rows_written = manifest.rows_written,
+                rows_failed = manifest.rows_failed,
+                rows_filtered = manifest.rows_filtered,
+                elapsed_s = manifest.elapsed_s,
+                "run {} committed",
+                manifest.run_id
+            ),
+        }
     }
     if !manifest.input_files_failed.is_empty() {
         return Err(PipelineError::InputFilesSkipped {
@@ -100,7 +114,7 @@ fn forward_signals(stop: &StopSignal, quiet: bool) -> anyhow::Result<()> {
                 _ => "stopping at once; what was committed is kept",
             };
             if !quiet {
-                eprintln!("\n{name}: {message}");
+                tracing::info!(signal = name, "{name}: {message}");
             }
         }
     });

@@ -3,9 +3,9 @@
 use std::io::Write;
 use std::sync::Arc;
 
+use abridge_models::encoder::EncoderWorker;
+use abridge_models::models::bert::BertEncoder;
 use abridge_operators::OperatorError;
-use abridge_operators::encoder::EncoderWorker;
-use abridge_operators::encoder::bert::BertEncoder;
 use abridge_operators::index::TicketIndex;
 use abridge_pipeline::PipelineError;
 use abridge_pipeline::job::Job;

@@ -1,7 +1,9 @@
 //! abridge's own batch engine, behind the `seqgpt` backend (SeqGPT-560M and other
-//! BLOOM-family checkpoints, [`super::bloom`]: mistral.rs has no BLOOM) and the `llama`
-//! backend (Llama-architecture GGUF files on CPU, [`super::llama`]: mistral.rs decodes
-//! one sequence at a time there).
+//! BLOOM-family checkpoints, [`crate::models::bloom`]: mistral.rs has no BLOOM) and the
+//! `llama` backend (Llama-architecture GGUF files on CPU, [`crate::models::llama`]:
+//! mistral.rs decodes one sequence at a time there). The engine knows models only
+//! through [`BatchModel`]; each model's file implements it and has the constructor that
+//! starts an engine over it.
 //!
 //! The engine runs on its own thread (the model never blocks the async runtime): requests
 //! queue up; up to `max_batch` sequences decode together, one token each per step, and a
@@ -11,22 +13,20 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, Tensor};
 use futures::channel::oneshot;
 use futures::future::BoxFuture;
 use tokenizers::Tokenizer;
 
-use super::bloom::{Bloom, SequenceCache};
-use super::llama::{Llama, render_chat};
-use super::paged::{BlockTable, DEFAULT_BLOCK_SIZE, KERNEL_HEAD_SIZES, PagedKv};
-use super::{
-    Generation, GenerationRequest, Generator, GeneratorError, Head, PagedAttention, pick_token,
-    uniform_draw,
+use super::chat::render_chat;
+use super::kv::SequenceCache;
+use super::paged::{BlockTable, PagedKv};
+use crate::generator::{
+    Generation, GenerationRequest, Generator, GeneratorError, Head, pick_token, uniform_draw,
 };
 
 /// How long an idle engine waits, after a request, for the others of its burst.
@@ -58,79 +58,11 @@ pub trait BatchModel: Send + 'static {
     ) -> candle_core::Result<Tensor>;
 }
 
-impl BatchModel for Bloom {
-    fn family(&self) -> &'static str {
-        "BLOOM"
-    }
-
-    fn eos_token_id(&self) -> Option<u32> {
-        self.config().eos_token_id
-    }
-
-    fn prefill(
-        &self,
-        prompts: &[(&[u32], usize)],
-        paged: Option<(&mut PagedKv, &[BlockTable])>,
-    ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)> {
-        Bloom::prefill(self, prompts, paged)
-    }
-
-    fn decode_step(
-        &self,
-        tokens: &[u32],
-        caches: &mut [&mut SequenceCache],
-        paged: Option<&mut PagedKv>,
-    ) -> candle_core::Result<Tensor> {
-        Bloom::decode_step(self, tokens, caches, paged)
-    }
-}
-
-impl BatchModel for Llama {
-    fn family(&self) -> &'static str {
-        "Llama"
-    }
-
-    fn eos_token_id(&self) -> Option<u32> {
-        self.config().eos_token_id
-    }
-
-    fn context_length(&self) -> Option<usize> {
-        Some(self.config().context_length)
-    }
-
-    fn prefill(
-        &self,
-        prompts: &[(&[u32], usize)],
-        paged: Option<(&mut PagedKv, &[BlockTable])>,
-    ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)> {
-        refuse_paged(paged.is_some())?;
-        Llama::prefill(self, prompts)
-    }
-
-    fn decode_step(
-        &self,
-        tokens: &[u32],
-        caches: &mut [&mut SequenceCache],
-        paged: Option<&mut PagedKv>,
-    ) -> candle_core::Result<Tensor> {
-        refuse_paged(paged.is_some())?;
-        Llama::decode_step(self, tokens, caches)
-    }
-}
-
-/// Llama's caches are its own vectors: a paged pool is refused (the backend is CPU-only).
-fn refuse_paged(paged: bool) -> candle_core::Result<()> {
-    if paged {
-        candle_core::bail!("paged attention is not implemented for Llama in this engine");
-    }
-    Ok(())
-}
-
 /// A chat template and the token texts it may use.
-struct Chat {
-    template: String,
-    bos_token: String,
-    eos_token: String,
+pub(crate) struct Chat {
+    pub(crate) template: String,
+    pub(crate) bos_token: String,
+    pub(crate) eos_token: String,
 }
 
 /// A model on the batch engine, ready to summarize.
@@ -163,74 +95,13 @@ struct Running {
 }
 
 impl BatchGenerator {
-    /// Loads the BLOOM checkpoint in `dir` (config.json, tokenizer.json, weights) and
-    /// starts its engine, which decodes up to `max_batch` sequences at a time, with its
-    /// keys and values in a paged pool as `paged` says (on CUDA by default).
-    pub fn load_bloom(
-        dir: &Path,
-        device: &Device,
-        max_batch: usize,
-        paged: &PagedAttention,
-    ) -> Result<Self, GeneratorError> {
-        let model = Bloom::load(dir, device)?;
-        let max_batch = max_batch.max(1);
-        let paged = paged_cache(&model, device, paged, max_batch).map_err(|reason| {
-            GeneratorError::Load {
-                model: dir.display().to_string(),
-                reason: format!("summarize.paged_attention: {reason}"),
-            }
-        })?;
-        let tokenizer =
-            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| GeneratorError::Load {
-                model: dir.display().to_string(),
-                reason: format!("tokenizer.json: {e}"),
-            })?;
-        Self::start(
-            model,
-            tokenizer,
-            None,
-            max_batch,
-            paged,
-            dir.display().to_string(),
-        )
-    }
-
-    /// Loads the Llama GGUF file `path` (on CPU) and starts its engine, which decodes up
-    /// to `max_batch` sequences at a time. Prompts go in as the user turn of the file's
-    /// chat template when `chat` and it has one.
-    pub fn load_llama(path: &Path, max_batch: usize, chat: bool) -> Result<Self, GeneratorError> {
-        // Decoding reads f16 copies of the dequantized weights: half the bytes per step.
-        let loaded = Llama::load(path, candle_core::DType::F16)?;
-        let chat = loaded.chat_template.filter(|_| chat).map(|template| Chat {
-            template,
-            bos_token: loaded.bos_token,
-            eos_token: loaded.eos_token,
-        });
-        if let Some(chat) = &chat {
-            render_chat(&chat.template, "", &chat.bos_token, &chat.eos_token).map_err(
-                |reason| GeneratorError::Load {
-                    model: path.display().to_string(),
-                    reason,
-                },
-            )?;
-        }
-        Self::start(
-            loaded.model,
-            loaded.tokenizer,
-            chat,
-            max_batch.max(1),
-            None,
-            path.display().to_string(),
-        )
-    }
-
     /// Whether prompts go in as the user turn of a chat template.
     pub fn is_chat(&self) -> bool {
         self.chat.is_some()
     }
 
-    /// Starts the engine thread over a loaded model.
-    fn start<M: BatchModel>(
+    /// Starts the engine thread over a loaded model (the models' `load_*` constructors).
+    pub(crate) fn start<M: BatchModel>(
         model: M,
         tokenizer: Tokenizer,
         chat: Option<Chat>,
@@ -358,69 +229,6 @@ impl Generator for BatchGenerator {
             })
         })
     }
-}
-
-/// The paged KV cache `settings` ask for, or none. On by default on CUDA where the
-/// kernels take the model's head size (otherwise decoding attends on the host); the
-/// budget is `gpu_memory_mb`, or a share of the GPU memory free after loading (half by
-/// default), or on the CPU room for `max_batch` sequences of 4,096 tokens.
-fn paged_cache(
-    model: &Bloom,
-    device: &Device,
-    settings: &PagedAttention,
-    max_batch: usize,
-) -> Result<Option<PagedKv>, String> {
-    let config = model.config();
-    let head_dim = config.hidden_size / config.n_head;
-    let enabled = settings
-        .enabled
-        .unwrap_or(!device.is_cpu() && KERNEL_HEAD_SIZES.contains(&head_dim));
-    if !enabled {
-        return Ok(None);
-    }
-    let block_size = settings.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-    let block_bytes = PagedKv::block_bytes(config.n_layer, config.hidden_size, block_size);
-    let budget = match settings.gpu_memory_mb {
-        Some(mb) => mb << 20,
-        None if device.is_cpu() => max_batch * 4096_usize.div_ceil(block_size) * block_bytes,
-        None => {
-            let share = f64::from(settings.gpu_memory_fraction.unwrap_or(0.5));
-            (free_gpu_memory(device)? as f64 * share) as usize
-        }
-    };
-    let blocks = budget / block_bytes;
-    if blocks == 0 {
-        return Err(format!(
-            "a budget of {} MiB holds no block ({} KiB for {block_size} tokens of this model)",
-            budget >> 20,
-            block_bytes >> 10
-        ));
-    }
-    PagedKv::new(
-        blocks,
-        block_size,
-        config.n_layer,
-        config.n_head,
-        head_dim,
-        device,
-    )
-    .map(Some)
-    .map_err(|e| e.to_string())
-}
-
-#[cfg(feature = "cuda")]
-fn free_gpu_memory(device: &Device) -> Result<usize, String> {
-    let cuda = device.as_cuda_device().map_err(|e| e.to_string())?;
-    cuda.cuda_stream()
-        .context()
-        .mem_get_info()
-        .map(|(free, _total)| free)
-        .map_err(|e| format!("asking the GPU for its free memory: {e:?}"))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn free_gpu_memory(device: &Device) -> Result<usize, String> {
-    Err(format!("{device:?} needs abridge built with `cuda`"))
 }
 
 /// The model and its decoding loop, owned by the engine thread.
@@ -724,8 +532,13 @@ impl<M: BatchModel> Engine<M> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use candle_core::Device;
+
     use super::*;
-    use crate::generator::Sampling;
+    use crate::generator::{PagedAttention, Sampling};
+    use crate::models::bloom::Bloom;
 
     fn fixture() -> (BatchGenerator, serde_json::Value, std::path::PathBuf) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");

@@ -5,18 +5,11 @@
 //! batches whatever requests are in flight (continuous batching), so callers keep many
 //! requests open rather than building batches themselves.
 
-pub mod batch;
-pub mod bloom;
-pub mod llama;
-#[cfg(feature = "mistralrs")]
-pub mod mistralrs;
-pub mod paged;
-mod skinny;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 
 /// Sampling settings shared by every backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,20 +111,56 @@ impl Head {
 }
 
 /// PagedAttention's KV cache: the job file's `[summarize.paged_attention]`.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PagedAttention {
-    /// Default: on with CUDA. On the CPU mistral.rs has no paged kernels; the seqgpt
-    /// engine runs the same blocks with attention in Rust there, slower than its default
-    /// per-sequence caches (it is how the block bookkeeping is tested without a GPU).
+    /// Default: on with CUDA, off on CPU. On the CPU mistral.rs has no paged kernels and
+    /// refuses it; the seqgpt engine runs the same blocks with attention in Rust there,
+    /// slower than its default per-sequence caches (it is how the block bookkeeping is
+    /// tested without a GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// The cache's size in MiB; wins over `gpu_memory_fraction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_mb: Option<usize>,
-    /// The share of free GPU memory the cache may take. Defaults: mistral.rs's (room for
-    /// a 4096-token context); the seqgpt engine takes half of what is free once the model
-    /// is loaded.
+    /// The share of free GPU memory the cache may take, e.g. 0.8. Defaults: mistral.rs's
+    /// (room for a 4096-token context); the seqgpt engine takes half of what is free once
+    /// the model is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_fraction: Option<f32>,
-    /// Tokens per cache block (8, 16 or 32); default 16 (seqgpt) or mistral.rs's choice.
+    /// Tokens per cache block: 8, 16 or 32. Default: 16 (seqgpt) or mistral.rs's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
+}
+
+impl PagedAttention {
+    /// Why these settings cannot be used, naming the setting.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some(size) = self.block_size
+            && ![8, 16, 32].contains(&size)
+        {
+            return Err(("block_size", "must be 8, 16 or 32".into()));
+        }
+        if let Some(f) = self.gpu_memory_fraction
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err(("gpu_memory_fraction", "must be in (0, 1]".into()));
+        }
+        Ok(())
+    }
+}
+
+/// How prompts reach a model: the job file's `summarize.prompt_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptFormat {
+    /// The user turn of the model's chat template when it has one, raw text otherwise.
+    #[default]
+    Auto,
+    /// Always the user turn of the chat template.
+    Chat,
+    /// Always the bare text.
+    Raw,
 }
 
 /// Shared handle to a generator.

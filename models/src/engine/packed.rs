@@ -14,9 +14,15 @@
 //! AVX-512 or AVX2 (safe code: the workspace forbids `unsafe`). Left to the
 //! auto-vectorizer, an earlier loop over `[f32; 8]` arrays had compiled to clean FMAs in
 //! one build and to shuffles and scalar loads in a later one: 4.8x apart on one CPU.
+//!
+//! [`product`] is what the models call: these panels for a decoding step's few rows on
+//! the CPU, candle's GEMM for a prefill or on another device.
 
+use candle_core::{DType, Tensor};
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
+
+use crate::kernels;
 
 /// Output columns per panel: two AVX-512 vectors, four AVX2 ones. A panel of a
 /// 1,024-input matrix is 64 KiB in half precision, so each panel is in L2 while a few
@@ -432,6 +438,76 @@ impl pulp::NullaryFnOnce for F16OnV4<'_> {
             })
         });
     }
+}
+
+/// Rows of a decoding step up to which products go through [`PackedRows::matmul_t`]: past a
+/// few dozen rows, a GEMM's reuse of each loaded weight wins.
+pub(crate) const SKINNY_ROWS: usize = 32;
+
+/// `weight` (widened to f32 at load) packed for [`PackedRows::matmul_t`] in `dtype`, the
+/// precision its checkpoint stored: half precision is exact, as the values came from it,
+/// and halves what a decoding step reads.
+pub(crate) fn pack_weight(weight: &Tensor, dtype: DType) -> candle_core::Result<PackedRows> {
+    let (_, k) = weight.dims2()?;
+    match dtype {
+        DType::F16 => {
+            let values = weight.to_dtype(dtype)?.flatten_all()?.to_vec1()?;
+            Ok(PackedRows::new(WeightRows::F16(&values), k))
+        }
+        DType::BF16 => {
+            let values = weight.to_dtype(dtype)?.flatten_all()?.to_vec1()?;
+            Ok(PackedRows::new(WeightRows::Bf16(&values), k))
+        }
+        _ => with_cpu_values(weight, |w| PackedRows::new(WeightRows::F32(w), k)),
+    }
+}
+
+/// Runs `f` on the values of a contiguous f32 tensor in CPU memory, where they lie.
+pub(crate) fn with_cpu_values<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a tensor in CPU memory");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+}
+
+/// broadcast one would first copy the transposed weights per batch). A few rows on CPU
+/// (a decoding step) go through the `packed` copy, which a product reads once; more
+/// rows (a prefill), or another device, through candle's GEMM.
+pub(crate) fn product(
+    weight: &Tensor,
+    packed: Option<&PackedRows>,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (outputs, inputs) = weight.dims2()?;
+    let mut dims = x.dims().to_vec();
+    let rows = x.elem_count() / inputs;
+    if let Some(last) = dims.last_mut() {
+        *last = outputs;
+    }
+    let x = x.reshape((rows, inputs))?;
+    let product = if let Some(packed) = packed.filter(|_| rows <= SKINNY_ROWS) {
+        let bias = bias.map(Tensor::to_vec1::<f32>).transpose()?;
+        let mut out = vec![0f32; rows * outputs];
+        with_cpu_values(&x, |x| {
+            packed.matmul_t(x, rows, bias.as_deref(), &mut out);
+        })?;
+        Tensor::from_vec(out, (rows, outputs), x.device())?
+    } else {
+        let product = x.matmul(&weight.t()?)?;
+        match bias {
+            Some(bias) => kernels::add_rows(product, bias)?,
+            None => product,
+        }
+    };
+    product.reshape(dims)
 }
 
 #[cfg(test)]

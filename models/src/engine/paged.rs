@@ -12,7 +12,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::bloom::attend;
+use super::attention::attend;
 
 /// Tokens per block unless the job file says otherwise (vLLM's default).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -198,7 +198,7 @@ impl PagedKv {
                 ))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let slopes = Tensor::new(super::bloom::alibi_slopes(heads), device)?;
+        let slopes = Tensor::new(crate::models::bloom::alibi_slopes(heads), device)?;
         Ok(Store::Cuda { layers, slopes })
     }
 
@@ -342,7 +342,7 @@ impl PagedKv {
             Store::Host { layers } => {
                 let (cache_k, cache_v) = &layers[layer];
                 let queries = queries.flatten_all()?.to_vec1::<f32>()?;
-                let slopes = super::bloom::alibi_slopes(heads);
+                let slopes = crate::models::bloom::alibi_slopes(heads);
                 let mut context = vec![0f32; step.lens.len() * width];
                 for (b, (table, &len)) in step.tables.iter().zip(&step.lens).enumerate() {
                     for (h, &slope) in slopes.iter().enumerate() {
@@ -396,6 +396,22 @@ impl PagedKv {
             }
         }
     }
+}
+
+/// What the GPU has free, which the pool takes a share of.
+#[cfg(feature = "cuda")]
+pub(crate) fn free_gpu_memory(device: &Device) -> Result<usize, String> {
+    let cuda = device.as_cuda_device().map_err(|e| e.to_string())?;
+    cuda.cuda_stream()
+        .context()
+        .mem_get_info()
+        .map(|(free, _total)| free)
+        .map_err(|e| format!("asking the GPU for its free memory: {e:?}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn free_gpu_memory(device: &Device) -> Result<usize, String> {
+    Err(format!("{device:?} needs abridge built with `cuda`"))
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 //! (mean or CLS). Texts are sorted by token count and batched so that each batch pads only
 //! to its own longest text: padding is wasted compute, and ticket lengths vary widely.
 
-use std::path::{Path, PathBuf};
+mod net;
+
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -16,8 +18,8 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::bert_net::{BertNet, l2_normalize, pool};
-use super::{Encoded, Encoder, EncoderError};
+use self::net::{BertNet, l2_normalize, pool};
+use crate::encoder::{Encoded, Encoder, EncoderError};
 
 /// How token vectors become one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,18 +324,10 @@ fn json<T: for<'de> Deserialize<'de>>(
     })
 }
 
-/// The model folder a test or benchmark uses: `$ABRIDGE_MODELS/<name>`, else the cache
-/// that scripts/fetch-models fills.
-pub fn cached_model_dir(name: &str) -> PathBuf {
-    let models = std::env::var_os("ABRIDGE_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::cache_dir().join("models"));
-    models.join(name)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cached_model_dir;
 
     #[derive(Deserialize)]
     struct Fixture {

@@ -7,19 +7,29 @@
 //! interleaved) → attention with ALiBi biases (positions counted over the attention mask,
 //! so left padding does not shift them) → dense + residual → LayerNorm → MLP (tanh GELU)
 //! + residual } → LayerNorm → logits by the tied embedding matrix.
+//!
+//! One file for BLOOM's whole model (its config, weight loading from safetensors, shards
+//! or `pytorch_model.bin`, the forward pass, batched prefill and decoding step over the
+//! engine's caches, and its engine constructor): past 800 lines because a third of it is
+//! the tests that check each part against transformers' fixtures.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, Module, VarBuilder};
-use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 use serde::Deserialize;
+use tokenizers::Tokenizer;
 
-use super::GeneratorError;
-use super::paged::{BlockTable, PagedKv};
-use super::skinny::{PackedRows, WeightRows};
+use crate::engine::attention::attend;
+use crate::engine::batch::{BatchGenerator, BatchModel};
+use crate::engine::kv::{HeadsKv, SequenceCache, SequenceKv};
+use crate::engine::packed::{PackedRows, pack_weight, product};
+use crate::engine::paged::{
+    BlockTable, DEFAULT_BLOCK_SIZE, KERNEL_HEAD_SIZES, PagedKv, free_gpu_memory,
+};
+use crate::generator::{GeneratorError, PagedAttention};
 use crate::kernels;
 
 /// What `config.json` says of a BLOOM checkpoint.
@@ -143,24 +153,6 @@ struct Block {
     packed: Option<[PackedRows; 4]>,
 }
 
-/// `weight` (widened to f32 at load) packed for [`PackedRows::matmul_t`] in `dtype`, the
-/// precision its checkpoint stored: half precision is exact, as the values came from it,
-/// and halves what a decoding step reads.
-pub(super) fn pack(weight: &Tensor, dtype: DType) -> candle_core::Result<PackedRows> {
-    let (_, k) = weight.dims2()?;
-    match dtype {
-        DType::F16 => {
-            let values = weight.to_dtype(dtype)?.flatten_all()?.to_vec1()?;
-            Ok(PackedRows::new(WeightRows::F16(&values), k))
-        }
-        DType::BF16 => {
-            let values = weight.to_dtype(dtype)?.flatten_all()?.to_vec1()?;
-            Ok(PackedRows::new(WeightRows::Bf16(&values), k))
-        }
-        _ => with_cpu_values(weight, |w| PackedRows::new(WeightRows::F32(w), k)),
-    }
-}
-
 /// Keys and values of the tokens already seen, per block: what lets decoding feed one new
 /// token per step instead of the whole sequence.
 pub struct KvCache {
@@ -183,117 +175,6 @@ impl KvCache {
     }
 }
 
-/// One sequence's keys and values, per block: what [`Bloom::decode_step`] attends over and
-/// appends to.
-pub struct SequenceCache {
-    pub(super) kv: SequenceKv,
-    pub(super) len: usize,
-}
-
-pub(super) enum SequenceKv {
-    /// Its own vectors, per block.
-    Own(Vec<HeadsKv>),
-    /// Blocks of a [`PagedKv`] pool.
-    Paged(BlockTable),
-}
-
-impl SequenceCache {
-    /// Tokens cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The pool blocks the sequence holds, to give back when it ends.
-    pub fn into_blocks(self) -> Option<BlockTable> {
-        match self.kv {
-            SequenceKv::Paged(table) => Some(table),
-            SequenceKv::Own(_) => None,
-        }
-    }
-}
-
-/// A sequence's keys and values in one block, head by head: each head's keys (and values)
-/// lie together, token after token, so attention reads them in order. Token by token,
-/// with a token's heads side by side, a head's 64 values lay 4 KiB apart on the 560m
-/// shape: every key a page of its own, and a decoding step spent ~50 ms of its ~130 in
-/// attention that reads 0.2 GB.
-pub(super) struct HeadsKv {
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    heads: usize,
-    dim: usize,
-    /// Tokens each head has room for.
-    room: usize,
-    len: usize,
-}
-
-impl HeadsKv {
-    pub(super) fn with_room(heads: usize, dim: usize, room: usize) -> Self {
-        let room = room.max(1);
-        Self {
-            keys: vec![0.0; heads * room * dim],
-            values: vec![0.0; heads * room * dim],
-            heads,
-            dim,
-            room,
-            len: 0,
-        }
-    }
-
-    /// Appends a token's keys and values from BLOOM's fused projection (per head: query,
-    /// key, value).
-    fn push(&mut self, qkv: &[f32]) {
-        let dim = self.dim;
-        self.push_with(|h| {
-            let part = &qkv[h * 3 * dim..(h + 1) * 3 * dim];
-            (&part[dim..2 * dim], &part[2 * dim..])
-        });
-    }
-
-    /// Appends a token whose key and value of head `h` are `parts(h)`; past the room made
-    /// at the start, every head's run moves to a larger one.
-    pub(super) fn push_with<'a>(&mut self, parts: impl Fn(usize) -> (&'a [f32], &'a [f32])) {
-        let (heads, dim) = (self.heads, self.dim);
-        if self.len == self.room {
-            let room = (2 * self.room).max(16);
-            for vectors in [&mut self.keys, &mut self.values] {
-                let mut moved = vec![0.0; heads * room * dim];
-                for (to, from) in moved
-                    .chunks_exact_mut(room * dim)
-                    .zip(vectors.chunks_exact(self.room * dim))
-                {
-                    to[..from.len()].copy_from_slice(from);
-                }
-                *vectors = moved;
-            }
-            self.room = room;
-        }
-        for h in 0..heads {
-            let (key, value) = parts(h);
-            let at = (h * self.room + self.len) * dim;
-            self.keys[at..at + dim].copy_from_slice(key);
-            self.values[at..at + dim].copy_from_slice(value);
-        }
-        self.len += 1;
-    }
-
-    /// The keys and values of head `h`'s first `tokens` tokens.
-    pub(super) fn head(&self, h: usize, tokens: usize) -> (&[f32], &[f32]) {
-        let at = h * self.room * self.dim;
-        let end = at + tokens.min(self.len) * self.dim;
-        (&self.keys[at..end], &self.values[at..end])
-    }
-}
-
-/// Rows of a decoding step up to which products go through [`PackedRows::matmul_t`]: past a
-/// few dozen rows, a GEMM's reuse of each loaded weight wins.
-pub(super) const SKINNY_ROWS: usize = 32;
-
 /// The additive causal mask of `new` queries after `past` cached tokens,
 /// `(new, past + new)`: 0 where a query may look, the most negative float where not.
 fn causal_mask(past: usize, new: usize, device: &Device) -> candle_core::Result<Tensor> {
@@ -314,164 +195,13 @@ fn causal_alibi(len: usize, slopes: &Tensor, device: &Device) -> candle_core::Re
         .broadcast_add(&slopes.broadcast_mul(&positions)?)
 }
 
-/// Runs `f` on the values of a contiguous f32 tensor in CPU memory, where they lie.
-pub(super) fn with_cpu_values<R>(
-    t: &Tensor,
-    f: impl FnOnce(&[f32]) -> R,
-) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("expected a tensor in CPU memory");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("expected a contiguous tensor");
-    };
-    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
-}
-
-/// `x · weightᵀ (+ bias)` over the last dimension of `x`, as one 2-D product (a
-/// broadcast one would first copy the transposed weights per batch). A few rows on CPU
-/// (a decoding step) go through the `packed` copy, which a product reads once; more
-/// rows (a prefill), or another device, through candle's GEMM.
-pub(super) fn product(
-    weight: &Tensor,
-    packed: Option<&PackedRows>,
-    bias: Option<&Tensor>,
-    x: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let (outputs, inputs) = weight.dims2()?;
-    let mut dims = x.dims().to_vec();
-    let rows = x.elem_count() / inputs;
-    if let Some(last) = dims.last_mut() {
-        *last = outputs;
-    }
-    let x = x.reshape((rows, inputs))?;
-    let product = if let Some(packed) = packed.filter(|_| rows <= SKINNY_ROWS) {
-        let bias = bias.map(Tensor::to_vec1::<f32>).transpose()?;
-        let mut out = vec![0f32; rows * outputs];
-        with_cpu_values(&x, |x| {
-            packed.matmul_t(x, rows, bias.as_deref(), &mut out);
-        })?;
-        Tensor::from_vec(out, (rows, outputs), x.device())?
-    } else {
-        let product = x.matmul(&weight.t()?)?;
-        match bias {
-            Some(bias) => kernels::add_rows(product, bias)?,
-            None => product,
-        }
-    };
-    product.reshape(dims)
-}
-
-/// Attention of one head's `query` over that head's cached `keys`/`values` (token after
-/// token) with BLOOM's ALiBi bias `slope × position`, written into `out`. Positions count
-/// from the sequence's first token: there is no padding here.
-pub(super) fn attend(
-    query: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    slope: f32,
-    scale: f32,
-    out: &mut [f32],
-) {
-    Arch::new().dispatch(Attend {
-        query,
-        keys,
-        values,
-        slope,
-        scale,
-        out,
+/// Appends a token's keys and values from BLOOM's fused projection (per head: query,
+/// key, value, `dim` each).
+fn push_fused(kv: &mut HeadsKv, qkv: &[f32], dim: usize) {
+    kv.push_with(|h| {
+        let part = &qkv[h * 3 * dim..(h + 1) * 3 * dim];
+        (&part[dim..2 * dim], &part[2 * dim..])
     });
-}
-
-/// Vectors of `out` a head's weighted sum of values holds in registers.
-const OUT_VECTORS: usize = 4;
-
-/// [`attend`] in explicit vectors (`pulp`, AVX-512 or AVX2 at run time). The plain loops
-/// over `[f32; 8]` lanes before compiled to separate multiplies and adds, the weighted
-/// sum of values accumulated in memory (each token waiting on the last), and a variant
-/// over four keys at once to shuffles; this way a 560m decoding step's attention went
-/// from ~21 to ~15–17 ms.
-struct Attend<'a> {
-    query: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
-    slope: f32,
-    scale: f32,
-    out: &'a mut [f32],
-}
-
-impl WithSimd for Attend<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, simd: S) {
-        let (scale, slope) = (self.scale, self.slope);
-        let dim = self.query.len();
-        let (query, query_rest) = S::as_simd_f32s(self.query);
-        let mut scores = Vec::with_capacity(self.keys.len() / dim.max(1));
-        for (t, key) in self.keys.chunks_exact(dim).enumerate() {
-            let (key, key_rest) = S::as_simd_f32s(key);
-            let mut acc = simd.splat_f32s(0.0);
-            for (&q, &k) in query.iter().zip(key) {
-                acc = simd.mul_add_f32s(q, k, acc);
-            }
-            let mut dot = simd.reduce_sum_f32s(acc);
-            for (q, k) in query_rest.iter().zip(key_rest) {
-                dot += q * k;
-            }
-            scores.push(dot * scale + slope * t as f32);
-        }
-        let max = kernels::lanes(&scores, f32::NEG_INFINITY, f32::max);
-        for s in scores.iter_mut() {
-            *s = kernels::exp_negative(*s - max);
-        }
-        let total: f32 = kernels::lanes(&scores, 0.0, |a, b| a + b);
-        weigh_values(simd, &scores, total, self.values, self.out);
-    }
-}
-
-/// `out = Σ values[t] · weights[t] / total` over the tokens of `weights`.
-#[inline(always)]
-fn weigh_values<S: Simd>(simd: S, weights: &[f32], total: f32, values: &[f32], out: &mut [f32]) {
-    let dim = out.len();
-    let chunk = OUT_VECTORS * S::F32_LANES;
-    if dim.is_multiple_of(chunk) {
-        // Head dimensions of 64 and 128: `OUT_VECTORS` vectors of `out` at a time, summed
-        // in registers over every token (summed in memory, each token waits on the last).
-        let scale = simd.splat_f32s(1.0 / total);
-        for (c, out) in out.chunks_exact_mut(chunk).enumerate() {
-            let mut acc = [simd.splat_f32s(0.0); OUT_VECTORS];
-            for (&p, value) in weights.iter().zip(values.chunks_exact(dim)) {
-                let p = simd.splat_f32s(p);
-                let (value, _) = S::as_simd_f32s(&value[c * chunk..]);
-                let Some(value) = value.first_chunk::<OUT_VECTORS>() else {
-                    unreachable!("whole chunks")
-                };
-                for (acc, &v) in acc.iter_mut().zip(value) {
-                    *acc = simd.mul_add_f32s(p, v, *acc);
-                }
-            }
-            let (out, _) = S::as_mut_simd_f32s(out);
-            for (o, acc) in out.iter_mut().zip(acc) {
-                *o = simd.mul_f32s(acc, scale);
-            }
-        }
-        return;
-    }
-    out.fill(0.0);
-    let (out, out_rest) = S::as_mut_simd_f32s(out);
-    for (&p, value) in weights.iter().zip(values.chunks_exact(dim)) {
-        let weight = p / total;
-        let broadcast = simd.splat_f32s(weight);
-        let (value, value_rest) = S::as_simd_f32s(value);
-        for (o, &v) in out.iter_mut().zip(value) {
-            *o = simd.mul_add_f32s(broadcast, v, *o);
-        }
-        for (o, v) in out_rest.iter_mut().zip(value_rest) {
-            *o += weight * v;
-        }
-    }
 }
 
 /// A loaded BLOOM model.
@@ -559,13 +289,13 @@ impl Bloom {
     fn pack_for_decoding(&mut self, dtype: DType) -> candle_core::Result<()> {
         for block in &mut self.blocks {
             block.packed = Some([
-                pack(block.qkv.weight(), dtype)?,
-                pack(block.dense.weight(), dtype)?,
-                pack(block.up.weight(), dtype)?,
-                pack(block.down.weight(), dtype)?,
+                pack_weight(block.qkv.weight(), dtype)?,
+                pack_weight(block.dense.weight(), dtype)?,
+                pack_weight(block.up.weight(), dtype)?,
+                pack_weight(block.down.weight(), dtype)?,
             ]);
         }
-        self.embeddings_packed = Some(pack(self.embeddings.embeddings(), dtype)?);
+        self.embeddings_packed = Some(pack_weight(self.embeddings.embeddings(), dtype)?);
         Ok(())
     }
 
@@ -899,7 +629,7 @@ impl Bloom {
         for ((&(offset, len), (_, answer)), layers) in spans.iter().zip(prompts).zip(&mut *own) {
             let mut kv = HeadsKv::with_room(heads, head_dim, len + answer);
             for t in offset..offset + len {
-                kv.push(token(t));
+                push_fused(&mut kv, token(t), head_dim);
             }
             layers.push(kv);
         }
@@ -945,7 +675,7 @@ impl Bloom {
             let SequenceKv::Own(layers) = &mut cache.kv else {
                 candle_core::bail!("a sequence in blocks in a step without its pool");
             };
-            layers[layer].push(token);
+            push_fused(&mut layers[layer], token, head_dim);
         }
         let mut own = Vec::with_capacity(batch);
         for cache in caches.iter() {
@@ -961,11 +691,120 @@ impl Bloom {
             .for_each(|(i, out)| {
                 let (b, h) = (i / heads, i % heads);
                 let query = &qkv[b * 3 * hidden_size + h * 3 * head_dim..][..head_dim];
-                let (keys, values) = own[b].head(h, own[b].len);
+                let (keys, values) = own[b].head(h, own[b].len());
                 attend(query, keys, values, slopes[h], scale, out);
             });
         Tensor::from_vec(context, (batch, hidden_size), &self.device)
     }
+}
+
+impl BatchModel for Bloom {
+    fn family(&self) -> &'static str {
+        "BLOOM"
+    }
+
+    fn eos_token_id(&self) -> Option<u32> {
+        self.config().eos_token_id
+    }
+
+    fn prefill(
+        &self,
+        prompts: &[(&[u32], usize)],
+        paged: Option<(&mut PagedKv, &[BlockTable])>,
+    ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)> {
+        Bloom::prefill(self, prompts, paged)
+    }
+
+    fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SequenceCache],
+        paged: Option<&mut PagedKv>,
+    ) -> candle_core::Result<Tensor> {
+        Bloom::decode_step(self, tokens, caches, paged)
+    }
+}
+
+impl BatchGenerator {
+    /// Loads the BLOOM checkpoint in `dir` (config.json, tokenizer.json, weights) and
+    /// starts its engine, which decodes up to `max_batch` sequences at a time, with its
+    /// keys and values in a paged pool as `paged` says (on CUDA by default).
+    pub fn load_bloom(
+        dir: &Path,
+        device: &Device,
+        max_batch: usize,
+        paged: &PagedAttention,
+    ) -> Result<Self, GeneratorError> {
+        let model = Bloom::load(dir, device)?;
+        let max_batch = max_batch.max(1);
+        let paged = paged_cache(&model, device, paged, max_batch).map_err(|reason| {
+            GeneratorError::Load {
+                model: dir.display().to_string(),
+                reason: format!("summarize.paged_attention: {reason}"),
+            }
+        })?;
+        let tokenizer =
+            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| GeneratorError::Load {
+                model: dir.display().to_string(),
+                reason: format!("tokenizer.json: {e}"),
+            })?;
+        Self::start(
+            model,
+            tokenizer,
+            None,
+            max_batch,
+            paged,
+            dir.display().to_string(),
+        )
+    }
+}
+
+/// The paged KV cache `settings` ask for, or none. On by default on CUDA where the
+/// kernels take the model's head size (otherwise decoding attends on the host); the
+/// budget is `gpu_memory_mb`, or a share of the GPU memory free after loading (half by
+/// default), or on the CPU room for `max_batch` sequences of 4,096 tokens.
+fn paged_cache(
+    model: &Bloom,
+    device: &Device,
+    settings: &PagedAttention,
+    max_batch: usize,
+) -> Result<Option<PagedKv>, String> {
+    let config = model.config();
+    let head_dim = config.hidden_size / config.n_head;
+    let enabled = settings
+        .enabled
+        .unwrap_or(!device.is_cpu() && KERNEL_HEAD_SIZES.contains(&head_dim));
+    if !enabled {
+        return Ok(None);
+    }
+    let block_size = settings.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    let block_bytes = PagedKv::block_bytes(config.n_layer, config.hidden_size, block_size);
+    let budget = match settings.gpu_memory_mb {
+        Some(mb) => mb << 20,
+        None if device.is_cpu() => max_batch * 4096_usize.div_ceil(block_size) * block_bytes,
+        None => {
+            let share = f64::from(settings.gpu_memory_fraction.unwrap_or(0.5));
+            (free_gpu_memory(device)? as f64 * share) as usize
+        }
+    };
+    let blocks = budget / block_bytes;
+    if blocks == 0 {
+        return Err(format!(
+            "a budget of {} MiB holds no block ({} KiB for {block_size} tokens of this model)",
+            budget >> 20,
+            block_bytes >> 10
+        ));
+    }
+    PagedKv::new(
+        blocks,
+        block_size,
+        config.n_layer,
+        config.n_head,
+        head_dim,
+        device,
+    )
+    .map(Some)
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -1217,72 +1056,6 @@ mod tests {
             err.contains("no weights") && err.contains("pytorch_model.bin"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn attention_over_a_head_is_softmax_of_biased_scores_times_values() {
-        // Head sizes whole vectors in registers (64, 128) and not (1, 8, 48, 80), and key
-        // counts of one token and several.
-        for dim in [1, 8, 48, 64, 80, 128] {
-            for tokens in [1, 2, 7, 33] {
-                let value = |i: usize, salt: f32| ((i as f32 + salt) * 0.731).sin();
-                let query: Vec<f32> = (0..dim).map(|i| value(i, 0.5)).collect();
-                let keys: Vec<f32> = (0..tokens * dim).map(|i| value(i, 1.5)).collect();
-                let values: Vec<f32> = (0..tokens * dim).map(|i| value(i, 2.5)).collect();
-                let (slope, scale) = (-0.25f32, 1.0 / (dim as f32).sqrt());
-                let mut out = vec![f32::NAN; dim];
-                attend(&query, &keys, &values, slope, scale, &mut out);
-                let scores: Vec<f64> = (0..tokens)
-                    .map(|t| {
-                        let dot: f64 = (0..dim)
-                            .map(|d| f64::from(query[d]) * f64::from(keys[t * dim + d]))
-                            .sum();
-                        dot * f64::from(scale) + f64::from(slope) * t as f64
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                for (d, &ours) in out.iter().enumerate() {
-                    let theirs: f64 = (0..tokens)
-                        .map(|t| weights[t] / total * f64::from(values[t * dim + d]))
-                        .sum();
-                    assert!(
-                        (f64::from(ours) - theirs).abs() < 1e-5,
-                        "dim {dim}, {tokens} tokens, value {d}: {ours} vs {theirs}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn heads_kv_keeps_every_token_past_its_room() {
-        let (heads, dim) = (3, 2);
-        let mut kv = HeadsKv::with_room(heads, dim, 2);
-        // Token t, head h: query 0, key 100t + 10h + i, value -(that).
-        let token = |t: usize| -> Vec<f32> {
-            (0..heads)
-                .flat_map(|h| {
-                    let key = (0..dim).map(move |i| (100 * t + 10 * h + i) as f32);
-                    std::iter::repeat_n(0.0, dim)
-                        .chain(key.clone())
-                        .chain(key.map(|v| -v))
-                })
-                .collect()
-        };
-        for t in 0..37 {
-            kv.push(&token(t));
-        }
-        for h in 0..heads {
-            let (keys, values) = kv.head(h, 37);
-            let expected: Vec<f32> = (0..37)
-                .flat_map(|t| (0..dim).map(move |i| (100 * t + 10 * h + i) as f32))
-                .collect();
-            assert_eq!(keys, expected);
-            assert!(values.iter().zip(&expected).all(|(v, e)| *v == -e));
-            assert_eq!(kv.head(h, 5).0, &expected[..5 * dim]);
-        }
     }
 
     #[test]

@@ -23,20 +23,10 @@ use mistralrs::{
     TextMessages, TextModelBuilder, TokenSource,
 };
 
-use super::{
-    Generation, GenerationRequest, Generator, GeneratorError, Head, PagedAttention, Sampling,
-    pick_token, uniform_draw,
+use crate::generator::{
+    Generation, GenerationRequest, Generator, GeneratorError, Head, PagedAttention, PromptFormat,
+    Sampling, pick_token, uniform_draw,
 };
-
-/// How prompts reach the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PromptFormat {
-    /// The user turn of the model's chat template when it has one, raw text otherwise.
-    #[default]
-    Auto,
-    Chat,
-    Raw,
-}
 
 /// What to load and how.
 #[derive(Debug, Clone)]
@@ -611,8 +601,7 @@ fn has_chat_template(source: &Source) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache_dir;
-    use crate::encoder::bert::cached_model_dir;
+    use crate::{cache_dir, cached_model_dir};
 
     async fn smollm2(max_num_seqs: usize) -> MistralRsGenerator {
         let options = MistralRsOptions {

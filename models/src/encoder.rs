@@ -1,13 +1,10 @@
 //! Sentence encoders: text in, one vector per text out.
 //!
 //! Models sit behind the small [`Encoder`] trait, with the engine-specific code in one
-//! module each ([`bert`]: BERT-family checkpoints on candle). Encoding is blocking CPU or
+//! module each ([`crate::models::bert`]: BERT-family checkpoints on candle). Encoding is blocking CPU or
 //! GPU work, so stages reach an encoder through an [`EncoderWorker`]: a dedicated thread
 //! fed by a channel, each request answered on a oneshot, as text-embeddings-inference
 //! wraps its candle backend. The async runtime never blocks on a forward pass.
-
-pub mod bert;
-mod bert_net;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -14,6 +14,8 @@
 //! (their `error` is set) have no vector; they come out with `kept = false` and no reason
 //! of their own, so that input rows = kept + filtered + failed.
 
+mod config;
+
 use std::sync::Arc;
 
 use abridge_schemas::output::ERROR;
@@ -26,6 +28,10 @@ use arrow::record_batch::RecordBatch;
 
 use crate::embed::EMBEDDING;
 use crate::{BatchTransform, OperatorError, StageCounters, TransformStage};
+
+pub use config::{
+    DynamicThreshold, FilterConfig, RelativeThreshold, SimilarityConfig, Threshold, TopicsConfig,
+};
 
 /// The topic of tickets near no topic, or equally near two.
 pub const OTHER_TOPIC: &str = "other";
@@ -85,6 +91,11 @@ pub struct SemanticFilter {
 }
 
 impl SemanticFilter {
+    /// The similarity rule's queries, with their thresholds.
+    pub fn queries(&self) -> &[Query] {
+        &self.queries
+    }
+
     /// A filter over streams of `input`, which must have an `embedding` column of vectors
     /// as long as the queries' and prototypes'. With no queries every ticket passes the
     /// similarity rule; with no topic rule every ticket passes that one.

@@ -10,6 +10,9 @@
 //! grouped-query attention → output + residual → RMSNorm → SwiGLU MLP + residual } →
 //! RMSNorm → logits (the output matrix, or the tied embeddings).
 //!
+//! Past 800 lines with its tests (a quarter of it), which check the GGUF tokenizer, chat
+//! template and logits against transformers.
+//!
 //! Weights are dequantized once at load to f32 (each quantized weight is `scale × q (+
 //! min)`, exactly an f32), so logits follow transformers' float32 forward of the same
 //! file (tests against `tests/fixtures/smollm2-reference.json`, from
@@ -24,9 +27,13 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
-use super::GeneratorError;
-use super::bloom::{HeadsKv, SequenceCache, SequenceKv, attend, pack, product};
-use super::skinny::PackedRows;
+use crate::engine::attention::attend;
+use crate::engine::batch::{BatchGenerator, BatchModel, Chat};
+use crate::engine::chat::render_chat;
+use crate::engine::kv::{HeadsKv, SequenceCache, SequenceKv};
+use crate::engine::packed::{PackedRows, pack_weight, product};
+use crate::engine::paged::{BlockTable, PagedKv};
+use crate::generator::GeneratorError;
 use crate::kernels;
 
 /// What the GGUF metadata says of a Llama model.
@@ -291,10 +298,10 @@ impl Llama {
                 let qkv = stack(&[q, k, v])?;
                 let gate_up = stack(&[gate, up])?;
                 let packs = [
-                    pack(&qkv, packed)?,
-                    pack(&output, packed)?,
-                    pack(&gate_up, packed)?,
-                    pack(&down, packed)?,
+                    pack_weight(&qkv, packed)?,
+                    pack_weight(&output, packed)?,
+                    pack_weight(&gate_up, packed)?,
+                    pack_weight(&down, packed)?,
                 ];
                 Ok((qkv, gate_up, packs))
             };
@@ -325,7 +332,7 @@ impl Llama {
         } else {
             embeddings.clone()
         };
-        let head_packed = pack(&head, packed).map_err(|e| fail(e.to_string()))?;
+        let head_packed = pack_weight(&head, packed).map_err(|e| fail(e.to_string()))?;
         let final_norm = read("output_norm.weight")?;
         let half = config.head_dim / 2;
         let inverse_frequencies = (0..half)
@@ -572,42 +579,82 @@ impl Llama {
     }
 }
 
-/// The chat template of a GGUF file applied to one user turn, ready for the assistant's
-/// answer (Jinja, as transformers renders it).
-pub fn render_chat(
-    template: &str,
-    user: &str,
-    bos_token: &str,
-    eos_token: &str,
-) -> Result<String, String> {
-    let mut env = minijinja::Environment::new();
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                message,
-            ))
-        },
-    );
-    env.add_template("chat", template)
-        .map_err(|e| format!("its chat template: {e}"))?;
-    let context = minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => user }],
-        add_generation_prompt => true,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    };
-    env.get_template("chat")
-        .and_then(|t| t.render(context))
-        .map_err(|e| format!("its chat template: {e}"))
+impl BatchModel for Llama {
+    fn family(&self) -> &'static str {
+        "Llama"
+    }
+
+    fn eos_token_id(&self) -> Option<u32> {
+        self.config().eos_token_id
+    }
+
+    fn context_length(&self) -> Option<usize> {
+        Some(self.config().context_length)
+    }
+
+    fn prefill(
+        &self,
+        prompts: &[(&[u32], usize)],
+        paged: Option<(&mut PagedKv, &[BlockTable])>,
+    ) -> candle_core::Result<(Tensor, Vec<SequenceCache>)> {
+        refuse_paged(paged.is_some())?;
+        Llama::prefill(self, prompts)
+    }
+
+    fn decode_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SequenceCache],
+        paged: Option<&mut PagedKv>,
+    ) -> candle_core::Result<Tensor> {
+        refuse_paged(paged.is_some())?;
+        Llama::decode_step(self, tokens, caches)
+    }
+}
+
+/// Llama's caches are its own vectors: a paged pool is refused (the backend is CPU-only).
+fn refuse_paged(paged: bool) -> candle_core::Result<()> {
+    if paged {
+        candle_core::bail!("paged attention is not implemented for Llama in this engine");
+    }
+    Ok(())
+}
+
+impl BatchGenerator {
+    /// Loads the Llama GGUF file `path` (on CPU) and starts its engine, which decodes up
+    /// to `max_batch` sequences at a time. Prompts go in as the user turn of the file's
+    /// chat template when `chat` and it has one.
+    pub fn load_llama(path: &Path, max_batch: usize, chat: bool) -> Result<Self, GeneratorError> {
+        // Decoding reads f16 copies of the dequantized weights: half the bytes per step.
+        let loaded = Llama::load(path, DType::F16)?;
+        let chat = loaded.chat_template.filter(|_| chat).map(|template| Chat {
+            template,
+            bos_token: loaded.bos_token,
+            eos_token: loaded.eos_token,
+        });
+        if let Some(chat) = &chat {
+            render_chat(&chat.template, "", &chat.bos_token, &chat.eos_token).map_err(
+                |reason| GeneratorError::Load {
+                    model: path.display().to_string(),
+                    reason,
+                },
+            )?;
+        }
+        Self::start(
+            loaded.model,
+            loaded.tokenizer,
+            chat,
+            max_batch.max(1),
+            None,
+            path.display().to_string(),
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encoder::bert::cached_model_dir;
+    use crate::cached_model_dir;
 
     /// SmolLM2 with its decoding copies in `packed`.
     fn smollm2(packed: DType) -> LoadedGguf {

@@ -11,6 +11,8 @@
 //! summary columns. A row the generator fails on keeps its reason in `error`; the rest of
 //! the batch goes on. Rows leave in the order they came, whatever order answers arrive in.
 
+mod config;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,11 +30,15 @@ use futures::future::BoxFuture;
 use regex::Regex;
 
 use crate::filter::KEPT;
-use crate::generator::{
-    Generation, GenerationRequest, GeneratorError, Head, Sampling, SharedGenerator,
-};
 use crate::template::Template;
 use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
+
+use abridge_models::generator::{
+    Generation, GenerationRequest, GeneratorError, Head, Sampling, SharedGenerator,
+};
+pub use config::{
+    Backend, PRESETS, RuleConfig, SeqGptPromptConfig, SummarizeConfig, preset, seqgpt_template,
+};
 
 /// Column: the cleaned summary.
 pub const SUMMARY: &str = "summary";
@@ -58,40 +64,6 @@ pub const TEXT_CUT_TOKENS: &str = "text_cut_tokens";
 pub const TEXT_CUT_CHARS: &str = "text_cut_chars";
 /// Column (when `samples` > 1): the other sampled summaries of the row, for `stability`.
 pub const SUMMARY_SAMPLES: &str = "summary_samples";
-
-/// Prompt templates that work for short summaries, by the name a job file can use.
-pub const PRESETS: [(&str, &str); 3] = [
-    (
-        "instruct",
-        "Summarize this support ticket in one short sentence. Reply with the summary only.\n\n\
-         Title: {title}\n{text}",
-    ),
-    // For plain (non-chat) models trained on anchored spans, e.g. Chinese summarizers.
-    ("anchor", "【摘要】{text}【/摘要】"),
-    (
-        "multi-event",
-        "The ticket below may report several separate events. Write one short sentence per \
-         event, each on its own line, and nothing else.\n\nTitle: {title}\n{text}",
-    ),
-];
-
-/// SeqGPT's instruction format (its model card: `输入: {text}\n{task}: {labels}\n输出: [GEN]`):
-/// the text, a task over comma-separated labels (`抽取`, extract, or `分类`, classify, as
-/// SeqGPT was trained), then `[GEN]`, after which the model answers. Braces in the task or
-/// labels are literal.
-pub fn seqgpt_template(task: &str, labels: &[String]) -> String {
-    let literal = |s: &str| s.replace('{', "{{").replace('}', "}}");
-    format!(
-        "输入: {{text}}\n{}: {}\n输出: [GEN]",
-        literal(task),
-        literal(&labels.join(","))
-    )
-}
-
-/// The template a preset name stands for.
-pub fn preset(name: &str) -> Option<&'static str> {
-    PRESETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
-}
 
 /// One post-processing rule: every match of `pattern` becomes `replacement` (`$1` and
 /// `${name}` refer to capture groups).
@@ -776,15 +748,7 @@ mod tests {
     }
 
     #[test]
-    fn presets_use_text_and_versions_follow_settings() {
-        assert_eq!(
-            seqgpt_template("抽取", &["摘要".into(), "{x}".into()]),
-            "输入: {text}\n抽取: 摘要,{{x}}\n输出: [GEN]"
-        );
-        for (name, template) in PRESETS {
-            assert!(template.contains("{text}"), "{name}");
-            assert_eq!(preset(name), Some(template));
-        }
+    fn versions_follow_settings() {
         let settings = SummarizeSettings {
             template: "{text}".into(),
             sampling: Sampling {

@@ -1,4 +1,4 @@
-//! `admit`: keeps the rows this run is for: its shard's, and (incremental nightly runs) those
+//! `scope`: keeps the rows this run is for: its shard's, and (incremental nightly runs) those
 //! not already summarized unchanged by an earlier run.
 //!
 //! Shards split by a stable hash of the ticket id (the first 8 bytes of its BLAKE3 digest,
@@ -69,16 +69,16 @@ impl DoneTickets {
     }
 }
 
-/// The `admit` stage; see the module documentation.
+/// The `scope` stage; see the module documentation.
 #[derive(Debug)]
-pub struct Admit {
+pub struct RunScope {
     schema: SchemaRef,
     shard: Option<Shard>,
     done: Arc<DoneTickets>,
 }
 
-impl Admit {
-    /// An admitting stage over normalized rows of `schema` (Utf8 `id`, and `content_hash`
+impl RunScope {
+    /// The stage over normalized rows of `schema` (Utf8 `id`, and `content_hash`
     /// when `done` is not empty).
     pub fn try_new(
         schema: &SchemaRef,
@@ -90,7 +90,7 @@ impl Admit {
             schema.index_of(CONTENT_HASH)?;
         }
         Ok(TransformStage::new(
-            "admit",
+            "scope",
             Self {
                 schema: Arc::clone(schema),
                 shard,
@@ -102,10 +102,10 @@ impl Admit {
 
 fn strings<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, OperatorError> {
     string_column(batch, name)
-        .ok_or_else(|| OperatorError::StageSchema(format!("admit: `{name}` is not a Utf8 column")))
+        .ok_or_else(|| OperatorError::StageSchema(format!("scope: `{name}` is not a Utf8 column")))
 }
 
-impl BatchTransform for Admit {
+impl BatchTransform for RunScope {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
@@ -189,7 +189,7 @@ mod tests {
             let mut union = Vec::new();
             let mut elsewhere = 0;
             for index in 0..count {
-                let stage = Admit::try_new(&input.schema(), Some(Shard { index, count }), DoneTickets::default()).unwrap();
+                let stage = RunScope::try_new(&input.schema(), Some(Shard { index, count }), DoneTickets::default()).unwrap();
                 let metrics = StageCounters::default();
                 let out = stage.inner().transform(input.clone(), &metrics).unwrap();
                 for (row, id) in ids(&out).into_iter().enumerate() {
@@ -216,7 +216,7 @@ mod tests {
             &[Some("a"), Some("b"), Some("c"), None],
             &["h1", "h2", "h3", "h4"],
         );
-        let stage = Admit::try_new(&input.schema(), None, done).unwrap();
+        let stage = RunScope::try_new(&input.schema(), None, done).unwrap();
         let metrics = StageCounters::default();
         let out = stage.inner().transform(input, &metrics).unwrap();
         assert_eq!(

@@ -1,0 +1,66 @@
+//! abridge's models: the encoders and generators the stages call, behind two traits
+//! ([`encoder::Encoder`], [`generator::Generator`]), as text-embeddings-inference and
+//! mistral.rs keep theirs apart from what calls them.
+//!
+//! - [`engine`]: what every generator model decodes on: the batch scheduler (continuous
+//!   batching on its own thread), per-sequence and paged KV caches, attention over them,
+//!   packed products for decoding steps, chat templates.
+//! - [`models`]: one forward pass per architecture (BERT, BLOOM, Llama) over the engine's
+//!   pieces and [`kernels`]; each model implements [`engine::BatchModel`] and has the
+//!   constructor that starts an engine over it.
+//! - [`mistralrs`] (cargo feature `mistralrs`): the adapter to mistral.rs, for the
+//!   architectures it loads.
+//!
+//! Nothing here knows of Arrow, job files or the CLI.
+
+pub mod encoder;
+pub mod engine;
+pub mod generator;
+mod kernels;
+#[cfg(feature = "mistralrs")]
+pub mod mistralrs;
+pub mod models;
+
+use std::path::PathBuf;
+
+/// abridge's cache folder: `$ABRIDGE_CACHE`, else `~/.cache/abridge`, the folder the
+/// scripts fetch models into and the shipped job files name (so not `$XDG_CACHE_HOME`,
+/// which those paths would not follow).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("ABRIDGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dirs::home_dir().unwrap_or_default().join(".cache/abridge"))
+}
+
+/// The model folder a test or benchmark uses: `$ABRIDGE_MODELS/<name>`, else the cache
+/// that scripts/fetch-models fills.
+pub fn cached_model_dir(name: &str) -> PathBuf {
+    let models = std::env::var_os("ABRIDGE_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models"));
+    models.join(name)
+}
+
+/// The device `cpu`, `cuda` or `cuda:N` names, or why it cannot be used.
+pub fn device(name: &str) -> Result<candle_core::Device, String> {
+    match name.trim() {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => Err(format!("`{other}` is not cpu, cuda or cuda:N")),
+        },
+    }
+}
+
+fn cuda(ordinal: usize) -> Result<candle_core::Device, String> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err(NO_CUDA.into());
+    }
+    candle_core::Device::new_cuda(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))
+}
+
+/// Why [`device`] refuses CUDA in a build without it: a job file may still name a GPU
+/// device (it is checked when the stage is built, on the machine that runs it).
+pub const NO_CUDA: &str = "this abridge was built without the `cuda` feature; \
+     build it with `scripts/build-cuda` or use device = \"cpu\"";

@@ -1,0 +1,322 @@
+//! `[filter]`: the filter stage's configuration, and its rules made ready: each
+//! similarity query embedded with its threshold decided, each topic's prototype embedded.
+
+use abridge_models::encoder::{EncoderError, EncoderWorker};
+use arrow::datatypes::SchemaRef;
+use serde::{Deserialize, Serialize};
+
+use super::{OTHER_TOPIC, Query, SemanticFilter, Topic, TopicRule};
+use crate::{OperatorError, TransformStage};
+
+/// `[filter]`: both rules are optional; a ticket is kept when it passes every rule set.
+/// Filtered tickets are still written, with `kept = false` and `filter_reason`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Keep tickets near one of the queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<SimilarityConfig>,
+    /// Classify tickets into topics and keep the allowed ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<TopicsConfig>,
+}
+
+/// `[filter.similarity]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimilarityConfig {
+    /// What the job is looking for, in words: a ticket is kept when its cosine to any
+    /// query reaches that query's threshold.
+    pub queries: Vec<String>,
+    /// How close a ticket must come to a query: `{ above_unrelated = 0.375 }` (the
+    /// default), a number (the same for every query), or `{ base, per_token }`.
+    ///
+    /// Cosines depend on the encoder: MiniLM gives unrelated texts ~0.03, others put even
+    /// unrelated pairs above 0.6, so no one number suits every encoder. `above_unrelated = a` places each query's
+    /// threshold the fraction `a` of the way from its mean cosine to unrelated sentences
+    /// (a fixed set of everyday English and Chinese sentences, embedded by the job's
+    /// encoder) up to 1. 0.375 had the best mean F1 on the sample's categories with
+    /// MiniLM-L6 (24 queries of 2 to 32 tokens: 0.924, against 0.926 for the best fixed
+    /// number there, 0.385); an encoder that packs its cosines closer to 1 moves the
+    /// thresholds with it. `scripts/tune-threshold` measures every rule for your encoder.
+    /// A query whose threshold exceeds 1 is refused.
+    #[serde(default)]
+    pub threshold: Threshold,
+}
+
+/// How a query's similarity threshold is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Threshold {
+    /// The same threshold for every query.
+    Fixed(f32),
+    /// `base + per_token × query tokens`.
+    Dynamic(DynamicThreshold),
+    /// `unrelated + above_unrelated × (1 − unrelated)`.
+    Relative(RelativeThreshold),
+}
+
+/// `base + per_token × query tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicThreshold {
+    /// Threshold of a query of no tokens.
+    pub base: f32,
+    /// Added per token of the query (negative: longer queries pass more easily).
+    pub per_token: f32,
+}
+
+/// A threshold relative to the cosine the encoder gives the query and unrelated text.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelativeThreshold {
+    /// From 0 (as close as unrelated text) to 1 (identical), below 1.
+    pub above_unrelated: f32,
+}
+
+impl Default for Threshold {
+    fn default() -> Self {
+        Threshold::Relative(RelativeThreshold {
+            above_unrelated: 0.375,
+        })
+    }
+}
+
+impl Threshold {
+    /// The threshold of a query of `tokens` tokens whose mean cosine to unrelated
+    /// sentences is `unrelated`.
+    pub fn for_query(&self, tokens: usize, unrelated: f32) -> f32 {
+        match *self {
+            Threshold::Fixed(t) => t,
+            Threshold::Dynamic(d) => d.base + d.per_token * tokens as f32,
+            Threshold::Relative(r) => unrelated + r.above_unrelated * (1.0 - unrelated),
+        }
+    }
+
+    /// Whether deciding it needs the cosines of unrelated sentences.
+    pub fn needs_unrelated(&self) -> bool {
+        matches!(self, Threshold::Relative(_))
+    }
+}
+
+/// `[filter.topics]`: zero-shot topics by cosine to each topic's prototype (the mean
+/// vector of its label and description sentences).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Topic label → sentences that describe it (may be empty: the label alone).
+    pub labels: std::collections::BTreeMap<String, Vec<String>>,
+    /// Topics whose tickets are kept; may include `other`. Default: every label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<Vec<String>>,
+    /// A best cosine below this gives topic `other`. Default: 0.3.
+    #[serde(default = "default_min_topic_score")]
+    pub min_score: f32,
+}
+
+fn default_min_topic_score() -> f32 {
+    0.3
+}
+
+impl FilterConfig {
+    /// Why this section cannot be used, naming the key.
+    pub fn validate(&self) -> Result<(), OperatorError> {
+        if let Some(similarity) = &self.similarity {
+            if let Threshold::Relative(r) = similarity.threshold
+                && !(0.0..1.0).contains(&r.above_unrelated)
+            {
+                return Err(OperatorError::config(
+                    "filter.similarity.threshold.above_unrelated",
+                    "must be from 0 (as close as unrelated text) to below 1 (identical)",
+                ));
+            }
+            if similarity.queries.iter().all(|q| q.trim().is_empty()) {
+                return Err(OperatorError::config(
+                    "filter.similarity.queries",
+                    "lists no query; add at least one, or remove [filter.similarity]",
+                ));
+            }
+        }
+        if let Some(topics) = &self.topics {
+            topics.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Embeds the rules' queries and topics with `encoder` (the `embed` stage's) and makes
+    /// the stage over `input`.
+    pub async fn build(
+        &self,
+        encoder: &EncoderWorker,
+        input: &SchemaRef,
+    ) -> Result<TransformStage<SemanticFilter>, OperatorError> {
+        let queries = match &self.similarity {
+            Some(config) => similarity_queries(config, encoder).await?,
+            None => Vec::new(),
+        };
+        let topics = match &self.topics {
+            Some(config) => Some(topic_rule(config, encoder).await?),
+            None => None,
+        };
+        SemanticFilter::try_new(input, queries, topics)
+    }
+}
+
+impl TopicsConfig {
+    fn validate(&self) -> Result<(), OperatorError> {
+        if self.labels.is_empty() {
+            return Err(OperatorError::config(
+                "filter.topics.labels",
+                "names no topic; add `label = [\"description\", ...]` lines",
+            ));
+        }
+        if self.labels.contains_key(OTHER_TOPIC) {
+            return Err(OperatorError::config(
+                "filter.topics.labels",
+                format!("`{OTHER_TOPIC}` is the topic of tickets near none; choose another label"),
+            ));
+        }
+        for topic in self.allowed.iter().flatten() {
+            if topic != OTHER_TOPIC && !self.labels.contains_key(topic) {
+                let labels: Vec<&str> = self.labels.keys().map(String::as_str).collect();
+                return Err(OperatorError::config(
+                    "filter.topics.allowed",
+                    format!(
+                        "`{topic}` is not a label; labels: {}, {OTHER_TOPIC}",
+                        labels.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encoder_error(e: EncoderError) -> OperatorError {
+    OperatorError::Encoder(Box::new(e))
+}
+
+/// Everyday sentences about nothing a ticket is about, in the two languages of the
+/// sample: a query's mean cosine to them is what its encoder gives unrelated text, the
+/// floor that `above_unrelated` thresholds are measured from.
+const UNRELATED: [&str; 16] = [
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "The river flooded the valley after a week of heavy rain.",
+    "She won the chess tournament in the final round.",
+    "The museum opens a new exhibition of medieval paintings.",
+    "Our team scored twice in the second half of the match.",
+    "The train to the coast leaves every hour on weekends.",
+    "Photosynthesis turns sunlight into chemical energy in plants.",
+    "He planted tomatoes and basil in the garden this spring.",
+    "The novel tells the story of a family across three generations.",
+    "Prices of fresh fruit rose sharply this summer.",
+    "The orchestra played a symphony by Beethoven.",
+    "A new species of frog was found in the rainforest.",
+    "今天的天气晴朗，适合去公园散步。",
+    "这家餐厅的饺子非常好吃。",
+    "他在图书馆读了一下午的历史书。",
+    "比赛在最后一分钟结束了。",
+];
+
+/// The mean cosine of `vector` to each of `others` (normalized vectors, one after
+/// another); 0 when there are none.
+fn mean_cosine(vector: &[f32], others: &[f32]) -> f32 {
+    let rows = others.chunks_exact(vector.len().max(1));
+    let count = rows.len();
+    if count == 0 {
+        return 0.0;
+    }
+    let sum: f32 = rows
+        .map(|row| row.iter().zip(vector).map(|(a, b)| a * b).sum::<f32>())
+        .sum();
+    sum / count as f32
+}
+
+/// The similarity rule's queries, embedded, each with its threshold.
+async fn similarity_queries(
+    config: &SimilarityConfig,
+    encoder: &EncoderWorker,
+) -> Result<Vec<Query>, OperatorError> {
+    let texts: Vec<String> = config
+        .queries
+        .iter()
+        .map(|q| q.trim().to_string())
+        .filter(|q| !q.is_empty())
+        .collect();
+    let dim = encoder.dim();
+    let vectors = encoder.encode(texts.clone()).await.map_err(encoder_error)?;
+    let unrelated = if config.threshold.needs_unrelated() {
+        encoder
+            .encode(UNRELATED.iter().map(|s| s.to_string()).collect())
+            .await
+            .map_err(encoder_error)?
+    } else {
+        Vec::new()
+    };
+    let mut queries = Vec::with_capacity(texts.len());
+    for (text, vector) in texts.into_iter().zip(vectors.chunks_exact(dim)) {
+        let tokens = encoder.count_tokens(&text).map_err(encoder_error)?;
+        let threshold = config
+            .threshold
+            .for_query(tokens, mean_cosine(vector, &unrelated));
+        // A cosine never exceeds 1: a query that no ticket can match is a mistake in the
+        // job, not a quiet night.
+        if threshold > 1.0 {
+            return Err(OperatorError::config(
+                "filter.similarity.threshold",
+                format!(
+                    "query {text:?} ({tokens} tokens) gets threshold {threshold:.3}, above 1, \
+                     the largest cosine there is: no ticket could match it; lower it (base or \
+                     per_token for the rule by length)"
+                ),
+            ));
+        }
+        queries.push(Query {
+            threshold,
+            text,
+            vector: vector.to_vec(),
+        });
+    }
+    Ok(queries)
+}
+
+/// The topic rule: one prototype per label, the normalized mean of the vectors of the
+/// label and of its description sentences.
+async fn topic_rule(
+    config: &TopicsConfig,
+    encoder: &EncoderWorker,
+) -> Result<TopicRule, OperatorError> {
+    let dim = encoder.dim();
+    let mut topics = Vec::with_capacity(config.labels.len());
+    for (label, descriptions) in &config.labels {
+        let mut texts = vec![label.clone()];
+        texts.extend(
+            descriptions
+                .iter()
+                .filter(|d| !d.trim().is_empty())
+                .cloned(),
+        );
+        let count = texts.len();
+        let vectors = encoder.encode(texts).await.map_err(encoder_error)?;
+        let mut mean = vec![0f32; dim];
+        for vector in vectors.chunks_exact(dim) {
+            for (m, v) in mean.iter_mut().zip(vector) {
+                *m += v / count as f32;
+            }
+        }
+        let norm = mean.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        mean.iter_mut().for_each(|x| *x /= norm);
+        topics.push(Topic {
+            label: label.clone(),
+            prototype: mean,
+        });
+    }
+    Ok(TopicRule {
+        allowed: config
+            .allowed
+            .clone()
+            .unwrap_or_else(|| config.labels.keys().cloned().collect()),
+        topics,
+        min_score: config.min_score,
+    })
+}

@@ -1,0 +1,453 @@
+//! `[summarize]`: the summarize stage's configuration, its prompt presets, and the
+//! building of the stage: the generator its backend names, loaded (minutes for a large
+//! model, so every setting is checked first), and the operator's settings resolved.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use abridge_models::engine::BatchGenerator;
+use abridge_models::generator::{
+    GeneratorError, PagedAttention, PromptFormat, Sampling, SharedGenerator,
+};
+#[cfg(feature = "mistralrs")]
+use abridge_models::mistralrs::{MistralRsGenerator, MistralRsOptions};
+use arrow::datatypes::SchemaRef;
+use serde::{Deserialize, Serialize};
+
+use super::{Rewrite, Summarize, SummarizeSettings};
+use crate::OperatorError;
+use crate::embed::default_device;
+use crate::template::Template;
+
+/// `[summarize]`: one summary per kept ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummarizeConfig {
+    /// The engine. `mistralrs` (the default) loads every text architecture mistral.rs
+    /// knows (Llama, Qwen2/3, Gemma, Phi, Mistral ...) from GGUF or safetensors; `llama`
+    /// runs Llama-architecture GGUF files without rope scaling (SmolLM2, TinyLlama, Llama
+    /// 3.0; files that scale rotary positions, as Llama 3.1/3.2's do, are refused) on
+    /// abridge's own batch engine, on CPU; `seqgpt` runs BLOOM checkpoints (SeqGPT-560M)
+    /// on it.
+    #[serde(default)]
+    pub backend: Backend,
+    /// A `.gguf` file, a folder holding one, or a Hugging Face model folder.
+    pub model: String,
+    /// Lets `model` be a Hugging Face hub id, downloaded on first use. Default: false
+    /// (a nightly job should not depend on the network).
+    #[serde(default)]
+    pub allow_download: bool,
+    /// A template over the ticket's columns that uses `{text}` (`{{`/`}}` for literal
+    /// braces), or a preset: `instruct` (default), `anchor` (`【摘要】{text}【/摘要】`),
+    /// `multi-event` (one sentence per event), `seqgpt` (SeqGPT's own format, with the
+    /// task and labels of `[summarize.seqgpt]`).
+    #[serde(default = "default_prompt")]
+    pub prompt: String,
+    /// What the `seqgpt` preset asks for.
+    #[serde(default)]
+    pub seqgpt: SeqGptPromptConfig,
+    /// `auto` (default: the model's chat template when it has one), `chat` or `raw`.
+    #[serde(default)]
+    pub prompt_format: PromptFormat,
+    /// Most tokens a summary may have. Default: 128.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// 0 decodes greedily. Default: 0.3.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Nucleus sampling mass. Default: 0.9.
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// With the ticket id, fixes every random draw: same seed, same ticket, same summary.
+    /// Default: 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Tokens of `text` a prompt holds; longer texts are cut from their head. Default: 512.
+    #[serde(default = "default_max_input_tokens")]
+    pub max_input_tokens: usize,
+    /// Terms that must appear verbatim in a summary when the text has them; misses are
+    /// listed per row in `glossary_missed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub glossary: Vec<String>,
+    /// Ask once more, naming the missed terms, when a summary loses some. Default: true.
+    #[serde(default = "default_true")]
+    pub glossary_retry: bool,
+    /// Regex rewrites applied in order to every summary: `{ pattern = "...", replace = "..." }`
+    /// (`$1`, `${name}` for groups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleConfig>,
+    /// Requests kept open at the engine (the seqgpt engine's batch size). Default: 8;
+    /// with mistral.rs 1 on CPU, where it runs one sequence at a time (its batching
+    /// without PagedAttention mixes sequences up, and was slower there anyway:
+    /// scripts/bench-summarize), and 8 on CUDA with PagedAttention (on an H100, 32
+    /// concurrent requests stalled mistral.rs 0.8.1: scripts/gpu-check); the seqgpt
+    /// engine on CUDA 256 (a GPU step costs about the same for 1 or 256 sequences; its
+    /// paged KV cache admits as many as its memory budget holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<usize>,
+    /// `cpu` (default), `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// In-situ quantization of safetensors weights at load: `Q4K`, `Q8_0`, `4`, `8` ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isq: Option<String>,
+    /// Load a quantized GGUF file's weights as f32, from an exact copy made once in
+    /// `$ABRIDGE_CACHE/f32` (default `~/.cache/abridge/f32`): on CPU mistral.rs multiplies
+    /// f32 weights with a GEMM, quantized ones row by row (SmolLM2-135M Q4_1: 1.8x faster
+    /// as f32). Default: on CPU for files whose f32 weights take at most 1 GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dequantize: Option<bool>,
+    /// PagedAttention's KV cache (CUDA, both backends; on by default there).
+    #[serde(default)]
+    pub paged_attention: PagedAttention,
+}
+
+/// `[summarize.seqgpt]`: the instruction of the `seqgpt` prompt preset,
+/// `输入: {text}\n{task}: {labels}\n输出: [GEN]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeqGptPromptConfig {
+    /// `抽取` (extract, the default) or `分类` (classify): SeqGPT's two trained tasks.
+    #[serde(default = "default_seqgpt_task")]
+    pub task: String,
+    /// What to extract or classify into. Default: `["摘要"]` (a summary).
+    #[serde(default = "default_seqgpt_labels")]
+    pub labels: Vec<String>,
+}
+
+fn default_seqgpt_task() -> String {
+    "抽取".into()
+}
+
+fn default_seqgpt_labels() -> Vec<String> {
+    vec!["摘要".into()]
+}
+
+impl Default for SeqGptPromptConfig {
+    fn default() -> Self {
+        Self {
+            task: default_seqgpt_task(),
+            labels: default_seqgpt_labels(),
+        }
+    }
+}
+
+/// Which engine summarizes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// mistral.rs.
+    #[default]
+    Mistralrs,
+    /// abridge's BLOOM, for SeqGPT-560M, BLOOMZ and other BLOOM checkpoints (a Hugging
+    /// Face folder: config.json, tokenizer.json, model.safetensors).
+    Seqgpt,
+    /// abridge's batch engine for Llama-architecture GGUF files (a `.gguf` file, or a
+    /// folder holding one), on CPU: every decoding step multiplies the whole batch
+    /// through each weight once, where mistral.rs decodes one sequence at a time.
+    Llama,
+}
+
+/// One post-processing rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// A regular expression (Rust `regex` syntax).
+    pub pattern: String,
+    /// What each match becomes.
+    #[serde(default)]
+    pub replace: String,
+}
+
+impl SummarizeConfig {
+    /// The template `prompt` stands for.
+    pub fn template(&self) -> String {
+        if self.prompt == "seqgpt" {
+            return seqgpt_template(&self.seqgpt.task, &self.seqgpt.labels);
+        }
+        preset(&self.prompt)
+            .map(str::to_string)
+            .unwrap_or_else(|| self.prompt.clone())
+    }
+
+    /// `in_flight`, or the default for `device`.
+    pub fn in_flight(&self) -> usize {
+        let cpu = self.device.trim() == "cpu";
+        self.in_flight.unwrap_or(match self.backend {
+            Backend::Mistralrs if cpu => 1,
+            Backend::Seqgpt if !cpu => 256,
+            _ => 8,
+        })
+    }
+}
+
+fn default_prompt() -> String {
+    "instruct".into()
+}
+fn default_max_new_tokens() -> usize {
+    128
+}
+fn default_temperature() -> f64 {
+    0.3
+}
+fn default_top_p() -> f64 {
+    0.9
+}
+fn default_max_input_tokens() -> usize {
+    512
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Prompt templates that work for short summaries, by the name a job file can use.
+pub const PRESETS: [(&str, &str); 3] = [
+    (
+        "instruct",
+        "Summarize this support ticket in one short sentence. Reply with the summary only.\n\n\
+         Title: {title}\n{text}",
+    ),
+    // For plain (non-chat) models trained on anchored spans, e.g. Chinese summarizers.
+    ("anchor", "【摘要】{text}【/摘要】"),
+    (
+        "multi-event",
+        "The ticket below may report several separate events. Write one short sentence per \
+         event, each on its own line, and nothing else.\n\nTitle: {title}\n{text}",
+    ),
+];
+
+/// SeqGPT's instruction format (its model card: `输入: {text}\n{task}: {labels}\n输出: [GEN]`):
+/// the text, a task over comma-separated labels (`抽取`, extract, or `分类`, classify, as
+/// SeqGPT was trained), then `[GEN]`, after which the model answers. Braces in the task or
+/// labels are literal.
+pub fn seqgpt_template(task: &str, labels: &[String]) -> String {
+    let literal = |s: &str| s.replace('{', "{{").replace('}', "}}");
+    format!(
+        "输入: {{text}}\n{}: {}\n输出: [GEN]",
+        literal(task),
+        literal(&labels.join(","))
+    )
+}
+
+/// The template a preset name stands for.
+pub fn preset(name: &str) -> Option<&'static str> {
+    PRESETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+impl SummarizeConfig {
+    /// Why this section cannot be used, naming the key.
+    pub fn validate(&self) -> Result<(), OperatorError> {
+        let invalid = |key: &str, message: String| Err(OperatorError::config(key, message));
+        let template = self.template();
+        if !template.contains("{text}") {
+            let presets: Vec<&str> = PRESETS
+                .iter()
+                .map(|(name, _)| *name)
+                .chain(["seqgpt"])
+                .collect();
+            return invalid(
+                "summarize.prompt",
+                format!(
+                    "neither a preset ({}) nor a template that uses {{text}}",
+                    presets.join(", ")
+                ),
+            );
+        }
+        let positive = [
+            ("summarize.max_new_tokens", self.max_new_tokens),
+            ("summarize.max_input_tokens", self.max_input_tokens),
+            ("summarize.in_flight", self.in_flight()),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return invalid(key, "must be at least 1".into());
+            }
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return invalid("summarize.temperature", "must be 0 (greedy) or more".into());
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return invalid("summarize.top_p", "must be in (0, 1]".into());
+        }
+        if self.glossary.iter().any(|t| t.trim().is_empty()) {
+            return invalid("summarize.glossary", "has an empty term".into());
+        }
+        for rule in &self.rules {
+            if let Err(e) = Rewrite::new(&rule.pattern, &rule.replace) {
+                return invalid("summarize.rules", e.to_string());
+            }
+        }
+        // A GPU device is checked when the stage is built, on the machine that runs it.
+        if let Err(message) = abridge_models::device(&self.device)
+            && message != abridge_models::NO_CUDA
+        {
+            return invalid("summarize.device", message);
+        }
+        self.paged_attention
+            .validate()
+            .or_else(|(key, message)| invalid(&format!("summarize.paged_attention.{key}"), message))
+    }
+}
+
+impl SummarizeConfig {
+    /// Checks the settings against `input`, loads the generator and makes the stage
+    /// (`samples` summaries per row: `metrics.stability_samples`), with a note for the
+    /// run's summary on how prompts reach the model.
+    pub async fn build(
+        &self,
+        samples: usize,
+        input: &SchemaRef,
+    ) -> Result<(Summarize, String), OperatorError> {
+        let device = abridge_models::device(&self.device)
+            .map_err(|message| OperatorError::config("summarize.device", message))?;
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| Rewrite::new(&r.pattern, &r.replace))
+            .collect::<Result<Vec<_>, _>>()?;
+        let settings = SummarizeSettings {
+            template: self.template(),
+            sampling: Sampling {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                max_new_tokens: self.max_new_tokens,
+                seed: self.seed,
+            },
+            max_input_tokens: self.max_input_tokens,
+            glossary: self.glossary.clone(),
+            glossary_retry: self.glossary_retry,
+            rules,
+            in_flight: self.in_flight(),
+            samples,
+        };
+        // Checked before the model loads: a bad template should not cost a minute of loading.
+        Template::parse(&settings.template, input)?;
+        let paged_attention = self.paged_attention.clone();
+        let (generator, how) = match self.backend {
+            #[cfg(not(feature = "mistralrs"))]
+            Backend::Mistralrs => {
+                return Err(OperatorError::config(
+                    "summarize.backend",
+                    "this abridge was built without mistral.rs (cargo feature `mistralrs`, on by \
+                 default): rebuild with it, or use `llama` (Llama GGUF files) or `seqgpt` \
+                 (BLOOM checkpoints)",
+                ));
+            }
+            #[cfg(feature = "mistralrs")]
+            Backend::Mistralrs => {
+                let options = MistralRsOptions {
+                    model: self.model.clone(),
+                    allow_download: self.allow_download,
+                    device,
+                    isq: self.isq.clone(),
+                    dequantize: self.dequantize,
+                    f32_cache: abridge_models::cache_dir().join("f32"),
+                    max_num_seqs: self.in_flight(),
+                    paged_attention,
+                    prompt_format: self.prompt_format,
+                };
+                let generator = MistralRsGenerator::load(options)
+                    .await
+                    .map_err(model_error)?;
+                let how = if generator.is_chat() {
+                    "as the user turn of its chat template"
+                } else {
+                    "as raw text (no chat template)"
+                };
+                (Arc::new(generator) as SharedGenerator, how)
+            }
+            Backend::Seqgpt => {
+                let dir = PathBuf::from(&self.model);
+                let batch = self.in_flight();
+                let generator = tokio::task::spawn_blocking(move || {
+                    BatchGenerator::load_bloom(&dir, &device, batch, &paged_attention)
+                })
+                .await
+                .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string())))?
+                .map_err(model_error)?;
+                (
+                    Arc::new(generator) as SharedGenerator,
+                    "as raw text (BLOOM)",
+                )
+            }
+            Backend::Llama => {
+                if self.device.trim() != "cpu" {
+                    return Err(OperatorError::config(
+                        "summarize.device",
+                        "the `llama` backend runs on the CPU; use `mistralrs` on a GPU",
+                    ));
+                }
+                let file = gguf_file(Path::new(&self.model))
+                    .map_err(|message| OperatorError::config("summarize.model", message))?;
+                let batch = self.in_flight();
+                let chat = self.prompt_format != PromptFormat::Raw;
+                let generator = tokio::task::spawn_blocking(move || {
+                    BatchGenerator::load_llama(&file, batch, chat)
+                })
+                .await
+                .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string())))?
+                .map_err(model_error)?;
+                let how = match generator.is_chat() {
+                    true => "as the user turn of its chat template",
+                    false if self.prompt_format == PromptFormat::Chat => {
+                        return Err(OperatorError::config(
+                            "summarize.prompt_format",
+                            format!("`chat`, but {} has no chat template", self.model),
+                        ));
+                    }
+                    false => "as raw text (no chat template)",
+                };
+                (Arc::new(generator) as SharedGenerator, how)
+            }
+        };
+        let note = format!("summarize: {} gets prompts {how}", self.model);
+        let stage = Summarize::try_new(generator, settings, input)?;
+        Ok((stage, note))
+    }
+}
+
+/// The GGUF file `model` names: the file, or the only `.gguf` file in a folder.
+fn gguf_file(model: &Path) -> Result<PathBuf, String> {
+    if model.is_file() {
+        return Ok(model.to_path_buf());
+    }
+    let entries = std::fs::read_dir(model).map_err(|e| {
+        format!(
+            "{}: neither a GGUF file nor a folder ({e})",
+            model.display()
+        )
+    })?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(format!("{} holds no .gguf file", model.display())),
+        n => Err(format!(
+            "{} holds {n} .gguf files: name one in summarize.model",
+            model.display()
+        )),
+    }
+}
+
+fn model_error(e: GeneratorError) -> OperatorError {
+    OperatorError::Generator(Box::new(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_use_text() {
+        assert_eq!(
+            seqgpt_template("抽取", &["摘要".into(), "{x}".into()]),
+            "输入: {text}\n抽取: 摘要,{{x}}\n输出: [GEN]"
+        );
+        for (name, template) in PRESETS {
+            assert!(template.contains("{text}"), "{name}");
+            assert_eq!(preset(name), Some(template));
+        }
+    }
+}
