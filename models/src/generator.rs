@@ -78,6 +78,29 @@ pub trait Generator: Send + Sync {
         max_tokens: usize,
     ) -> BoxFuture<'_, Result<Head, GeneratorError>>;
 
+    /// Answers `prompt` with exactly one of `labels` (the model's greedy choice with
+    /// decoding restricted to the labels' tokens, so never free text), as the text of
+    /// a [`Generation`]. Backends that cannot restrict decoding refuse.
+    fn choose(
+        &self,
+        prompt: String,
+        labels: Arc<[String]>,
+    ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
+        let _ = (prompt, labels);
+        Box::pin(async move {
+            Err(GeneratorError::Request(format!(
+                "{}: this backend cannot restrict answers to a list of labels (the `llama` \
+                 and `seqgpt` backends can)",
+                self.model()
+            )))
+        })
+    }
+
+    /// What a batching engine has done since it started, where the backend counts it.
+    fn engine_stats(&self) -> Option<EngineStats> {
+        None
+    }
+
     /// Completes a batch of prompts, answers in request order. The engine sees them all
     /// at once; callers that want to keep it busy across batches use
     /// [`Generator::generate`] with their own window of requests in flight.
@@ -89,6 +112,15 @@ pub trait Generator: Send + Sync {
             requests.into_iter().map(|r| self.generate(r)),
         ))
     }
+}
+
+/// A batching engine's work so far ([`Generator::engine_stats`]): how many times it
+/// prefilled a group of new prompts, and how many decoding steps (one token for every
+/// sequence in the batch) it ran. Rows that share steps were batched.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub prefills: u64,
+    pub steps: u64,
 }
 
 /// The part of a text that fits a prompt's token budget ([`Generator::truncate`]).

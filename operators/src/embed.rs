@@ -72,6 +72,14 @@ impl EmbedConfig {
     /// worker and makes the stage over `input`. The worker is returned too: the filter,
     /// the index and the summaries' vectors use the same encoder.
     pub async fn build(&self, input: &SchemaRef) -> Result<(Embed, EncoderWorker), OperatorError> {
+        Template::parse(self.input.as_deref().unwrap_or("{text}"), input)?;
+        let worker = self.load_encoder().await?;
+        let stage = Embed::try_new(worker.clone(), self.input.as_deref(), input)?;
+        Ok((stage, worker))
+    }
+
+    /// Loads the encoder (on a blocking thread) and starts its worker.
+    pub async fn load_encoder(&self) -> Result<EncoderWorker, OperatorError> {
         let model_error = |e| OperatorError::Encoder(Box::new(e));
         let device = abridge_models::device(&self.device)
             .map_err(|message| OperatorError::config("embed.device", message))?;
@@ -81,9 +89,7 @@ impl EmbedConfig {
                 .await
                 .map_err(|_| model_error(EncoderError::WorkerGone))?
                 .map_err(model_error)?;
-        let worker = EncoderWorker::spawn(Arc::new(encoder)).map_err(model_error)?;
-        let stage = Embed::try_new(worker.clone(), self.input.as_deref(), input)?;
-        Ok((stage, worker))
+        EncoderWorker::spawn(Arc::new(encoder)).map_err(model_error)
     }
 }
 

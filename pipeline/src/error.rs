@@ -108,6 +108,17 @@ pub enum PipelineError {
     /// column or function.
     #[error("SQL: {0}")]
     Query(String),
+    /// An `abridge sql` query would send more inputs to models than `--max-model-rows`.
+    #[error(
+        "the query would call a model on {rows} inputs, more than --max-model-rows {max}: \
+         narrow it (WHERE, LIMIT) or raise the limit"
+    )]
+    TooManyModelRows {
+        /// Distinct inputs not in the cache.
+        rows: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A flag's value is malformed or names nothing usable (`--table`, `--format`/`--out`).
     #[error("{0}")]
     Usage(String),
@@ -193,6 +204,7 @@ impl PipelineError {
             | PipelineError::Model { .. }
             | PipelineError::ReadOnly(_)
             | PipelineError::Query(_)
+            | PipelineError::TooManyModelRows { .. }
             | PipelineError::Usage(_) => 2,
             _ => 1,
         }

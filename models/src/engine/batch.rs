@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,8 @@ use super::chat::render_chat;
 use super::kv::SequenceCache;
 use super::paged::{BlockTable, PagedKv};
 use crate::generator::{
-    Generation, GenerationRequest, Generator, GeneratorError, Head, pick_token, uniform_draw,
+    EngineStats, Generation, GenerationRequest, Generator, GeneratorError, Head, pick_token,
+    uniform_draw,
 };
 
 /// How long an idle engine waits, after a request, for the others of its burst.
@@ -75,14 +77,64 @@ pub struct BatchGenerator {
     queue: Sender<Pending>,
     family: &'static str,
     context_length: Option<usize>,
+    counters: Arc<EngineCounters>,
+}
+
+/// What the engine thread has done, read by [`Generator::engine_stats`].
+#[derive(Debug, Default)]
+struct EngineCounters {
+    prefills: AtomicU64,
+    steps: AtomicU64,
 }
 
 /// A request waiting for the engine.
 struct Pending {
     prompt: Vec<u32>,
     request: GenerationRequest,
+    /// The answers it is restricted to ([`Generator::choose`]).
+    labels: Option<Labels>,
     started: Instant,
     reply: oneshot::Sender<Result<Generation, GeneratorError>>,
+}
+
+/// Labels an answer must be one of, with their tokens.
+struct Labels {
+    texts: Arc<[String]>,
+    tokens: Vec<Vec<u32>>,
+}
+
+impl Labels {
+    /// The tokens that may follow `generated`: the next token of every label it starts,
+    /// and `end` once it is a whole label.
+    fn allowed(&self, generated: &[u32], end: Option<u32>) -> Vec<u32> {
+        let mut allowed: Vec<u32> = self
+            .tokens
+            .iter()
+            .filter(|l| l.len() > generated.len() && l.starts_with(generated))
+            .map(|l| l[generated.len()])
+            .collect();
+        if let Some(end) = end
+            && self.tokens.iter().any(|l| l == generated)
+        {
+            allowed.push(end);
+        }
+        allowed
+    }
+
+    /// The label `generated` spells, if it is one.
+    fn spelled(&self, generated: &[u32]) -> Option<&str> {
+        let at = self.tokens.iter().position(|l| l == generated)?;
+        self.texts.get(at).map(String::as_str)
+    }
+
+    /// Whether `generated` is a whole label that no longer label continues.
+    fn complete(&self, generated: &[u32]) -> bool {
+        self.spelled(generated).is_some()
+            && !self
+                .tokens
+                .iter()
+                .any(|l| l.len() > generated.len() && l.starts_with(generated))
+    }
 }
 
 /// A sequence in the batch.
@@ -111,11 +163,13 @@ impl BatchGenerator {
     ) -> Result<Self, GeneratorError> {
         let tokenizer = Arc::new(tokenizer);
         let (queue, inbox) = mpsc::channel();
+        let counters = Arc::new(EngineCounters::default());
         let engine = Engine {
             model,
             tokenizer: Arc::clone(&tokenizer),
             max_batch,
             paged,
+            counters: Arc::clone(&counters),
         };
         let family = engine.model.family();
         let context_length = engine.model.context_length();
@@ -133,12 +187,14 @@ impl BatchGenerator {
             queue,
             family,
             context_length,
+            counters,
         })
     }
 
     fn submit(
         &self,
         request: GenerationRequest,
+        labels: Option<Labels>,
     ) -> Result<oneshot::Receiver<Result<Generation, GeneratorError>>, GeneratorError> {
         let started = Instant::now();
         let text = match &self.chat {
@@ -174,6 +230,7 @@ impl BatchGenerator {
         let pending = Pending {
             prompt,
             request,
+            labels,
             started,
             reply,
         };
@@ -193,7 +250,7 @@ impl Generator for BatchGenerator {
         &self,
         request: GenerationRequest,
     ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
-        let answer = self.submit(request);
+        let answer = self.submit(request, None);
         Box::pin(async move {
             answer?.await.map_err(|_| {
                 GeneratorError::Request(format!(
@@ -202,6 +259,67 @@ impl Generator for BatchGenerator {
                     self.family
                 ))
             })?
+        })
+    }
+
+    fn choose(
+        &self,
+        prompt: String,
+        labels: Arc<[String]>,
+    ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
+        let tokens: Result<Vec<Vec<u32>>, GeneratorError> = labels
+            .iter()
+            .map(|label| {
+                let ids = self
+                    .tokenizer
+                    .encode(label.as_str(), false)
+                    .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))?
+                    .get_ids()
+                    .to_vec();
+                match ids.is_empty() {
+                    true => Err(GeneratorError::Request(format!(
+                        "the label {label:?} has no tokens"
+                    ))),
+                    false => Ok(ids),
+                }
+            })
+            .collect();
+        let answer = tokens.and_then(|tokens| {
+            // Greedy, and room for the longest label and the end of sequence.
+            let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
+            let request = GenerationRequest {
+                prompt,
+                sampling: crate::generator::Sampling {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    max_new_tokens: longest + 1,
+                    seed: 0,
+                },
+                key: 0,
+            };
+            self.submit(
+                request,
+                Some(Labels {
+                    texts: labels,
+                    tokens,
+                }),
+            )
+        });
+        Box::pin(async move {
+            answer?.await.map_err(|_| {
+                GeneratorError::Request(format!(
+                    "the {} engine dropped the request (an engine error; later requests are \
+                     served)",
+                    self.family
+                ))
+            })?
+        })
+    }
+
+    fn engine_stats(&self) -> Option<EngineStats> {
+        Some(EngineStats {
+            prefills: self.counters.prefills.load(Ordering::Relaxed),
+            steps: self.counters.steps.load(Ordering::Relaxed),
         })
     }
 
@@ -238,6 +356,14 @@ struct Engine<M> {
     max_batch: usize,
     /// The block pool of the keys and values, when attention is paged.
     paged: Option<PagedKv>,
+    counters: Arc<EngineCounters>,
+}
+
+/// What picking a sequence's next token needs to know.
+struct Draw<'a> {
+    request: &'a GenerationRequest,
+    generated: &'a [u32],
+    labels: Option<&'a Labels>,
 }
 
 /// Prompts joining the batch, each with its blocks when attention is paged.
@@ -353,13 +479,20 @@ impl<M: BatchModel> Engine<M> {
     /// group's prefill fails, each prompt is tried alone, so that one bad prompt fails
     /// only its own row.
     fn admit(&mut self, group: Group) -> Vec<Running> {
+        self.counters.prefills.fetch_add(1, Ordering::Relaxed);
         let prompts: Vec<(&[u32], usize)> = group
             .iter()
             .map(|(p, _)| (p.prompt.as_slice(), p.request.sampling.max_new_tokens))
             .collect();
         let tables: Vec<BlockTable> = group.iter().filter_map(|(_, t)| t.clone()).collect();
-        let draws: Vec<(&GenerationRequest, usize)> =
-            group.iter().map(|(p, _)| (&p.request, 0)).collect();
+        let draws: Vec<Draw<'_>> = group
+            .iter()
+            .map(|(p, _)| Draw {
+                request: &p.request,
+                generated: &[],
+                labels: p.labels.as_ref(),
+            })
+            .collect();
         let paged = self.paged.as_mut().map(|kv| (kv, tables.as_slice()));
         let prefilled = self
             .model
@@ -407,6 +540,7 @@ impl<M: BatchModel> Engine<M> {
     /// sequences are answered and leave. A failed step fails the sequences in it (their
     /// rows record why) and the engine goes on with the next requests.
     fn step(&mut self, running: &mut Vec<Running>) {
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
         fail::fail_point!("batch::step");
         let tokens: Vec<u32> = running
             .iter()
@@ -418,9 +552,13 @@ impl<M: BatchModel> Engine<M> {
             self.model
                 .decode_step(&tokens, &mut caches, self.paged.as_mut())
         };
-        let draws: Vec<(&GenerationRequest, usize)> = running
+        let draws: Vec<Draw<'_>> = running
             .iter()
-            .map(|s| (&s.pending.request, s.generated.len()))
+            .map(|s| Draw {
+                request: &s.pending.request,
+                generated: &s.generated,
+                labels: s.pending.labels.as_ref(),
+            })
             .collect();
         let next = logits.and_then(|logits| self.next_tokens(&draws, &logits));
         let next = match next {
@@ -449,10 +587,12 @@ impl<M: BatchModel> Engine<M> {
     /// overflow), which fails that row rather than decode garbage.
     fn next_tokens(
         &self,
-        draws: &[(&GenerationRequest, usize)],
+        draws: &[Draw<'_>],
         logits: &Tensor,
     ) -> candle_core::Result<Vec<Option<u32>>> {
-        let greedy = draws.iter().all(|(r, _)| r.sampling.temperature <= 0.0);
+        let greedy = draws
+            .iter()
+            .all(|d| d.request.sampling.temperature <= 0.0 && d.labels.is_none());
         if greedy && !logits.device().is_cpu() {
             // On a GPU a row of logits is a megabyte (BLOOM's 250,880 words) to copy to
             // the host per token; only the argmax and a sum (NaN when a logit is) cross.
@@ -465,16 +605,26 @@ impl<M: BatchModel> Engine<M> {
                 .collect());
         }
         let rows = logits.to_vec2::<f32>()?;
+        let end = self.model.eos_token_id();
         Ok(rows
             .iter()
             .zip(draws)
-            .map(|(row, (request, position))| {
+            .map(|(row, draw)| {
                 if row.iter().any(|l| l.is_nan()) {
                     return None;
                 }
-                let sampling = &request.sampling;
-                let draw = uniform_draw(sampling.seed, request.key, *position as u64);
-                Some(pick_token(row, sampling.temperature, sampling.top_p, draw) as u32)
+                if let Some(labels) = draw.labels {
+                    // The most likely of the tokens that keep the answer a label.
+                    let allowed = labels.allowed(draw.generated, end);
+                    return allowed.into_iter().max_by(|&a, &b| {
+                        let logit = |t: u32| row.get(t as usize).copied().unwrap_or(f32::MIN);
+                        logit(a).total_cmp(&logit(b)).then(b.cmp(&a))
+                    });
+                }
+                let sampling = &draw.request.sampling;
+                let position = draw.generated.len() as u64;
+                let uniform = uniform_draw(sampling.seed, draw.request.key, position);
+                Some(pick_token(row, sampling.temperature, sampling.top_p, uniform) as u32)
             })
             .collect())
     }
@@ -494,6 +644,11 @@ impl<M: BatchModel> Engine<M> {
             return true;
         }
         sequence.generated.push(next);
+        if let Some(labels) = &sequence.pending.labels
+            && labels.complete(&sequence.generated)
+        {
+            return true;
+        }
         sequence.generated.len() >= sequence.pending.request.sampling.max_new_tokens
     }
 
@@ -516,16 +671,24 @@ impl<M: BatchModel> Engine<M> {
             let _ = pending.reply.send(Err(GeneratorError::Request(reason)));
             return;
         }
-        let answer = self
-            .tokenizer
-            .decode(&generated, true)
-            .map(|text| Generation {
-                text,
-                prompt_tokens: pending.prompt.len(),
-                completion_tokens: generated.len(),
-                latency: pending.started.elapsed(),
-            })
-            .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")));
+        let text = match &pending.labels {
+            Some(labels) => labels
+                .spelled(&generated)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    GeneratorError::Request("the answer stopped before a whole label".into())
+                }),
+            None => self
+                .tokenizer
+                .decode(&generated, true)
+                .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}"))),
+        };
+        let answer = text.map(|text| Generation {
+            text,
+            prompt_tokens: pending.prompt.len(),
+            completion_tokens: generated.len(),
+            latency: pending.started.elapsed(),
+        });
         let _ = pending.reply.send(answer);
     }
 }
@@ -559,6 +722,45 @@ mod tests {
                 seed: 3,
             },
             key,
+        }
+    }
+
+    /// Labels that share first tokens, a label inside another, Chinese and English: the
+    /// answer is always one of them, whatever the text, on both tiny BLOOMs.
+    #[test]
+    fn choose_always_answers_a_listed_label() {
+        use proptest::prelude::*;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        for fixture in ["bloom-tiny-4h", "bloom-tiny-6h"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures")
+                .join(fixture);
+            let generator =
+                BatchGenerator::load_bloom(&dir, &Device::Cpu, 4, &PagedAttention::default())
+                    .expect("fixture model");
+            let pool = [
+                "printing",
+                "print",
+                "printer offline",
+                "email",
+                "网络",
+                "网络连接",
+                "账户",
+                "billing",
+            ];
+            let labels = prop::sample::subsequence(pool.to_vec(), 1..=pool.len());
+            let config = proptest::test_runner::Config::with_cases(24);
+            proptest!(config, |(text in "[a-z 打印机网络]{0,40}", labels in labels)| {
+                let labels: Arc<[String]> = labels.iter().map(|l| l.to_string()).collect();
+                let prompt = format!("输入: {text}\n分类: {}\n输出: [GEN]", labels.join(","));
+                let answer = runtime
+                    .block_on(generator.choose(prompt, Arc::clone(&labels)))
+                    .expect("an answer");
+                prop_assert!(labels.contains(&answer.text), "{:?} not in {labels:?}", answer.text);
+                prop_assert!(answer.completion_tokens >= 1);
+            });
         }
     }
 

@@ -298,14 +298,22 @@ impl SummarizeConfig {
         samples: usize,
         input: &SchemaRef,
     ) -> Result<(Summarize, String), OperatorError> {
-        let device = abridge_models::device(&self.device)
-            .map_err(|message| OperatorError::config("summarize.device", message))?;
+        let settings = self.settings(samples)?;
+        // Checked before the model loads: a bad template should not cost a minute of loading.
+        Template::parse(&settings.template, input)?;
+        let (generator, note) = self.load_generator().await?;
+        let stage = Summarize::try_new(generator, settings, input)?;
+        Ok((stage, note))
+    }
+
+    /// What shapes each summary, resolved from this section (`samples` draws per row).
+    pub fn settings(&self, samples: usize) -> Result<SummarizeSettings, OperatorError> {
         let rules = self
             .rules
             .iter()
             .map(|r| Rewrite::new(&r.pattern, &r.replace))
             .collect::<Result<Vec<_>, _>>()?;
-        let settings = SummarizeSettings {
+        Ok(SummarizeSettings {
             template: self.template(),
             sampling: Sampling {
                 temperature: self.temperature,
@@ -319,9 +327,14 @@ impl SummarizeConfig {
             rules,
             in_flight: self.in_flight(),
             samples,
-        };
-        // Checked before the model loads: a bad template should not cost a minute of loading.
-        Template::parse(&settings.template, input)?;
+        })
+    }
+
+    /// Loads the generator `backend` and `model` name, with a note on how prompts reach
+    /// it (chat template or raw text).
+    pub async fn load_generator(&self) -> Result<(SharedGenerator, String), OperatorError> {
+        let device = abridge_models::device(&self.device)
+            .map_err(|message| OperatorError::config("summarize.device", message))?;
         let paged_attention = self.paged_attention.clone();
         let (generator, how) = match self.backend {
             #[cfg(not(feature = "mistralrs"))]
@@ -401,8 +414,7 @@ impl SummarizeConfig {
             }
         };
         let note = format!("summarize: {} gets prompts {how}", self.model);
-        let stage = Summarize::try_new(generator, settings, input)?;
-        Ok((stage, note))
+        Ok((generator, note))
     }
 }
 

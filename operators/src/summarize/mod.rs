@@ -108,6 +108,14 @@ pub struct SummarizeSettings {
     pub samples: usize,
 }
 
+impl SummarizeSettings {
+    /// The `prompt_version` these settings write: a hash of everything that changes
+    /// what a summary says (template, sampling, input budget, glossary, rules).
+    pub fn version(&self) -> String {
+        prompt_version(self)
+    }
+}
+
 /// The `summarize` stage.
 pub struct Summarize {
     shared: Arc<Shared>,
@@ -175,6 +183,18 @@ impl Summarize {
     /// The `prompt_version` this stage writes.
     pub fn prompt_version(&self) -> &str {
         &self.shared.prompt_version
+    }
+
+    /// Summarizes one batch outside a stream (SQL's `summarize()`): the rows go to the
+    /// generator with the stage's window of requests in flight, as in a run.
+    pub async fn summarize_batch(
+        &self,
+        batch: RecordBatch,
+        counters: &StageCounters,
+    ) -> Result<RecordBatch, OperatorError> {
+        self.shared
+            .summarize_batch(&self.schema, batch, counters)
+            .await
     }
 }
 

@@ -52,12 +52,26 @@ pub enum Command {
     /// `summaries` is its latest committed run, `runs` all its committed runs. More tables
     /// come from --table NAME=PATH (a Parquet file, a folder or a glob).
     ///
+    /// Functions: rouge_n, rouge_l, rouge, cosine, compression (the run's measures), and the
+    /// job's models, loaded only when a query calls them: summarize(text [, prompt]) with
+    /// its [summarize] settings (prompt: a preset or a template using {text}), embed(text)
+    /// with its [embed] encoder, classify(text, ['label', ...]) with its [summarize] model
+    /// (always one of the labels: decoding is restricted to their tokens), and try_summarize
+    /// / try_embed / try_classify, which return {result, error}. Rows go to the models in batches (the job's in_flight); answers
+    /// are cached (the job's latest run, if made with the same settings, and
+    /// $ABRIDGE_CACHE/sql-results), so asking again calls no model. A row a model fails
+    /// on is NULL (its reason in try_*'s error). Model calls, cache hits, tokens and model
+    /// time are reported on stderr.
+    ///
     /// Examples:
     ///   abridge sql "SELECT category, count(*) FROM summaries GROUP BY category"
     ///   abridge sql "SELECT run_id, count(*) FROM runs GROUP BY run_id"
     ///   abridge sql "SELECT * FROM t LIMIT 5" --table t=data/tickets.parquet --format json
     ///   abridge sql "SELECT id, text FROM summaries" --format parquet --out ids.parquet
-    #[command(verbatim_doc_comment)]
+    ///   abridge sql "SELECT id, summarize(text) FROM summaries WHERE NOT kept LIMIT 8"
+    ///   abridge sql "SELECT id, cosine(embed('printer jam'), embedding) AS s FROM summaries ORDER BY s DESC LIMIT 5"
+    ///   abridge sql "SELECT classify(text, ['hardware', 'network', 'accounts']) AS c, count(*) FROM summaries GROUP BY c"
+    #[command(verbatim_doc_comment, after_help = EXIT_CODES)]
     Sql(SqlArgs),
     /// Search a job's index: by words (BM25), by meaning (sentence vectors), or both.
     ///
@@ -218,6 +232,16 @@ pub struct SqlArgs {
     /// Threads the query may use [default: one per core].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Refuse a query that would send more than N inputs to models (cached ones do not
+    /// count; 0: no limit). The query is counted first, without calling any model.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_model_rows: usize,
+    /// Fail the query when a model fails on a row, instead of NULL for that row.
+    #[arg(long)]
+    pub fail_on_error: bool,
+    /// Neither read nor keep cached model answers: every input goes to its model.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Args)]

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use abridge_pipeline::PipelineError;
 use abridge_pipeline::job::Job;
+use abridge_pipeline::sql::model_functions::{ModelAccounting, ModelFunctions, ModelOptions};
+use abridge_pipeline::sql::result_cache::ResultCache;
 use abridge_pipeline::sql::{OutputFormat, SqlSession, write_results};
 use anyhow::Context;
 
@@ -24,6 +26,20 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     if let Some(path) = &job_path {
         let job = Job::load(path, &[]).map_err(PipelineError::from)?;
         session.register_output(&job.config.output.path).await?;
+        let options = ModelOptions {
+            fail_on_error: args.fail_on_error,
+            max_model_rows: args.max_model_rows,
+        };
+        let cache = ResultCache::new(
+            (!args.no_cache).then(|| abridge_models::cache_dir().join("sql-results")),
+        );
+        let functions = ModelFunctions::new(
+            job.config.summarize.clone(),
+            job.config.embed.clone(),
+            options,
+            cache,
+        );
+        session.with_models(functions, job.results_fingerprint());
     }
     for table in &args.tables {
         let (name, path) = table
@@ -31,7 +47,11 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
             .ok_or_else(|| PipelineError::Usage(format!("--table {table}: expected NAME=PATH")))?;
         session.register_path(name.trim(), path.trim()).await?;
     }
-    let (schema, batches) = match session.query(&args.query).await {
+    let result = session.query(&args.query).await;
+    if let Some(accounting) = session.model_accounting() {
+        report_models(&accounting);
+    }
+    let (schema, batches) = match result {
         Ok(result) => result,
         Err(err) => {
             let text = err.to_string();
@@ -69,4 +89,40 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the query's model calls cost, as a log event (fields with `--log-format json`);
+/// nothing for a query that called none.
+fn report_models(a: &ModelAccounting) {
+    if a.model_calls + a.cache_hits == 0 {
+        return;
+    }
+    let tokens = match a.prompt_tokens + a.completion_tokens {
+        0 => String::new(),
+        _ => format!(
+            ", {} prompt tokens in, {} generated",
+            a.prompt_tokens, a.completion_tokens
+        ),
+    };
+    tracing::info!(
+        model_calls = a.model_calls,
+        cache_hits = a.cache_hits,
+        failed = a.failed,
+        prompt_tokens = a.prompt_tokens,
+        completion_tokens = a.completion_tokens,
+        model_ms = a.model_ms,
+        engine_prefills = a.engine_prefills,
+        engine_steps = a.engine_steps,
+        "models: {} calls, {} answered from the cache{tokens}, {:.1} s model time",
+        a.model_calls,
+        a.cache_hits,
+        a.model_ms as f64 / 1000.0
+    );
+    if let Some(first) = &a.first_error {
+        tracing::warn!(
+            failed = a.failed,
+            "{} inputs failed (NULL; try_summarize / try_embed give the reason), the first: {first}",
+            a.failed
+        );
+    }
 }

@@ -1,4 +1,9 @@
-//! `abridge sql`: read-only ad-hoc SQL over output tables (and any Parquet) with DataFusion.
+//! `abridge sql`: read-only ad-hoc SQL over output tables (and any Parquet) with DataFusion,
+//! with the quality measures and, given a job, its models as functions
+//! ([`model_functions`]).
+
+pub mod model_functions;
+pub mod result_cache;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,12 +12,15 @@ use std::sync::Arc;
 use abridge_operators::scan::{check_file, resolve_files};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::file_format::options::ParquetReadOptions;
 use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::logical_expr::{Expr, LogicalPlan};
 use parquet::arrow::ArrowWriter;
 
 use crate::error::PipelineError;
 use crate::table::manifest::committed_runs;
+use model_functions::{ModelAccounting, ModelFunctions};
 
 /// How query results are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,6 +39,18 @@ pub enum OutputFormat {
 pub struct SqlSession {
     ctx: SessionContext,
     registered: Vec<String>,
+    models: Option<SessionModels>,
+    /// The results fingerprint of the latest committed run registered as `summaries`.
+    latest_fingerprint: Option<String>,
+}
+
+/// The job's models as functions, and what the session knows of their answers.
+struct SessionModels {
+    functions: ModelFunctions,
+    /// The job's results fingerprint: a committed run with the same one answers calls.
+    job_fingerprint: String,
+    /// Whether the committed run's answers were read (once, on the first model call).
+    learned: bool,
 }
 
 impl Default for SqlSession {
@@ -67,7 +87,27 @@ impl SqlSession {
         Self {
             ctx,
             registered: Vec::new(),
+            models: None,
+            latest_fingerprint: None,
         }
+    }
+
+    /// Registers the job's models as functions (`summarize`, `embed` and their `try_`
+    /// forms); `job_fingerprint` is the job's [`crate::job::Job::results_fingerprint`].
+    pub fn with_models(&mut self, functions: ModelFunctions, job_fingerprint: String) {
+        for function in functions.udfs() {
+            self.ctx.register_udf(function);
+        }
+        self.models = Some(SessionModels {
+            functions,
+            job_fingerprint,
+            learned: false,
+        });
+    }
+
+    /// What the model functions did so far (None without a job's models).
+    pub fn model_accounting(&self) -> Option<ModelAccounting> {
+        self.models.as_ref().map(|m| m.functions.accounting())
     }
 
     /// Registers the Parquet data at `path` (a file, a folder or a glob) as `name`.
@@ -92,6 +132,7 @@ impl SqlSession {
             return Ok(None);
         };
         let latest = latest.clone();
+        self.latest_fingerprint = newest.fingerprint.clone();
         let group = newest.shard.as_ref().map(|s| (s.group.clone(), s.count));
         let shards: Vec<PathBuf> = runs
             .iter()
@@ -185,7 +226,10 @@ impl SqlSession {
 
     /// Runs one read-only statement: anything that would create, change or write data
     /// (DDL, DML, COPY, SET ...) is refused before it runs.
-    pub async fn query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), PipelineError> {
+    pub async fn query(
+        &mut self,
+        sql: &str,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), PipelineError> {
         // A statement that does not plan (syntax, unknown table or column) is the user's
         // to fix; failures while it runs (a file that breaks mid-read) are not.
         let plan = self
@@ -200,11 +244,87 @@ impl SqlSession {
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(|e| PipelineError::ReadOnly(e.strip_backtrace()))?;
+        if calls_models(&plan)? {
+            self.prepare_model_calls(&plan).await?;
+        }
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await?;
-        Ok((schema, batches))
+        let batches = df.collect().await.map_err(placement_error);
+        // What the models answered is kept even when the query then fails.
+        if let Some(models) = &self.models {
+            models.functions.persist()?;
+        }
+        Ok((schema, batches?))
     }
+
+    /// Before a query calls models: the committed run's answers are learned (once), and
+    /// the query runs once without calling any, counting the inputs it would send; more
+    /// than the limit refuses it.
+    async fn prepare_model_calls(&mut self, plan: &LogicalPlan) -> Result<(), PipelineError> {
+        let Some(models) = &mut self.models else {
+            return Ok(());
+        };
+        let committed = self.registered.iter().any(|t| t == "summaries")
+            && self.latest_fingerprint.as_ref() == Some(&models.job_fingerprint);
+        if !models.learned && committed && models.functions.caching() {
+            models.learned = true;
+            let rows = self.ctx.table("summaries").await?.collect().await?;
+            models.functions.learn_committed(&rows);
+        }
+        let max = models.functions.max_model_rows();
+        if max == 0 {
+            return Ok(());
+        }
+        models.functions.begin_count();
+        let counted = match self.ctx.execute_logical_plan(plan.clone()).await {
+            Ok(df) => df.collect().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let rows = models.functions.end_count();
+        counted.map_err(placement_error)?;
+        if rows > max {
+            return Err(PipelineError::TooManyModelRows { rows, max });
+        }
+        Ok(())
+    }
+}
+
+/// DataFusion runs async functions (the model functions) in projections, filters and
+/// aggregate arguments only; elsewhere it fails with an internal error, which is the
+/// user's to work around.
+fn placement_error(e: datafusion::error::DataFusionError) -> PipelineError {
+    match e
+        .to_string()
+        .contains("async functions should not be called directly")
+    {
+        true => PipelineError::Query(
+            "a model function (summarize, embed, classify) cannot be computed inside GROUP BY \
+             or ORDER BY: make it a column of a subquery and group or sort by that column, \
+             e.g. SELECT c, count(*) FROM (SELECT classify(text, ['a', 'b']) AS c FROM \
+             summaries) GROUP BY c"
+                .into(),
+        ),
+        false => e.into(),
+    }
+}
+
+/// Whether `plan` calls one of the model functions anywhere (subqueries included).
+fn calls_models(plan: &LogicalPlan) -> Result<bool, PipelineError> {
+    let mut found = false;
+    plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && model_functions::NAMES.contains(&f.name())
+                {
+                    found = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    })?;
+    Ok(found)
 }
 
 /// The union of the files' columns (None for a single file), or which files disagree on

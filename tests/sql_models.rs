@@ -1,0 +1,313 @@
+//! End-to-end tests of the model functions of `abridge sql` (`summarize`, `embed` and their
+//! `try_` forms): the real binary, real Parquet, real small models (the tiny BLOOM
+//! checkpoint for the batch engine, MiniLM for vectors).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use arrow::array::{Array, RecordBatch, StringArray};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The binary with its cache (and so the model answers it keeps) in `cache`.
+fn abridge(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_abridge"))
+        .args(args)
+        .env("ABRIDGE_CACHE", cache)
+        .current_dir(repo())
+        .output()
+        .expect("the abridge binary runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A query's rows (`--format json`) and its model accounting (the `models:` log event).
+fn query(
+    cache: &Path,
+    job: &Path,
+    sql: &str,
+    extra: &[&str],
+) -> Result<(Vec<serde_json::Value>, serde_json::Value), Box<dyn std::error::Error>> {
+    let mut args = vec![
+        "--log-format",
+        "json",
+        "sql",
+        sql,
+        "--job",
+        job.to_str().unwrap_or_default(),
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let out = abridge(cache, &args);
+    assert!(out.status.success(), "{sql}: {}", stderr(&out));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    Ok((rows, accounting(&out)))
+}
+
+/// The fields of the `models:` event on stderr (null when the query called no model).
+fn accounting(out: &Output) -> serde_json::Value {
+    stderr(out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e.get("model_calls").is_some())
+        .unwrap_or_default()
+}
+
+fn write_texts(path: &Path, texts: &[String]) -> TestResult {
+    let ids: Vec<String> = (0..texts.len()).map(|i| format!("R{i}")).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("id", Arc::new(StringArray::from(ids)) as Arc<dyn Array>),
+        ("text", Arc::new(StringArray::from(texts.to_vec()))),
+    ])?;
+    let file = std::fs::File::create(path)?;
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
+}
+
+/// A job whose only model is the tiny BLOOM on the batch engine (`in_flight` 8, greedy).
+fn bloom_job(dir: &Path) -> std::io::Result<PathBuf> {
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[input]\npath = \"{}\"\n[output]\npath = \"{}\"\n[summarize]\nbackend = \"seqgpt\"\n\
+             model = \"{}\"\nprompt = \"seqgpt\"\nmax_new_tokens = 4\ntemperature = 0\n\
+             glossary_retry = false\nin_flight = 8\n",
+            dir.join("t.parquet").display(),
+            dir.join("out").display(),
+            repo().join("tests/fixtures/bloom-tiny-4h").display()
+        ),
+    )?;
+    Ok(job)
+}
+
+const IN_FLIGHT: u64 = 8;
+const MAX_NEW: u64 = 4;
+
+#[test]
+fn summarize_batches_caches_guards_and_fails_per_row() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let texts: Vec<String> = (0..200)
+        .map(|i| format!("Ticket {i}: the printer on floor {} is offline", i % 7))
+        .collect();
+    write_texts(&dir.path().join("t.parquet"), &texts)?;
+    let job = bloom_job(dir.path())?;
+    let table = format!("t={}", dir.path().join("t.parquet").display());
+    let sql = "SELECT id, summarize(text) AS s FROM t ORDER BY id";
+
+    // The guard counts without calling: 200 inputs, more than 50, refused by count.
+    let out = abridge(
+        &cache,
+        &[
+            "sql",
+            sql,
+            "--job",
+            job.to_str().unwrap_or_default(),
+            "--table",
+            &table,
+            "--max-model-rows",
+            "50",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("200 inputs"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--max-model-rows 50"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Batched: the engine's decoding steps are those of ceil(200 / in_flight) waves of
+    // in_flight sequences or fewer (one row at a time would take 200 × (MAX_NEW - 1)).
+    let (first, calls) = query(&cache, &job, sql, &["--table", &table])?;
+    assert_eq!(first.len(), 200);
+    assert!(first.iter().all(|r| r["s"].is_string()), "{first:?}");
+    assert_eq!(calls["model_calls"], 200, "{calls}");
+    assert_eq!(calls["cache_hits"], 0, "{calls}");
+    let steps = calls["engine_steps"].as_u64().ok_or("engine_steps")?;
+    assert!(
+        (1..=200u64.div_ceil(IN_FLIGHT) * MAX_NEW).contains(&steps),
+        "{steps} steps: {calls}"
+    );
+    assert!(calls["prompt_tokens"].as_u64() > Some(200), "{calls}");
+
+    // Asked again: every row from the cache, no model call, the same answers.
+    let (second, calls) = query(&cache, &job, sql, &["--table", &table])?;
+    assert_eq!(second, first);
+    assert_eq!(
+        (calls["model_calls"].as_u64(), calls["cache_hits"].as_u64()),
+        (Some(0), Some(200))
+    );
+    // The guard counts only what the cache cannot answer.
+    query(
+        &cache,
+        &job,
+        sql,
+        &["--table", &table, "--max-model-rows", "1"],
+    )?;
+    // Without the cache, every row calls the model again, with the same (greedy) answers.
+    let (third, calls) = query(&cache, &job, sql, &["--table", &table, "--no-cache"])?;
+    assert_eq!(third, first);
+    assert_eq!(calls["model_calls"], 200, "{calls}");
+
+    // A row that fails (its prompt does not use {text}) is NULL with its reason; the
+    // others are answered. With --fail-on-error the query fails instead.
+    let failing = "SELECT id, try_summarize(text, CASE WHEN id = 'R3' THEN 'no placeholder' \
+                   ELSE 'seqgpt' END) AS r FROM t WHERE id IN ('R1', 'R3') ORDER BY id";
+    let (rows, calls) = query(&cache, &job, failing, &["--table", &table])?;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["r"]["result"], first[1]["s"], "{rows:?}");
+    assert!(rows[0]["r"]["error"].is_null(), "{rows:?}");
+    assert!(rows[1]["r"]["result"].is_null(), "{rows:?}");
+    let reason = rows[1]["r"]["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("{text}"), "{rows:?}");
+    assert_eq!(calls["failed"], 1, "{calls}");
+    let out = abridge(
+        &cache,
+        &[
+            "sql",
+            &failing.replace("try_summarize", "summarize"),
+            "--job",
+            job.to_str().unwrap_or_default(),
+            "--table",
+            &table,
+            "--fail-on-error",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--fail-on-error"), "{}", stderr(&out));
+    Ok(())
+}
+
+#[test]
+fn classify_answers_only_listed_labels_batched_and_cached() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let texts: Vec<String> = (0..60)
+        .map(|i| match i % 3 {
+            0 => format!("printer {i} is offline"),
+            1 => format!("邮箱已满 {i}"),
+            _ => format!("VPN drops every {i} minutes"),
+        })
+        .collect();
+    write_texts(&dir.path().join("t.parquet"), &texts)?;
+    let job = bloom_job(dir.path())?;
+    let table = format!("t={}", dir.path().join("t.parquet").display());
+    let sql = "SELECT id, classify(text, ['printing', 'print', 'email', '网络']) AS c FROM t \
+               ORDER BY id";
+    let (rows, calls) = query(&cache, &job, sql, &["--table", &table])?;
+    assert_eq!(rows.len(), 60);
+    for r in &rows {
+        let c = r["c"].as_str().unwrap_or_default();
+        assert!(["printing", "print", "email", "网络"].contains(&c), "{r}");
+    }
+    assert_eq!(calls["model_calls"], 60, "{calls}");
+    // A label is a few tokens: the batch engine decodes them for in_flight rows at once.
+    let steps = calls["engine_steps"].as_u64().ok_or("engine_steps")?;
+    assert!(
+        steps <= 60u64.div_ceil(IN_FLIGHT) * 4,
+        "{steps} steps: {calls}"
+    );
+    let (again, calls) = query(&cache, &job, sql, &["--table", &table])?;
+    assert_eq!(again, rows);
+    assert_eq!(calls["cache_hits"], 60, "{calls}");
+    Ok(())
+}
+
+/// A job that embeds `rows` sample tickets with MiniLM ("{title}\n{text}"), nothing else.
+fn embed_job(dir: &Path, rows: usize) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let input = dir.join("tickets.parquet");
+    let out = abridge(
+        &dir.join("cache"),
+        &[
+            "sample",
+            "--rows",
+            &rows.to_string(),
+            "--seed",
+            "3",
+            "--clean",
+            "--out",
+            input.to_str().unwrap_or_default(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[input]\npath = \"{}\"\n[input.columns]\nid = \"ticket_id\"\ntitle = \"subject\"\n\
+             text = \"body\"\n[output]\npath = \"{}\"\n[embed]\nmodel = \"{}\"\n\
+             input = \"{{title}}\\n{{text}}\"\n",
+            input.display(),
+            dir.join("out").display(),
+            abridge_models::cached_model_dir("minilm-l6-v2").display()
+        ),
+    )?;
+    let out = abridge(
+        &dir.join("cache"),
+        &["run", job.to_str().unwrap_or_default(), "--quiet"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(job)
+}
+
+#[test]
+fn embed_equals_the_runs_vectors_and_the_committed_run_answers_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let job = embed_job(dir.path(), 30)?;
+    // The text the job embedded, asked in SQL: the committed run answers every row.
+    let same = "SELECT count(*) AS n, min(cosine(embed(concat(title, chr(10), text)), embedding)) \
+                AS worst FROM summaries";
+    let (rows, calls) = query(&cache, &job, same, &[])?;
+    assert_eq!(rows[0]["n"], 30);
+    assert!(rows[0]["worst"].as_f64() > Some(0.99999), "{rows:?}");
+    assert_eq!(
+        (calls["model_calls"].as_u64(), calls["cache_hits"].as_u64()),
+        (Some(0), Some(30))
+    );
+    // Without the cache the encoder runs, and its vectors are the run's.
+    let (rows, calls) = query(&cache, &job, same, &["--no-cache"])?;
+    assert!(rows[0]["worst"].as_f64() > Some(0.9999), "{rows:?}");
+    assert_eq!(calls["model_calls"], 30, "{calls}");
+    // A search by meaning in SQL: one model call for the literal, whatever the rows.
+    let search = "SELECT title, cosine(embed('the printer is offline'), embedding) AS score \
+                  FROM summaries ORDER BY score DESC LIMIT 3";
+    let (rows, calls) = query(&cache, &job, search, &[])?;
+    assert_eq!(rows.len(), 3);
+    assert_eq!(calls["model_calls"], 1, "{calls}");
+    let (_, calls) = query(&cache, &job, search, &[])?;
+    assert_eq!(calls["model_calls"], 0, "{calls}");
+    // DataFusion cannot sort by an async function: a clear error, exit 2, with the way out.
+    let out = abridge(
+        &cache,
+        &[
+            "sql",
+            "SELECT id FROM summaries ORDER BY cosine(embed('x'), embedding) LIMIT 1",
+            "--job",
+            job.to_str().unwrap_or_default(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("subquery"), "{}", stderr(&out));
+    // try_embed's vector has the run's dimension.
+    let (rows, _) = query(
+        &cache,
+        &job,
+        "SELECT array_length(try_embed('x')['result']) AS dim",
+        &[],
+    )?;
+    assert_eq!(rows[0]["dim"], 384, "{rows:?}");
+    Ok(())
+}
