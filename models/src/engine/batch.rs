@@ -191,6 +191,22 @@ impl BatchGenerator {
         })
     }
 
+    /// The engine's answer to a submitted request.
+    fn answer(
+        &self,
+        submitted: Result<oneshot::Receiver<Result<Generation, GeneratorError>>, GeneratorError>,
+    ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
+        Box::pin(async move {
+            submitted?.await.map_err(|_| {
+                GeneratorError::Request(format!(
+                    "the {} engine dropped the request (an engine error; later requests are \
+                     served)",
+                    self.family
+                ))
+            })?
+        })
+    }
+
     fn submit(
         &self,
         request: GenerationRequest,
@@ -251,15 +267,7 @@ impl Generator for BatchGenerator {
         request: GenerationRequest,
     ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
         let answer = self.submit(request, None);
-        Box::pin(async move {
-            answer?.await.map_err(|_| {
-                GeneratorError::Request(format!(
-                    "the {} engine dropped the request (an engine error; later requests are \
-                     served)",
-                    self.family
-                ))
-            })?
-        })
+        self.answer(answer)
     }
 
     fn choose(
@@ -305,15 +313,7 @@ impl Generator for BatchGenerator {
                 }),
             )
         });
-        Box::pin(async move {
-            answer?.await.map_err(|_| {
-                GeneratorError::Request(format!(
-                    "the {} engine dropped the request (an engine error; later requests are \
-                     served)",
-                    self.family
-                ))
-            })?
-        })
+        self.answer(answer)
     }
 
     fn engine_stats(&self) -> Option<EngineStats> {

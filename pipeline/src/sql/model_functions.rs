@@ -422,6 +422,15 @@ struct Results {
     errors: Vec<Option<String>>,
 }
 
+impl Results {
+    fn new(rows: usize) -> Self {
+        Self {
+            values: vec![None; rows],
+            errors: vec![None; rows],
+        }
+    }
+}
+
 #[async_trait]
 impl AsyncScalarUDFImpl for ModelFunction {
     async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -641,10 +650,7 @@ impl Models {
         counting: bool,
     ) -> Result<Results> {
         let rows = texts.len();
-        let mut results = Results {
-            values: vec![None; rows],
-            errors: vec![None; rows],
-        };
+        let mut results = Results::new(rows);
         // Rows by prompt: each prompt has its own settings and version.
         let mut groups: HashMap<Option<&str>, Vec<usize>> = HashMap::new();
         for row in (0..rows).filter(|&r| texts.is_valid(r)) {
@@ -741,10 +747,7 @@ impl Models {
 
     async fn embed(&self, texts: &StringArray, counting: bool) -> Result<Results> {
         let rows = texts.len();
-        let mut results = Results {
-            values: vec![None; rows],
-            errors: vec![None; rows],
-        };
+        let mut results = Results::new(rows);
         let config = self.embed_config().map_err(DataFusionError::Execution)?;
         let fingerprint = self
             .fingerprint(&config.model.display().to_string())
@@ -791,10 +794,7 @@ impl Models {
         counting: bool,
     ) -> Result<Results> {
         let rows = texts.len();
-        let mut results = Results {
-            values: vec![None; rows],
-            errors: vec![None; rows],
-        };
+        let mut results = Results::new(rows);
         let config = self
             .summarize_config()
             .map_err(DataFusionError::Execution)?;
