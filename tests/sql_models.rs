@@ -225,6 +225,65 @@ fn classify_answers_only_listed_labels_batched_and_cached() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn extract_fields_gives_a_struct_of_the_fields_or_the_rows_error() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let texts: Vec<String> = (0..12)
+        .map(|i| format!("printer {i} on floor {} is offline", i % 4))
+        .collect();
+    write_texts(&dir.path().join("t.parquet"), &texts)?;
+    let job = bloom_job(dir.path())?;
+    let table = format!("t={}", dir.path().join("t.parquet").display());
+    // The tiny BLOOM's weights are random: its answers are never `field: value` lines,
+    // so every row is NULL with the reason and the raw answer, and none is a guess.
+    let sql = "SELECT id, try_extract_fields(text, 'device, floor') AS r FROM t ORDER BY id";
+    let (rows, calls) = query(&cache, &job, sql, &["--table", &table])?;
+    assert_eq!(rows.len(), 12);
+    for r in &rows {
+        assert!(r["r"]["result"].is_null(), "{r}");
+        let error = r["r"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("extract_fields: ") && error.contains("answer: "),
+            "{r}"
+        );
+    }
+    assert_eq!(
+        (calls["model_calls"].as_u64(), calls["failed"].as_u64()),
+        (Some(12), Some(12))
+    );
+    // The raw answers are cached: asked again, no model call and the same errors.
+    let (again, calls) = query(&cache, &job, sql, &["--table", &table])?;
+    assert_eq!(again, rows);
+    assert_eq!(calls["cache_hits"], 12, "{calls}");
+    // The struct's fields are the names the query gives; they must be a literal.
+    let (rows, _) = query(
+        &cache,
+        &job,
+        "SELECT extract_fields(text, 'device,floor')['floor'] IS NULL AS missing FROM t LIMIT 1",
+        &["--table", &table],
+    )?;
+    assert_eq!(rows[0]["missing"], true);
+    let out = abridge(
+        &cache,
+        &[
+            "sql",
+            "SELECT extract_fields(text, text) FROM t",
+            "--job",
+            job.to_str().unwrap_or_default(),
+            "--table",
+            &table,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("a text written in the query"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
 /// A job that embeds `rows` sample tickets with MiniLM ("{title}\n{text}"), nothing else.
 fn embed_job(dir: &Path, rows: usize) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let input = dir.join("tickets.parquet");

@@ -298,7 +298,7 @@ fn placement_error(e: datafusion::error::DataFusionError) -> PipelineError {
         .contains("async functions should not be called directly")
     {
         true => PipelineError::Query(
-            "a model function (summarize, embed, classify) cannot be computed inside GROUP BY \
+            "a model function (summarize, embed, classify, extract_fields) cannot be computed inside GROUP BY \
              or ORDER BY: make it a column of a subquery and group or sort by that column, \
              e.g. SELECT c, count(*) FROM (SELECT classify(text, ['a', 'b']) AS c FROM \
              summaries) GROUP BY c"

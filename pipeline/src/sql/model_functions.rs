@@ -1,6 +1,7 @@
 //! Model calls inside SQL (`abridge sql --job JOB`): `summarize(text [, prompt])`,
-//! `embed(text)` and `classify(text, labels)` with the job's models, and their `try_`
-//! forms, which return `{result, error}` so that a query can see why a row failed.
+//! `embed(text)`, `classify(text, labels)` and `extract_fields(text, 'a, b')` with the
+//! job's models, and their `try_` forms, which return `{result, error}` so that a query
+//! can see why a row failed.
 //!
 //! They are DataFusion async scalar functions ([`AsyncScalarUDFImpl`]): the planner puts
 //! an `AsyncFuncExec` under the projection or filter that calls them and hands each one a
@@ -26,7 +27,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use abridge_models::encoder::EncoderWorker;
-use abridge_models::generator::{EngineStats, Generation, GeneratorError, SharedGenerator};
+use abridge_models::generator::{
+    EngineStats, Generation, GenerationRequest, GeneratorError, Sampling, SharedGenerator,
+};
 use abridge_operators::embed::{EmbedConfig, embedding_field};
 use abridge_operators::summarize::{
     COMPLETION_TOKENS, PROMPT_TOKENS, SUMMARY, Summarize, SummarizeConfig, SummarizeSettings,
@@ -39,14 +42,14 @@ use arrow::array::{
 };
 use arrow::buffer::NullBuffer;
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, FieldRef, Fields, Schema, SchemaRef};
 use async_trait::async_trait;
-use datafusion::common::{exec_datafusion_err, exec_err};
+use datafusion::common::{ScalarValue, exec_datafusion_err, exec_err, plan_err};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature,
-    Volatility,
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    TypeSignature, Volatility,
 };
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -56,13 +59,15 @@ use tokio::sync::OnceCell;
 use super::result_cache::{Answer, Key, ResultCache, key};
 
 /// The functions this module registers.
-pub const NAMES: [&str; 6] = [
+pub const NAMES: [&str; 8] = [
     "summarize",
     "try_summarize",
     "embed",
     "try_embed",
     "classify",
     "try_classify",
+    "extract_fields",
+    "try_extract_fields",
 ];
 
 /// How model functions behave in a session (`abridge sql`'s flags).
@@ -183,13 +188,15 @@ impl ModelFunctions {
             (Kind::Embed, true),
             (Kind::Classify, false),
             (Kind::Classify, true),
+            (Kind::Extract, false),
+            (Kind::Extract, true),
         ]
         .into_iter()
         .map(|(kind, detailed)| {
             let arities: &[usize] = match kind {
                 Kind::Summarize => &[1, 2],
                 Kind::Embed => &[1],
-                Kind::Classify => &[2],
+                Kind::Classify | Kind::Extract => &[2],
             };
             let signature = Signature::one_of(
                 arities.iter().map(|&n| TypeSignature::Any(n)).collect(),
@@ -321,6 +328,7 @@ enum Kind {
     Summarize,
     Embed,
     Classify,
+    Extract,
 }
 
 struct ModelFunction {
@@ -366,6 +374,9 @@ impl ScalarUDFImpl for ModelFunction {
             (Kind::Embed, true) => "try_embed",
             (Kind::Classify, false) => "classify",
             (Kind::Classify, true) => "try_classify",
+            // Not `extract`: SQL's EXTRACT(field FROM date) owns that name.
+            (Kind::Extract, false) => "extract_fields",
+            (Kind::Extract, true) => "try_extract_fields",
         }
     }
 
@@ -382,11 +393,63 @@ impl ScalarUDFImpl for ModelFunction {
                     .data_type()
                     .clone()
             }
+            // Its fields are the values of its second argument.
+            Kind::Extract => return plan_err!("extract_fields() needs its arguments to plan"),
         };
         Ok(match self.detailed {
             false => value,
             true => DataType::Struct(detailed_fields(value)),
         })
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        if self.kind != Kind::Extract {
+            let types: Vec<DataType> = args
+                .arg_fields
+                .iter()
+                .map(|f| f.data_type().clone())
+                .collect();
+            return Ok(Arc::new(Field::new(
+                self.name(),
+                self.return_type(&types)?,
+                true,
+            )));
+        }
+        // A text literal: the names must be known when the query is planned, before any
+        // expression is folded (a list literal is still a function call then).
+        let names: Vec<String> = match args.scalar_arguments.get(1) {
+            Some(Some(ScalarValue::Utf8(Some(list)) | ScalarValue::LargeUtf8(Some(list))))
+            | Some(Some(ScalarValue::Utf8View(Some(list)))) => {
+                list.split(',').map(|n| n.trim().to_string()).collect()
+            }
+            _ => {
+                return plan_err!(
+                    "{}(text, fields): fields must be a text written in the query, the names \
+                     separated by commas, e.g. 'device, location'",
+                    self.name()
+                );
+            }
+        };
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != names.len() || names.iter().any(String::is_empty) {
+            return plan_err!(
+                "{}(): field names must be distinct and not empty",
+                self.name()
+            );
+        }
+        let value = DataType::Struct(
+            names
+                .iter()
+                .map(|n| Field::new(n, DataType::Utf8, true))
+                .collect(),
+        );
+        let value = match self.detailed {
+            false => value,
+            true => DataType::Struct(detailed_fields(value)),
+        };
+        Ok(Arc::new(Field::new(self.name(), value, true)))
     }
 
     fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -467,6 +530,13 @@ impl AsyncScalarUDFImpl for ModelFunction {
                 })?;
                 self.models.classify(texts, labels, counting).await?
             }
+            Kind::Extract => {
+                let DataType::Struct(fields) = &value_type else {
+                    return exec_err!("extract_fields(): its result is not a struct");
+                };
+                let names: Vec<String> = fields.iter().map(|f| f.name().clone()).collect();
+                self.models.extract(texts, &names, counting).await?
+            }
         };
         let failed = results.errors.iter().flatten().count();
         if failed > 0 && self.models.options.fail_on_error && !counting {
@@ -526,8 +596,65 @@ fn build_values(values: &[Option<Answer>], value_type: &DataType) -> Result<Arra
             )?;
             Ok(Arc::new(array))
         }
+        DataType::Struct(fields) => {
+            // Answers here parsed once already (rows that did not are errors, and None).
+            let names: Vec<String> = fields.iter().map(|f| f.name().clone()).collect();
+            let parsed: Vec<Option<Vec<Option<String>>>> = values
+                .iter()
+                .map(|v| match v {
+                    Some(Answer::Text(raw)) => parse_fields(raw, &names).ok(),
+                    _ => None,
+                })
+                .collect();
+            let columns: Vec<ArrayRef> = (0..names.len())
+                .map(|i| {
+                    let column: StringArray = parsed
+                        .iter()
+                        .map(|p| p.as_ref().and_then(|f| f[i].clone()))
+                        .collect();
+                    Arc::new(column) as ArrayRef
+                })
+                .collect();
+            let valid = NullBuffer::from(parsed.iter().map(Option::is_some).collect::<Vec<_>>());
+            Ok(Arc::new(StructArray::try_new(
+                fields.clone(),
+                columns,
+                Some(valid),
+            )?))
+        }
         other => Ok(new_null_array(other, values.len())),
     }
+}
+
+/// The values of an extraction answer, one line `name: value` per field (a full-width
+/// colon too, as SeqGPT writes Chinese), in `names`' order; `none` (or 无, or nothing)
+/// is a NULL value. Strict: a line for a name not asked for, a field twice or a field
+/// missing makes the whole answer an error, never a guess.
+fn parse_fields(raw: &str, names: &[String]) -> std::result::Result<Vec<Option<String>>, String> {
+    let mut values: Vec<Option<Option<String>>> = vec![None; names.len()];
+    for line in raw.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once([':', '：']) else {
+            return Err(format!("the line {line:?} is not `field: value`"));
+        };
+        let name = name.trim();
+        let Some(at) = names.iter().position(|n| n == name) else {
+            return Err(format!(
+                "the answer names `{name}`, which was not asked for"
+            ));
+        };
+        if values[at].is_some() {
+            return Err(format!("the answer gives `{name}` twice"));
+        }
+        let value = value.trim();
+        let none = value.is_empty()
+            || ["none", "null", "n/a", "无"].contains(&value.to_lowercase().as_str());
+        values[at] = Some((!none).then(|| value.to_string()));
+    }
+    names
+        .iter()
+        .zip(values)
+        .map(|(name, value)| value.ok_or_else(|| format!("the answer has no line for `{name}`")))
+        .collect()
 }
 
 impl Models {
@@ -861,26 +988,140 @@ impl Models {
                 .buffered(config.in_flight().max(1))
                 .collect()
                 .await;
-            let elapsed = started.elapsed();
-            let mut tokens = (0, 0);
-            let answers = answers
-                .into_iter()
-                .map(|a| match a {
-                    Ok((k, g)) => {
-                        tokens.0 += g.prompt_tokens as u64;
-                        tokens.1 += g.completion_tokens as u64;
-                        Ok((k, Answer::Text(g.text)))
-                    }
-                    Err(e) => Err(format!("classify: {e}")),
-                })
-                .collect();
-            self.record(&group, &keys, &todo, answers, &mut results);
-            let mut accounting = lock(&self.accounting);
-            accounting.prompt_tokens += tokens.0;
-            accounting.completion_tokens += tokens.1;
-            accounting.model_ms += elapsed.as_millis() as u64;
+            self.record_generations(
+                &group,
+                &keys,
+                &todo,
+                answers,
+                "classify",
+                started,
+                &mut results,
+            );
         }
         Ok(results)
+    }
+
+    async fn extract(
+        &self,
+        texts: &StringArray,
+        names: &[String],
+        counting: bool,
+    ) -> Result<Results> {
+        let rows = texts.len();
+        let mut results = Results::new(rows);
+        let config = self
+            .summarize_config()
+            .map_err(DataFusionError::Execution)?;
+        let fingerprint = self
+            .fingerprint(&config.model)
+            .map_err(|e| exec_datafusion_err!("extract_fields(): {e}"))?;
+        let seqgpt = config.backend == abridge_operators::summarize::Backend::Seqgpt;
+        let style = format!(
+            "{} max_input={} max_new={}",
+            if seqgpt { "seqgpt" } else { "instruct" },
+            config.max_input_tokens,
+            config.max_new_tokens
+        );
+        let joined = names.join("\u{1f}");
+        let group: Vec<usize> = (0..rows).filter(|&r| texts.is_valid(r)).collect();
+        let keys: Vec<Key> = group
+            .iter()
+            .map(|&r| key(&["extract", &fingerprint, &style, &joined, texts.value(r)]))
+            .collect();
+        let todo = self.look_up(&group, &keys, &mut results, counting);
+        if !todo.is_empty() {
+            let generator = self.generator().await?;
+            let names: Arc<[String]> = names.into();
+            let started = Instant::now();
+            let mut calls: Vec<BoxFuture<'static, Result<(Key, Generation), GeneratorError>>> =
+                Vec::with_capacity(todo.len());
+            for &(i, k) in &todo {
+                let (generator, names) = (Arc::clone(&generator), Arc::clone(&names));
+                let text = texts.value(group[i]).to_string();
+                let (budget, max_new, seed) =
+                    (config.max_input_tokens, config.max_new_tokens, config.seed);
+                calls.push(Box::pin(async move {
+                    let head = generator.truncate(text, budget).await?;
+                    let request = GenerationRequest {
+                        prompt: extraction_prompt(&head.text, &names, seqgpt),
+                        sampling: Sampling {
+                            temperature: 0.0,
+                            top_p: 1.0,
+                            max_new_tokens: max_new,
+                            seed,
+                        },
+                        key: 0,
+                    };
+                    Ok((k, generator.generate(request).await?))
+                }));
+            }
+            let answers: Vec<_> = futures::stream::iter(calls)
+                .buffered(config.in_flight().max(1))
+                .collect()
+                .await;
+            self.record_generations(
+                &group,
+                &keys,
+                &todo,
+                answers,
+                "extract_fields",
+                started,
+                &mut results,
+            );
+        }
+        // Answers, new or cached, are parsed strictly: one that does not parse is the row's
+        // error (the raw answer stays cached; parsing it again gives the same error).
+        let mut failed = Vec::new();
+        for row in 0..rows {
+            if let Some(Answer::Text(raw)) = &results.values[row]
+                && let Err(reason) = parse_fields(raw, names)
+            {
+                failed.push(format!("extract_fields: {reason} (answer: {raw:?})"));
+                results.errors[row] = failed.last().cloned();
+                results.values[row] = None;
+            }
+        }
+        if !counting && !failed.is_empty() {
+            let mut accounting = lock(&self.accounting);
+            accounting.failed += failed.len() as u64;
+            accounting
+                .first_error
+                .get_or_insert_with(|| failed[0].clone());
+        }
+        Ok(results)
+    }
+
+    /// Records generations (answers to `todo`) as [`Models::record`] does, with their
+    /// tokens and the time since `started` in the accounting.
+    #[allow(clippy::too_many_arguments)]
+    fn record_generations(
+        &self,
+        group: &[usize],
+        keys: &[Key],
+        todo: &[(usize, Key)],
+        answers: Vec<std::result::Result<(Key, Generation), GeneratorError>>,
+        function: &str,
+        started: Instant,
+        results: &mut Results,
+    ) {
+        let elapsed = started.elapsed();
+        let mut tokens = (0, 0);
+        let answers = answers
+            .into_iter()
+            .map(|a| match a {
+                Ok((k, g)) => {
+                    tokens.0 += g.prompt_tokens as u64;
+                    tokens.1 += g.completion_tokens as u64;
+                    Ok((k, Answer::Text(g.text)))
+                }
+                Err(e) => Err(format!("{function}: {e}")),
+            })
+            .collect();
+        self.record(group, keys, todo, answers, results);
+        let mut accounting = lock(&self.accounting);
+        accounting.prompt_tokens += tokens.0;
+        accounting.completion_tokens += tokens.1;
+        accounting.model_ms += elapsed.as_millis() as u64;
     }
 
     /// Fills `results` from the cache for the rows of `group` (`keys` in the same order);
@@ -973,6 +1214,19 @@ fn usable(batch: &RecordBatch, row: usize) -> bool {
         .is_none_or(|e| e.is_null(row))
 }
 
+/// The question `extract_fields()` asks: SeqGPT's own extraction prompt (抽取) for the `seqgpt`
+/// backend, an instruction for chat models; both answer one `field: value` line each.
+fn extraction_prompt(text: &str, names: &[String], seqgpt: bool) -> String {
+    match seqgpt {
+        true => format!("输入: {text}\n抽取: {}\n输出: [GEN]", names.join(",")),
+        false => format!(
+            "Extract these fields from the text: {}. Answer with exactly one line per field, \
+             `field: value`, and `field: none` when the text does not say.\n\nText: {text}",
+            names.join(", ")
+        ),
+    }
+}
+
 /// The summarize stage's input for `rows` of `texts`.
 fn input_batch(texts: &StringArray, rows: &[usize]) -> Result<RecordBatch> {
     let text: StringArray = rows.iter().map(|&r| Some(texts.value(r))).collect();
@@ -992,4 +1246,47 @@ fn input_batch(texts: &StringArray, rows: &[usize]) -> Result<RecordBatch> {
 
 fn model_file_error(path: &Path, e: std::io::Error) -> OperatorError {
     OperatorError::config("model", format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn extraction_answers_parse_strictly() {
+        let fields = names(&["device", "location"]);
+        assert_eq!(
+            parse_fields("device: printer\nlocation：3楼\n", &fields),
+            Ok(vec![Some("printer".into()), Some("3楼".into())])
+        );
+        assert_eq!(
+            parse_fields("location: none\n\n  device:  VPN client ", &fields),
+            Ok(vec![Some("VPN client".into()), None])
+        );
+        for (raw, why) in [
+            ("device: printer", "no line for `location`"),
+            ("device: a\ndevice: b\nlocation: x", "twice"),
+            ("device: a\nlocation: b\nowner: c", "not asked for"),
+            ("The printer on floor 3", "not `field: value`"),
+            ("", "no line for `device`"),
+        ] {
+            let error = parse_fields(raw, &fields).expect_err(raw);
+            assert!(error.contains(why), "{raw:?}: {error}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a model answers, parsing gives every asked field or an error.
+        #[test]
+        fn parsing_never_returns_a_partial_answer(raw in "[a-z:：\n 无]{0,60}") {
+            let fields = names(&["a", "b"]);
+            if let Ok(values) = parse_fields(&raw, &fields) {
+                proptest::prop_assert_eq!(values.len(), 2);
+            }
+        }
+    }
 }

@@ -56,8 +56,10 @@ pub enum Command {
     /// job's models, loaded only when a query calls them: summarize(text [, prompt]) with
     /// its [summarize] settings (prompt: a preset or a template using {text}), embed(text)
     /// with its [embed] encoder, classify(text, ['label', ...]) with its [summarize] model
-    /// (always one of the labels: decoding is restricted to their tokens), and try_summarize
-    /// / try_embed / try_classify, which return {result, error}. Rows go to the models in batches (the job's in_flight); answers
+    /// (always one of the labels: decoding is restricted to their tokens),
+    /// extract_fields(text, 'name, ...') (a struct of those fields from the model's
+    /// `name: value` lines, parsed strictly), and the try_ forms of each, which return
+    /// {result, error}. Rows go to the models in batches (the job's in_flight); answers
     /// are cached (the job's latest run, if made with the same settings, and
     /// $ABRIDGE_CACHE/sql-results), so asking again calls no model. A row a model fails
     /// on is NULL (its reason in try_*'s error). Model calls, cache hits, tokens and model

@@ -121,7 +121,7 @@ fn report_models(a: &ModelAccounting) {
     if let Some(first) = &a.first_error {
         tracing::warn!(
             failed = a.failed,
-            "{} inputs failed (NULL; try_summarize / try_embed give the reason), the first: {first}",
+            "{} inputs failed (NULL; the try_ forms give the reason), the first: {first}",
             a.failed
         );
     }
