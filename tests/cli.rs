@@ -852,6 +852,73 @@ fn relative_thresholds_are_decided_per_query_and_kept_tickets_reach_them() -> Te
     Ok(())
 }
 
+/// `[filter.topics] match = "query"`: of the tickets near a query, only those of that
+/// query's topic are kept; the others say why.
+#[test]
+fn match_query_keeps_only_tickets_of_their_querys_topic() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 120, 4)?;
+    let sections = retrieval_sections(dir.path())
+        .replace(
+            "queries = [\"a device or service is down and the employee cannot work\"]",
+            "queries = [\"printer offline\", \"the VPN connection keeps dropping\"]",
+        )
+        .replace(
+            "allowed = [\"printing\", \"network\", \"other\"]",
+            "match = \"query\"",
+        );
+    let job = job_file(dir.path(), &input, &sections)?;
+    run_json(&job, &[])?;
+    let loose = run_json(&job, &["--set", "filter.topics.match=\"allowed\""])?;
+    let rows = |query: &str| -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+        let out = sql(&job, query, "json");
+        assert!(out.status.success(), "{}", stderr(&out));
+        Ok(serde_json::from_str(&stdout(&out))?)
+    };
+    // Kept tickets of a query share its topic: one topic per query, and not the same one.
+    let kept = rows(
+        "SELECT matched_query, count(DISTINCT topic) AS topics, min(topic) AS topic FROM runs \
+         WHERE kept AND run_id <> (SELECT max(run_id) FROM runs) GROUP BY matched_query",
+    )?;
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(kept.iter().all(|r| r["topics"] == 1), "{kept:?}");
+    assert_ne!(kept[0]["topic"], kept[1]["topic"], "{kept:?}");
+    // Tickets near a query but of another (allowed) topic are dropped with that reason
+    // alone; the run with `match = "allowed"` kept exactly them besides.
+    let dropped = rows(
+        "SELECT count(*) AS n FROM runs WHERE run_id <> (SELECT max(run_id) FROM runs) AND \
+         filter_reason LIKE '%the topic of matched query%' AND filter_reason NOT LIKE '%;%'",
+    )?;
+    let n = dropped[0]["n"].as_u64().unwrap_or(0);
+    assert!(n > 0, "no ticket of another topic matched a query");
+    let first_kept = rows(
+        "SELECT count(*) AS n FROM runs WHERE kept AND run_id <> (SELECT max(run_id) FROM runs)",
+    )?;
+    let loose_kept = loose.stages.iter().find(|s| s.stage == "filter");
+    let loose_filtered = loose_kept.map(|s| s.metrics.rows_filtered).unwrap_or(0);
+    let strict_kept = first_kept[0]["n"].as_u64().unwrap_or(0);
+    assert_eq!(
+        strict_kept + n,
+        loose.rows_read - loose_filtered - loose.rows_failed,
+        "{loose:?}"
+    );
+
+    // Without similarity queries there is nothing to match: refused by key.
+    let no_queries = sections.replace(
+        "[filter.similarity]\nqueries = [\"printer offline\", \"the VPN connection keeps dropping\"]\nthreshold = 0.1\n",
+        "",
+    );
+    let job = job_file(dir.path(), &input, &no_queries)?;
+    let out = abridge(&["run", job.to_str().unwrap_or_default()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("filter.topics.match"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
 #[test]
 fn filter_marks_rows_and_index_search_finds_by_meaning() -> TestResult {
     let dir = tempfile::tempdir()?;

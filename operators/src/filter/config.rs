@@ -112,6 +112,32 @@ pub struct TopicsConfig {
     /// A best cosine below this gives topic `other`. Default: 0.3.
     #[serde(default = "default_min_topic_score")]
     pub min_score: f32,
+    /// `allowed` (default): a ticket's topic must be allowed. `query`: it must also be
+    /// the topic of the similarity query the ticket matched (the design's topic
+    /// consistency; needs `[filter.similarity]`).
+    #[serde(
+        default,
+        rename = "match",
+        skip_serializing_if = "TopicMatch::is_default"
+    )]
+    pub match_rule: TopicMatch,
+}
+
+/// `[filter.topics] match`: what a ticket's topic must agree with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicMatch {
+    #[default]
+    Allowed,
+    Query,
+}
+
+impl TopicMatch {
+    /// Left out of recorded jobs when default, so that jobs written before the key
+    /// existed keep their fingerprint (and `skip_done` its rows).
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 fn default_min_topic_score() -> f32 {
@@ -139,6 +165,13 @@ impl FilterConfig {
         }
         if let Some(topics) = &self.topics {
             topics.validate()?;
+            if topics.match_rule == TopicMatch::Query && self.similarity.is_none() {
+                return Err(OperatorError::config(
+                    "filter.topics.match",
+                    "`query` compares a ticket's topic with the topic of the query it matched: \
+                     add [filter.similarity] with queries",
+                ));
+            }
         }
         Ok(())
     }
@@ -318,5 +351,6 @@ async fn topic_rule(
             .unwrap_or_else(|| config.labels.keys().cloned().collect()),
         topics,
         min_score: config.min_score,
+        match_query: config.match_rule == TopicMatch::Query,
     })
 }

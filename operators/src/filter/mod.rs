@@ -6,8 +6,10 @@
 //!   `similarity` and, when it passes, `matched_query`.
 //! - topic: zero-shot classification by cosine to one prototype vector per topic; the
 //!   nearest topic wins, a tie or a score under `min_score` gives [`OTHER_TOPIC`]. A ticket
-//!   passes when its topic is allowed. The result replaces the `topic` column and its
-//!   cosine is `topic_score`.
+//!   passes when its topic is allowed and, with `match = "query"` (the design's topic
+//!   consistency), when it equals the topic of the query it matched (each query's topic is
+//!   decided once, by the same prototypes). The result replaces the `topic` column and
+//!   its cosine is `topic_score`.
 //!
 //! Nothing is dropped: every row comes out with `kept` and, when not kept, a
 //! `filter_reason` that a user can audit with SQL. Rows that failed an earlier stage
@@ -80,11 +82,15 @@ pub struct TopicRule {
     pub min_score: f32,
     /// Topics whose tickets are kept (may include [`OTHER_TOPIC`]).
     pub allowed: Vec<String>,
+    /// Keep a ticket only when its topic is that of the query it matched.
+    pub match_query: bool,
 }
 
 /// The `filter` stage.
 pub struct SemanticFilter {
     queries: Vec<Query>,
+    /// Each query's topic, when tickets must match it (`match = "query"`).
+    query_topics: Vec<String>,
     topics: Option<TopicRule>,
     dim: usize,
     schema: SchemaRef,
@@ -142,15 +148,21 @@ impl SemanticFilter {
             Arc::new(Field::new(FILTER_REASON, DataType::Utf8, true)),
         ]);
         let schema = Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
-        Ok(TransformStage::new(
-            "filter",
-            Self {
-                queries,
-                topics,
-                dim,
-                schema,
-            },
-        ))
+        let mut filter = Self {
+            queries,
+            query_topics: Vec::new(),
+            topics,
+            dim,
+            schema,
+        };
+        if let Some(rule) = filter.topics.as_ref().filter(|r| r.match_query) {
+            filter.query_topics = filter
+                .queries
+                .iter()
+                .map(|q| filter.topic(rule, &q.vector).0.to_string())
+                .collect();
+        }
+        Ok(TransformStage::new("filter", filter))
     }
 }
 
@@ -160,6 +172,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// What the similarity rule says of one vector.
 struct SimilarityVerdict<'q> {
+    /// The query's index in the rule.
+    index: usize,
     query: &'q Query,
     cosine: f32,
 }
@@ -168,7 +182,9 @@ impl SemanticFilter {
     fn similarity(&self, vector: &[f32]) -> Option<SimilarityVerdict<'_>> {
         self.queries
             .iter()
-            .map(|query| SimilarityVerdict {
+            .enumerate()
+            .map(|(index, query)| SimilarityVerdict {
+                index,
                 query,
                 cosine: dot(vector, &query.vector),
             })
@@ -237,11 +253,13 @@ impl BatchTransform for SemanticFilter {
             }
             let vector = &values[row * self.dim..(row + 1) * self.dim];
             let mut reasons = Vec::new();
+            let mut query_topic = None;
             match self.similarity(vector) {
                 Some(v) => {
                     similarity.append_value(v.cosine);
                     if v.cosine >= v.query.threshold {
                         matched.append_value(&v.query.text);
+                        query_topic = self.query_topics.get(v.index).map(|t| (t, &v.query.text));
                     } else {
                         matched.append_null();
                         reasons.push(format!(
@@ -262,6 +280,13 @@ impl BatchTransform for SemanticFilter {
                     topic_score.append_value(score);
                     if !rule.allowed.iter().any(|a| a == label) {
                         reasons.push(format!("topic {label:?} not allowed"));
+                    }
+                    if let Some((wanted, query)) = query_topic
+                        && wanted != label
+                    {
+                        reasons.push(format!(
+                            "topic {label:?} is not {wanted:?}, the topic of matched query {query:?}"
+                        ));
                     }
                 }
                 None => {
@@ -416,6 +441,7 @@ mod tests {
             ],
             min_score: 0.3,
             allowed: vec!["printing".into(), OTHER_TOPIC.into()],
+            match_query: false,
         };
         let filter = SemanticFilter::try_new(&input.schema(), vec![], Some(rule)).unwrap();
         let out = run(&filter, input);
@@ -429,6 +455,54 @@ mod tests {
         );
         assert_eq!(out.num_columns(), 3 + 5, "topic replaced in place");
         assert!(out.column_by_name(SIMILARITY).unwrap().is_null(0));
+    }
+
+    #[test]
+    fn matching_the_query_keeps_tickets_of_its_matched_querys_topic() {
+        // Queries along the axes, prototypes turned away from them: the third ticket is
+        // nearest the printer query but of topic network.
+        let input = batch(
+            &[Some([1.0, 0.1]), Some([0.1, 1.0]), Some([0.75, 0.7])],
+            &[None; 3],
+        );
+        let query = |text: &str, v: [f32; 2]| Query {
+            text: text.into(),
+            vector: unit(&v),
+            threshold: 0.1,
+        };
+        let queries = vec![query("printer", [1.0, 0.0]), query("vpn", [0.0, 1.0])];
+        let rule = |match_query| TopicRule {
+            topics: vec![
+                Topic {
+                    label: "printing".into(),
+                    prototype: unit(&[1.0, -0.5]),
+                },
+                Topic {
+                    label: "network".into(),
+                    prototype: unit(&[0.5, 1.0]),
+                },
+            ],
+            min_score: 0.3,
+            allowed: vec!["printing".into(), "network".into()],
+            match_query,
+        };
+        let loose = SemanticFilter::try_new(&input.schema(), queries.clone(), Some(rule(false)));
+        let out = run(&loose.unwrap(), input.clone());
+        assert_eq!(kept_rows(&out).unwrap().true_count(), 3);
+
+        let strict = SemanticFilter::try_new(&input.schema(), queries, Some(rule(true))).unwrap();
+        let out = run(&strict, input);
+        let topics: Vec<_> = string_column(&out, TOPIC).unwrap().iter().collect();
+        let matched: Vec<_> = string_column(&out, MATCHED_QUERY).unwrap().iter().collect();
+        let kept: Vec<_> = kept_rows(&out).unwrap().iter().collect();
+        assert_eq!(topics, [Some("printing"), Some("network"), Some("network")]);
+        assert_eq!(matched, [Some("printer"), Some("vpn"), Some("printer")]);
+        assert_eq!(kept, [Some(true), Some(true), Some(false)]);
+        let reason = string_column(&out, FILTER_REASON).unwrap().value(2);
+        assert_eq!(
+            reason,
+            "topic \"network\" is not \"printing\", the topic of matched query \"printer\""
+        );
     }
 
     #[test]
