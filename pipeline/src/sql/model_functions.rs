@@ -479,6 +479,18 @@ fn embedding_dim(dir: &Path) -> Result<usize> {
         .ok_or_else(|| exec_datafusion_err!("embed(): {}: no hidden_size", path.display()))
 }
 
+/// A generator call's answer ([`Models::ask_each`]).
+type Asked = BoxFuture<'static, Result<Generation, GeneratorError>>;
+
+/// What [`Models::ask_each`] asks about: the function (in error messages), the inputs, the
+/// rows of them asked, and each row's key.
+struct Asking<'a> {
+    function: &'static str,
+    texts: &'a StringArray,
+    group: &'a [usize],
+    keys: &'a [Key],
+}
+
 /// Per input row: the answer, or why there is none (None, None: a NULL input).
 struct Results {
     values: Vec<Option<Answer>>,
@@ -967,36 +979,22 @@ impl Models {
             if todo.is_empty() {
                 continue;
             }
-            let generator = self.generator().await?;
             let set: Arc<[String]> = set.into();
-            let started = Instant::now();
-            // Collected first: a lazy iterator of closures held across an await trips the
-            // compiler's lifetime inference for `Send` futures.
-            let mut calls: Vec<BoxFuture<'static, Result<(Key, Generation), GeneratorError>>> =
-                Vec::with_capacity(todo.len());
-            for &(i, k) in &todo {
-                let (generator, set) = (Arc::clone(&generator), Arc::clone(&set));
-                let text = texts.value(group[i]).to_string();
-                let budget = config.max_input_tokens;
-                calls.push(Box::pin(async move {
-                    let head = generator.truncate(text, budget).await?;
-                    let prompt = classification_prompt(&head.text, &set, seqgpt);
-                    Ok((k, generator.choose(prompt, set).await?))
-                }));
-            }
-            let answers: Vec<_> = futures::stream::iter(calls)
-                .buffered(config.in_flight().max(1))
-                .collect()
-                .await;
-            self.record_generations(
-                &group,
-                &keys,
-                &todo,
-                answers,
-                "classify",
-                started,
-                &mut results,
-            );
+            let ask = move |generator: SharedGenerator, head: String| -> Asked {
+                let set = Arc::clone(&set);
+                Box::pin(async move {
+                    let prompt = classification_prompt(&head, &set, seqgpt);
+                    generator.choose(prompt, set).await
+                })
+            };
+            let asked = Asking {
+                function: "classify",
+                texts,
+                group: &group,
+                keys: &keys,
+            };
+            self.ask_each(config, asked, &todo, &mut results, ask)
+                .await?;
         }
         Ok(results)
     }
@@ -1030,44 +1028,29 @@ impl Models {
             .collect();
         let todo = self.look_up(&group, &keys, &mut results, counting);
         if !todo.is_empty() {
-            let generator = self.generator().await?;
             let names: Arc<[String]> = names.into();
-            let started = Instant::now();
-            let mut calls: Vec<BoxFuture<'static, Result<(Key, Generation), GeneratorError>>> =
-                Vec::with_capacity(todo.len());
-            for &(i, k) in &todo {
-                let (generator, names) = (Arc::clone(&generator), Arc::clone(&names));
-                let text = texts.value(group[i]).to_string();
-                let (budget, max_new, seed) =
-                    (config.max_input_tokens, config.max_new_tokens, config.seed);
-                calls.push(Box::pin(async move {
-                    let head = generator.truncate(text, budget).await?;
-                    let request = GenerationRequest {
-                        prompt: extraction_prompt(&head.text, &names, seqgpt),
-                        sampling: Sampling {
-                            temperature: 0.0,
-                            top_p: 1.0,
-                            max_new_tokens: max_new,
-                            seed,
-                        },
-                        key: 0,
-                    };
-                    Ok((k, generator.generate(request).await?))
-                }));
-            }
-            let answers: Vec<_> = futures::stream::iter(calls)
-                .buffered(config.in_flight().max(1))
-                .collect()
-                .await;
-            self.record_generations(
-                &group,
-                &keys,
-                &todo,
-                answers,
-                "extract_fields",
-                started,
-                &mut results,
-            );
+            let sampling = Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                max_new_tokens: config.max_new_tokens,
+                seed: config.seed,
+            };
+            let ask = move |generator: SharedGenerator, head: String| -> Asked {
+                let request = GenerationRequest {
+                    prompt: extraction_prompt(&head, &names, seqgpt),
+                    sampling: sampling.clone(),
+                    key: 0,
+                };
+                Box::pin(async move { generator.generate(request).await })
+            };
+            let asked = Asking {
+                function: "extract_fields",
+                texts,
+                group: &group,
+                keys: &keys,
+            };
+            self.ask_each(config, asked, &todo, &mut results, ask)
+                .await?;
         }
         // Answers, new or cached, are parsed strictly: one that does not parse is the row's
         // error (the raw answer stays cached; parsing it again gives the same error).
@@ -1091,19 +1074,41 @@ impl Models {
         Ok(results)
     }
 
-    /// Records generations (answers to `todo`) as [`Models::record`] does, with their
-    /// tokens and the time since `started` in the accounting.
-    #[allow(clippy::too_many_arguments)]
-    fn record_generations(
+    /// Asks the generator about each input of `todo` (indices into `asked.group`), the
+    /// job's `in_flight` at a time: the text cut to the job's input budget, then
+    /// `ask(generator, head)`; the answers are recorded as [`Models::record`] does, their
+    /// tokens and time in the accounting.
+    async fn ask_each<F>(
         &self,
-        group: &[usize],
-        keys: &[Key],
+        config: &SummarizeConfig,
+        asked: Asking<'_>,
         todo: &[(usize, Key)],
-        answers: Vec<std::result::Result<(Key, Generation), GeneratorError>>,
-        function: &str,
-        started: Instant,
         results: &mut Results,
-    ) {
+        ask: F,
+    ) -> Result<()>
+    where
+        F: Fn(SharedGenerator, String) -> Asked + Send + Sync + 'static,
+    {
+        let generator = self.generator().await?;
+        let ask = Arc::new(ask);
+        let started = Instant::now();
+        // Collected first: a lazy iterator of closures held across an await trips the
+        // compiler's lifetime inference for `Send` futures.
+        let mut calls: Vec<BoxFuture<'static, Result<(Key, Generation), GeneratorError>>> =
+            Vec::with_capacity(todo.len());
+        for &(i, k) in todo {
+            let (generator, ask) = (Arc::clone(&generator), Arc::clone(&ask));
+            let text = asked.texts.value(asked.group[i]).to_string();
+            let budget = config.max_input_tokens;
+            calls.push(Box::pin(async move {
+                let head = generator.truncate(text, budget).await?;
+                Ok((k, ask(Arc::clone(&generator), head.text).await?))
+            }));
+        }
+        let answers: Vec<_> = futures::stream::iter(calls)
+            .buffered(config.in_flight().max(1))
+            .collect()
+            .await;
         let elapsed = started.elapsed();
         let mut tokens = (0, 0);
         let answers = answers
@@ -1114,14 +1119,15 @@ impl Models {
                     tokens.1 += g.completion_tokens as u64;
                     Ok((k, Answer::Text(g.text)))
                 }
-                Err(e) => Err(format!("{function}: {e}")),
+                Err(e) => Err(format!("{}: {e}", asked.function)),
             })
             .collect();
-        self.record(group, keys, todo, answers, results);
+        self.record(asked.group, asked.keys, todo, answers, results);
         let mut accounting = lock(&self.accounting);
         accounting.prompt_tokens += tokens.0;
         accounting.completion_tokens += tokens.1;
         accounting.model_ms += elapsed.as_millis() as u64;
+        Ok(())
     }
 
     /// Fills `results` from the cache for the rows of `group` (`keys` in the same order);
