@@ -17,7 +17,7 @@
 //! NULL and counting the distinct uncached inputs, so that a query over too many rows is
 //! refused (`--max-model-rows`) before the first call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::io::Read;
@@ -123,7 +123,7 @@ struct Models {
     /// On during the counting pass: functions answer NULL and count.
     counting: AtomicBool,
     /// Distinct uncached inputs the counting pass met.
-    would_call: Mutex<std::collections::HashSet<Key>>,
+    would_call: Mutex<HashSet<Key>>,
     accounting: Mutex<ModelAccounting>,
     /// The engine's counters when the session began calling it.
     engine_base: Mutex<Option<EngineStats>>,
@@ -676,6 +676,17 @@ impl Models {
             .ok_or_else(|| "embed(): the job has no [embed] section (pass --job JOB)".into())
     }
 
+    /// The job's `[summarize]` section and its model's fingerprint, for `function`.
+    fn generator_model(&self, function: &str) -> Result<(&SummarizeConfig, String)> {
+        let config = self
+            .summarize_config()
+            .map_err(DataFusionError::Execution)?;
+        let fingerprint = self
+            .fingerprint(&config.model)
+            .map_err(|e| exec_datafusion_err!("{function}(): {e}"))?;
+        Ok((config, fingerprint))
+    }
+
     fn summarize_config(&self) -> Result<&SummarizeConfig, String> {
         self.summarize.as_ref().ok_or_else(|| {
             "summarize(): the job has no [summarize] section (pass --job JOB)".into()
@@ -796,12 +807,7 @@ impl Models {
             let prompt = prompts.filter(|p| p.is_valid(row)).map(|p| p.value(row));
             groups.entry(prompt).or_default().push(row);
         }
-        let config = self
-            .summarize_config()
-            .map_err(DataFusionError::Execution)?;
-        let fingerprint = self
-            .fingerprint(&config.model)
-            .map_err(|e| exec_datafusion_err!("summarize(): {e}"))?;
+        let (_, fingerprint) = self.generator_model("summarize")?;
         for (prompt, group) in groups {
             let summarizer = match self.summarizer(prompt) {
                 Ok(s) => s,
@@ -934,12 +940,7 @@ impl Models {
     ) -> Result<Results> {
         let rows = texts.len();
         let mut results = Results::new(rows);
-        let config = self
-            .summarize_config()
-            .map_err(DataFusionError::Execution)?;
-        let fingerprint = self
-            .fingerprint(&config.model)
-            .map_err(|e| exec_datafusion_err!("classify(): {e}"))?;
+        let (config, fingerprint) = self.generator_model("classify")?;
         // Rows by label set.
         let mut groups: HashMap<Vec<String>, Vec<usize>> = HashMap::new();
         for row in (0..rows).filter(|&r| texts.is_valid(r) && labels.is_valid(r)) {
@@ -1007,12 +1008,7 @@ impl Models {
     ) -> Result<Results> {
         let rows = texts.len();
         let mut results = Results::new(rows);
-        let config = self
-            .summarize_config()
-            .map_err(DataFusionError::Execution)?;
-        let fingerprint = self
-            .fingerprint(&config.model)
-            .map_err(|e| exec_datafusion_err!("extract_fields(): {e}"))?;
+        let (config, fingerprint) = self.generator_model("extract_fields")?;
         let seqgpt = config.backend == abridge_operators::summarize::Backend::Seqgpt;
         let style = format!(
             "{} max_input={} max_new={}",
@@ -1141,7 +1137,7 @@ impl Models {
         counting: bool,
     ) -> Vec<(usize, Key)> {
         let mut todo: Vec<(usize, Key)> = Vec::new();
-        let mut seen: HashMap<Key, ()> = HashMap::new();
+        let mut seen: HashSet<Key> = HashSet::new();
         let mut hits = 0;
         for (i, (&row, k)) in group.iter().zip(keys).enumerate() {
             match self.cache.get(k) {
@@ -1150,7 +1146,7 @@ impl Models {
                     hits += 1;
                 }
                 None => {
-                    if seen.insert(*k, ()).is_none() {
+                    if seen.insert(*k) {
                         todo.push((i, *k));
                     }
                 }
