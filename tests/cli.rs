@@ -919,6 +919,131 @@ fn match_query_keeps_only_tickets_of_their_querys_topic() -> TestResult {
     Ok(())
 }
 
+/// `[filter.topics] method = "classifier"` and `[extract]`, by the summarizer model
+/// (SmolLM2 on abridge's engine: a weak classifier, whose choices the assertions take as
+/// they come). Topics are always labels, decided only for tickets the similarity rule
+/// kept, and `match = "query"` compares them with each query's topic as the run decided
+/// it; kept tickets are summarized and get a struct of the named fields, the others
+/// neither.
+#[test]
+fn classifier_topics_are_labels_matched_to_their_query_and_kept_tickets_are_extracted() -> TestResult
+{
+    let dir = tempfile::tempdir()?;
+    let input = sample(dir.path(), "t.parquet", 80, 4)?;
+    let smollm2 = abridge_models::cached_model_dir("smollm2-135m-instruct");
+    let sections = retrieval_sections(dir.path())
+        .replace(
+            "queries = [\"a device or service is down and the employee cannot work\"]",
+            "queries = [\"printer offline\", \"the VPN connection keeps dropping\"]",
+        )
+        .replace(
+            "allowed = [\"printing\", \"network\", \"other\"]",
+            "method = \"classifier\"\nmatch = \"query\"\nallowed = [\"billing\", \"printing\"]",
+        )
+        + &format!(
+            "[summarize]\nbackend = \"llama\"\nmodel = \"{}\"\nmax_new_tokens = 6\n\
+             temperature = 0.0\n[extract]\nfields = [\"device\", \"place\"]\n",
+            smollm2.display()
+        );
+    let job = job_file(dir.path(), &input, &sections)?;
+    let out = abridge(&["run", job.to_str().unwrap_or_default(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run: RunManifest = serde_json::from_str(&stdout(&out))?;
+    let topics_stage = run.stages.iter().find(|s| s.stage == "topics");
+    assert!(
+        topics_stage.is_some_and(|s| s.metrics.rows_failed == 0),
+        "{run:?}"
+    );
+    // Each query's topic, from the run's notes.
+    let notes = stderr(&out);
+    let query_topic: std::collections::HashMap<String, String> = notes
+        .lines()
+        .filter_map(|l| {
+            l.split_once("topics: the query ")?
+                .1
+                .split_once(" is of topic ")
+        })
+        .map(|(q, t)| {
+            (
+                q.trim_matches('"').to_string(),
+                t.trim_matches('"').to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(query_topic.len(), 2, "{notes}");
+    let rows = |query: &str| -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+        let out = sql(&job, query, "json");
+        assert!(out.status.success(), "{}", stderr(&out));
+        Ok(serde_json::from_str(&stdout(&out))?)
+    };
+    let labels = ["printing", "network", "billing"];
+    let all = rows(
+        "SELECT matched_query, topic, topic_score, kept, filter_reason, summary, \
+         extracted IS NOT NULL AS filled, extracted['device'] AS device, extract_error \
+         FROM summaries",
+    )?;
+    let mut classified = 0;
+    for r in &all {
+        assert!(r["topic_score"].is_null(), "{r}");
+        let Some(query) = r["matched_query"].as_str() else {
+            assert!(r["topic"].is_null(), "not classified: {r}");
+            assert_eq!(r["filled"], false, "{r}");
+            continue;
+        };
+        classified += 1;
+        let topic = r["topic"].as_str().unwrap_or_default();
+        assert!(labels.contains(&topic), "{r}");
+        let same = query_topic.get(query).is_some_and(|t| t == topic);
+        let allowed = topic != "network";
+        assert_eq!(r["kept"].as_bool(), Some(same && allowed), "{r}");
+        let reason = r["filter_reason"].as_str().unwrap_or_default();
+        assert_eq!(reason.contains("the topic of matched query"), !same, "{r}");
+        assert_eq!(reason.contains("not allowed"), !allowed, "{r}");
+        // Kept tickets are summarized and their forms filled in (abridge's engine writes
+        // each `name:`, the model the value); the others have neither.
+        let filled = r["filled"].as_bool() == Some(true) && r["extract_error"].is_null();
+        assert_eq!(filled, same && allowed, "{r}");
+        assert_eq!(r["summary"].is_string(), same && allowed, "{r}");
+    }
+    assert!(
+        classified > 0 && classified < all.len(),
+        "{classified} of {}",
+        all.len()
+    );
+    // (SmolLM2-135M favours the first label it is offered: billing, for the queries too.)
+    assert!(all.iter().any(|r| r["kept"] == true), "no ticket kept");
+
+    // What the classifier needs is checked by key before anything runs.
+    let refusals = [
+        (
+            sections.replace("backend = \"llama\"", "backend = \"mistralrs\""),
+            "filter.topics.method",
+        ),
+        (
+            sections.replace("\"billing\", \"printing\"]", "\"printing\", \"other\"]"),
+            "filter.topics.allowed",
+        ),
+        (
+            sections.replace(
+                "fields = [\"device\", \"place\"]",
+                "fields = [\"a\", \"a\"]",
+            ),
+            "extract.fields",
+        ),
+        (
+            sections[..sections.find("[summarize]").unwrap_or(0)].to_string(),
+            "filter.topics.method",
+        ),
+    ];
+    for (sections, key) in refusals {
+        let job = job_file(dir.path(), &input, &sections)?;
+        let out = abridge(&["run", job.to_str().unwrap_or_default()]);
+        assert_eq!(out.status.code(), Some(2), "{key}: {}", stderr(&out));
+        assert!(stderr(&out).contains(key), "{key}: {}", stderr(&out));
+    }
+    Ok(())
+}
+
 #[test]
 fn filter_marks_rows_and_index_search_finds_by_meaning() -> TestResult {
     let dir = tempfile::tempdir()?;

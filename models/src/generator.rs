@@ -96,6 +96,30 @@ pub trait Generator: Send + Sync {
         })
     }
 
+    /// Answers `prompt` by filling in a form: one `name: value` line per field of
+    /// `fields`, in order. Engines that can constrain decoding write each `name:`
+    /// themselves and let the model write each value, greedily, up to its line end or
+    /// `max_value_tokens`, so that even a small chat model that ignores the format fills
+    /// it in. Others answer freely (greedy, up to `max_value_tokens` per field), for the
+    /// caller to read strictly.
+    fn fill(
+        &self,
+        prompt: String,
+        fields: Arc<[String]>,
+        max_value_tokens: usize,
+    ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
+        self.generate(GenerationRequest {
+            prompt,
+            sampling: Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                max_new_tokens: max_value_tokens * fields.len().max(1),
+                seed: 0,
+            },
+            key: 0,
+        })
+    }
+
     /// What a batching engine has done since it started, where the backend counts it.
     fn engine_stats(&self) -> Option<EngineStats> {
         None

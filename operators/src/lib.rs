@@ -12,6 +12,7 @@ mod counters;
 pub mod dedup;
 pub mod embed;
 mod error;
+pub mod extract;
 pub mod filter;
 pub mod index;
 pub mod normalize;
@@ -22,6 +23,7 @@ pub mod scope;
 pub mod sink;
 pub mod stop;
 pub mod summarize;
+pub mod tasks;
 pub mod template;
 
 pub use counters::{CountersSnapshot, StageCounters};

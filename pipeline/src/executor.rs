@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use abridge_models::encoder::EncoderWorker;
+use abridge_models::generator::SharedGenerator;
 use abridge_operators::dedup::Deduplicate;
 use abridge_operators::embed::Embed;
 use abridge_operators::index::RunIndexer;
@@ -17,6 +18,7 @@ use abridge_operators::scan::OpenScan;
 use abridge_operators::scope::{DoneTickets, RunScope, Shard};
 use abridge_operators::sink::{ParquetSink, PublishObserver};
 use abridge_operators::stop::{StopLevel, StopSignal};
+use abridge_operators::summarize::Summarize;
 use abridge_operators::{
     CountersSnapshot, Operator, OperatorError, SendableRecordBatchStream, StageCounters,
 };
@@ -129,6 +131,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         table,
         stages: vec![(Box::new(normalize), StageCounters::default())],
         encoder: None,
+        generator: None,
         index: None,
         queries: Vec::new(),
         notes,
@@ -179,6 +182,9 @@ struct Chain<'a> {
     /// The `embed` stage's encoder, which the filter, the index and the summaries'
     /// vectors use too.
     encoder: Option<EncoderWorker>,
+    /// The `[summarize]` model, loaded once for every stage that asks it (the topic
+    /// classifier, summarize, extract).
+    generator: Option<SharedGenerator>,
     index: Option<Arc<RunIndexer>>,
     /// The similarity queries and their thresholds, for the run's summary.
     queries: Vec<(String, f32)>,
@@ -208,6 +214,31 @@ impl Chain<'_> {
             }
             .into()
         })
+    }
+
+    /// The `[summarize]` model, loaded by the first stage that asks for it.
+    async fn generator(&mut self) -> Result<SharedGenerator, PipelineError> {
+        if let Some(generator) = &self.generator {
+            return Ok(Arc::clone(generator));
+        }
+        let job = self.job;
+        let config = job
+            .config
+            .summarize
+            .as_ref()
+            .ok_or_else(|| JobError::Invalid {
+                path: job.path.clone(),
+                key: "summarize".into(),
+                message: "a stage asks the summarizer model, but there is no [summarize] section"
+                    .into(),
+            })?;
+        let (generator, note) = config
+            .load_generator()
+            .await
+            .map_err(|e| stage_error(&job.path, e))?;
+        self.notes.push(note);
+        self.generator = Some(Arc::clone(&generator));
+        Ok(generator)
     }
 
     async fn add(&mut self, stage: StageConfig<'_>) -> Result<(), PipelineError> {
@@ -259,6 +290,21 @@ impl Chain<'_> {
                     .collect();
                 self.push(stage);
             }
+            StageConfig::Topics(config, summarize) => {
+                let generator = self.generator().await?;
+                let queries: Vec<String> = self.queries.iter().map(|(q, _)| q.clone()).collect();
+                let stage = config
+                    .build_classifier(generator, summarize.task_settings(), &queries, &input)
+                    .await
+                    .map_err(fail)?;
+                let mut topics: Vec<_> = stage.query_topics().iter().collect();
+                topics.sort();
+                for (query, topic) in topics {
+                    self.notes
+                        .push(format!("topics: the query {query:?} is of topic {topic:?}"));
+                }
+                self.push(stage);
+            }
             StageConfig::Index(config, _) if self.options.shard.is_some() => {
                 self.notes.push(format!(
                     "shard runs do not write the index ({}): the next unsharded run of the \
@@ -290,18 +336,25 @@ impl Chain<'_> {
                 }));
             }
             StageConfig::Summarize(config, metrics) => {
-                let (stage, note) = config
-                    .build(metrics.stability_samples, &input)
-                    .await
+                // The settings and template are checked before a model loads.
+                let settings = config
+                    .checked_settings(metrics.stability_samples, &input)
                     .map_err(fail)?;
-                self.notes.push(note);
-                self.push(stage);
+                let generator = self.generator().await?;
+                self.push(Summarize::try_new(generator, settings, &input).map_err(fail)?);
             }
             StageConfig::EmbedSummaries => {
                 let stage = Embed::summaries(self.encoder()?, &input).map_err(fail)?;
                 self.push(stage);
             }
             StageConfig::Metrics(config) => self.push(config.build(&input).map_err(fail)?),
+            StageConfig::Extract(config, summarize) => {
+                let generator = self.generator().await?;
+                let stage = config
+                    .build(generator, summarize.task_settings(), &input)
+                    .map_err(fail)?;
+                self.push(stage);
+            }
         }
         Ok(())
     }

@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 
 use abridge_operators::OperatorError;
 use abridge_operators::embed::EmbedConfig;
+use abridge_operators::extract::ExtractConfig;
 use abridge_operators::filter::FilterConfig;
 use abridge_operators::quality::MetricsConfig;
 use abridge_operators::scan::InputConfig;
-use abridge_operators::summarize::SummarizeConfig;
+use abridge_operators::summarize::{Backend, SummarizeConfig};
 use serde::{Deserialize, Serialize};
 
 /// Everything a run needs to know.
@@ -43,6 +44,9 @@ pub struct JobConfig {
     /// The summarizer; without this section no summaries are made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summarize: Option<SummarizeConfig>,
+    /// Fields the summarizer model reads out of each kept ticket; needs `[summarize]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extract: Option<ExtractConfig>,
     /// How summaries are measured (ROUGE, drift, compression, stability, alerts). The
     /// measures run whenever `[summarize]` does; this section only changes their settings.
     #[serde(default)]
@@ -309,8 +313,9 @@ impl Job {
     }
 
     /// A digest of the settings that decide a row's result, for `run.skip_done`: the
-    /// column mapping and the `[embed]`, `[filter]`, `[summarize]` and `[metrics]`
-    /// sections, less what only changes speed (batch sizes, devices, requests in flight).
+    /// column mapping and the `[embed]`, `[filter]`, `[summarize]`, `[extract]` and
+    /// `[metrics]` sections, less what only changes speed (batch sizes, devices, requests
+    /// in flight).
     pub fn results_fingerprint(&self) -> String {
         let c = &self.config;
         let mut value = toml::Table::new();
@@ -329,6 +334,9 @@ impl Job {
         }
         if let Some(summarize) = &c.summarize {
             put("summarize", toml::Value::try_from(summarize));
+        }
+        if let Some(extract) = &c.extract {
+            put("extract", toml::Value::try_from(extract));
         }
         put("metrics", toml::Value::try_from(c.metrics));
         for (section, key) in [
@@ -430,6 +438,34 @@ impl JobConfig {
         if let Some(summarize) = &self.summarize {
             summarize.validate().map_err(section)?;
         }
+        if let Some(extract) = &self.extract {
+            extract.validate().map_err(section)?;
+        }
+        let classifier = self.filter.as_ref().is_some_and(FilterConfig::classifies);
+        let asks_the_model = [
+            ("filter.topics.method", classifier),
+            ("extract", self.extract.is_some()),
+        ];
+        for (key, asks) in asks_the_model {
+            if asks && self.summarize.is_none() {
+                let message = "asks the summarizer model: add a [summarize] section";
+                return Err((key.into(), message.into()));
+            }
+        }
+        if classifier
+            && self
+                .summarize
+                .as_ref()
+                .is_some_and(|s| s.backend == Backend::Mistralrs)
+        {
+            return Err((
+                "filter.topics.method".into(),
+                "`classifier` restricts decoding to the labels' tokens, which abridge's own \
+                 engine does: set summarize.backend to `llama` (Llama GGUF) or `seqgpt` \
+                 (BLOOM, SeqGPT-560M)"
+                    .into(),
+            ));
+        }
         self.metrics.validate().map_err(section)?;
         let samples = self.metrics.stability_samples;
         if samples > 1
@@ -458,6 +494,9 @@ impl JobConfig {
             stages.push(StageConfig::Embed(embed));
             if let Some(filter) = &self.filter {
                 stages.push(StageConfig::Filter(filter));
+                if let Some(summarize) = self.summarize.as_ref().filter(|_| filter.classifies()) {
+                    stages.push(StageConfig::Topics(filter, summarize));
+                }
             }
             if let Some(index) = &self.index {
                 stages.push(StageConfig::Index(index, embed));
@@ -469,6 +508,9 @@ impl JobConfig {
                 stages.push(StageConfig::EmbedSummaries);
             }
             stages.push(StageConfig::Metrics(&self.metrics));
+            if let Some(extract) = &self.extract {
+                stages.push(StageConfig::Extract(extract, summarize));
+            }
         }
         stages
     }
@@ -484,6 +526,9 @@ pub enum StageConfig<'a> {
     /// The tickets' vectors; the encoder serves the stages after it too.
     Embed(&'a EmbedConfig),
     Filter(&'a FilterConfig),
+    /// The topics of the filter's kept tickets by the `[summarize]` model
+    /// (`[filter.topics] method = "classifier"`).
+    Topics(&'a FilterConfig, &'a SummarizeConfig),
     /// Not a stream stage: the index the sink commits with each published file, with
     /// the encoder's section (the index records which encoder made its vectors).
     Index(&'a IndexConfig, &'a EmbedConfig),
@@ -492,6 +537,8 @@ pub enum StageConfig<'a> {
     /// The summaries' vectors, by the `embed` encoder, for `drift`.
     EmbedSummaries,
     Metrics(&'a MetricsConfig),
+    /// With `[summarize]`, whose model answers.
+    Extract(&'a ExtractConfig, &'a SummarizeConfig),
 }
 
 fn resolve_paths(tree: &mut toml::Table, base: &Path) {

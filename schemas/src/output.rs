@@ -48,6 +48,8 @@ pub const RESERVED: &[&str] = &[
     "rouge2",
     "rouge_l",
     "alerts",
+    "extracted",
+    "extract_error",
 ];
 
 /// The `run_id` field.

@@ -11,11 +11,12 @@
 //! step (continuous batching). Sampling is the shared [`pick_token`] / [`uniform_draw`], so
 //! a row's summary depends only on (seed, key, position), never on its batch neighbours.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::{D, Tensor};
@@ -78,6 +79,9 @@ pub struct BatchGenerator {
     family: &'static str,
     context_length: Option<usize>,
     counters: Arc<EngineCounters>,
+    /// The tokens whose text holds a line break ([`Form::line_ends`]), found on the
+    /// first form.
+    line_ends: OnceLock<Arc<HashSet<u32>>>,
 }
 
 /// What the engine thread has done, read by [`Generator::engine_stats`].
@@ -91,10 +95,97 @@ struct EngineCounters {
 struct Pending {
     prompt: Vec<u32>,
     request: GenerationRequest,
-    /// The answers it is restricted to ([`Generator::choose`]).
-    labels: Option<Labels>,
+    /// What its answer is restricted to.
+    constraint: Option<Constraint>,
     started: Instant,
     reply: oneshot::Sender<Result<Generation, GeneratorError>>,
+}
+
+/// What an answer is restricted to.
+enum Constraint {
+    /// One of a list of labels ([`Generator::choose`]).
+    Labels(Labels),
+    /// A form's lines ([`Generator::fill`]).
+    Form(Form),
+}
+
+impl Constraint {
+    fn labels(&self) -> Option<&Labels> {
+        match self {
+            Constraint::Labels(labels) => Some(labels),
+            Constraint::Form(_) => None,
+        }
+    }
+}
+
+/// A form an answer fills in: the engine writes each field's heading, the model each
+/// value, up to a line end.
+struct Form {
+    names: Arc<[String]>,
+    /// Each field's heading, tokenized: `name:` for the first, `\nname:` for the others.
+    headings: Vec<Vec<u32>>,
+    /// Tokens whose text holds a line break: the model ending a value (the token's text
+    /// is left out of it).
+    line_ends: Arc<HashSet<u32>>,
+    max_value_tokens: usize,
+}
+
+/// Where a sequence is in its form.
+struct FormState {
+    /// The field being written.
+    field: usize,
+    /// Tokens of its heading still to write.
+    heading: VecDeque<u32>,
+    /// Where its value starts in `generated`.
+    value_start: usize,
+    /// The finished values' tokens, as spans of `generated`.
+    values: Vec<Range<usize>>,
+}
+
+impl FormState {
+    fn new(form: &Form) -> Self {
+        Self {
+            field: 0,
+            heading: form.headings.first().cloned().unwrap_or_default().into(),
+            value_start: 0,
+            values: Vec::new(),
+        }
+    }
+
+    /// Takes the model's `next` token (or the heading's, which it replaces) into
+    /// `generated`; true once the last value has ended.
+    fn advance(
+        &mut self,
+        form: &Form,
+        generated: &mut Vec<u32>,
+        next: u32,
+        end: Option<u32>,
+    ) -> bool {
+        if let Some(forced) = self.heading.pop_front() {
+            generated.push(forced);
+            self.value_start = generated.len();
+            return false;
+        }
+        let line_end = Some(next) == end || form.line_ends.contains(&next);
+        if !line_end {
+            generated.push(next);
+        }
+        if !line_end && generated.len() - self.value_start < form.max_value_tokens {
+            return false;
+        }
+        self.values.push(self.value_start..generated.len());
+        self.field += 1;
+        let Some(heading) = form.headings.get(self.field) else {
+            return true;
+        };
+        // The next heading's first token goes in where the model ended the line.
+        self.heading = heading.iter().copied().collect();
+        if let Some(first) = self.heading.pop_front() {
+            generated.push(first);
+        }
+        self.value_start = generated.len();
+        false
+    }
 }
 
 /// Labels an answer must be one of, with their tokens.
@@ -142,6 +233,8 @@ struct Running {
     pending: Pending,
     cache: SequenceCache,
     generated: Vec<u32>,
+    /// Where it is in its form, when it fills one in.
+    form: Option<FormState>,
     /// Why the sequence failed, once it has.
     failed: Option<String>,
 }
@@ -188,7 +281,40 @@ impl BatchGenerator {
             family,
             context_length,
             counters,
+            line_ends: OnceLock::new(),
         })
+    }
+
+    /// The tokens whose text holds a line break.
+    fn line_ends(&self) -> Arc<HashSet<u32>> {
+        let found = self.line_ends.get_or_init(|| {
+            let vocab = self.tokenizer.get_vocab_size(true) as u32;
+            let ends = (0..vocab)
+                .filter(|&id| {
+                    self.tokenizer
+                        .decode(&[id], false)
+                        .is_ok_and(|text| text.contains('\n'))
+                })
+                .collect();
+            Arc::new(ends)
+        });
+        Arc::clone(found)
+    }
+
+    /// `text`'s tokens, none of them special; refused when there are none.
+    fn tokens(&self, text: &str, what: &str) -> Result<Vec<u32>, GeneratorError> {
+        let ids = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))?
+            .get_ids()
+            .to_vec();
+        match ids.is_empty() {
+            true => Err(GeneratorError::Request(format!(
+                "the {what} {text:?} has no tokens"
+            ))),
+            false => Ok(ids),
+        }
     }
 
     /// The engine's answer to a submitted request.
@@ -210,7 +336,7 @@ impl BatchGenerator {
     fn submit(
         &self,
         request: GenerationRequest,
-        labels: Option<Labels>,
+        constraint: Option<Constraint>,
     ) -> Result<oneshot::Receiver<Result<Generation, GeneratorError>>, GeneratorError> {
         let started = Instant::now();
         let text = match &self.chat {
@@ -246,7 +372,7 @@ impl BatchGenerator {
         let pending = Pending {
             prompt,
             request,
-            labels,
+            constraint,
             started,
             reply,
         };
@@ -277,20 +403,7 @@ impl Generator for BatchGenerator {
     ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
         let tokens: Result<Vec<Vec<u32>>, GeneratorError> = labels
             .iter()
-            .map(|label| {
-                let ids = self
-                    .tokenizer
-                    .encode(label.as_str(), false)
-                    .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))?
-                    .get_ids()
-                    .to_vec();
-                match ids.is_empty() {
-                    true => Err(GeneratorError::Request(format!(
-                        "the label {label:?} has no tokens"
-                    ))),
-                    false => Ok(ids),
-                }
-            })
+            .map(|label| self.tokens(label, "label"))
             .collect();
         let answer = tokens.and_then(|tokens| {
             // Greedy, and room for the longest label and the end of sequence.
@@ -307,11 +420,49 @@ impl Generator for BatchGenerator {
             };
             self.submit(
                 request,
-                Some(Labels {
+                Some(Constraint::Labels(Labels {
                     texts: labels,
                     tokens,
-                }),
+                })),
             )
+        });
+        self.answer(answer)
+    }
+
+    fn fill(
+        &self,
+        prompt: String,
+        fields: Arc<[String]>,
+        max_value_tokens: usize,
+    ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
+        let headings: Result<Vec<Vec<u32>>, GeneratorError> = fields
+            .iter()
+            .enumerate()
+            .map(|(i, name)| match i {
+                0 => self.tokens(&format!("{name}:"), "field"),
+                _ => self.tokens(&format!("\n{name}:"), "field"),
+            })
+            .collect();
+        let answer = headings.and_then(|headings| {
+            let max_value_tokens = max_value_tokens.max(1);
+            let written: usize = headings.iter().map(Vec::len).sum();
+            let request = GenerationRequest {
+                prompt,
+                sampling: crate::generator::Sampling {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    max_new_tokens: written + fields.len() * max_value_tokens,
+                    seed: 0,
+                },
+                key: 0,
+            };
+            let form = Form {
+                names: fields,
+                headings,
+                line_ends: self.line_ends(),
+                max_value_tokens,
+            };
+            self.submit(request, Some(Constraint::Form(form)))
         });
         self.answer(answer)
     }
@@ -364,6 +515,8 @@ struct Draw<'a> {
     request: &'a GenerationRequest,
     generated: &'a [u32],
     labels: Option<&'a Labels>,
+    /// The token the engine writes itself (a form's heading), whatever the logits.
+    forced: Option<u32>,
 }
 
 /// Prompts joining the batch, each with its blocks when attention is paged.
@@ -490,7 +643,13 @@ impl<M: BatchModel> Engine<M> {
             .map(|(p, _)| Draw {
                 request: &p.request,
                 generated: &[],
-                labels: p.labels.as_ref(),
+                labels: p.constraint.as_ref().and_then(Constraint::labels),
+                forced: match &p.constraint {
+                    Some(Constraint::Form(form)) => {
+                        form.headings.first().and_then(|h| h.first()).copied()
+                    }
+                    _ => None,
+                },
             })
             .collect();
         let paged = self.paged.as_mut().map(|kv| (kv, tables.as_slice()));
@@ -519,10 +678,15 @@ impl<M: BatchModel> Engine<M> {
         };
         let mut going_on = Vec::with_capacity(group.len());
         for (((pending, _), cache), next) in group.into_iter().zip(caches).zip(next) {
+            let form = match &pending.constraint {
+                Some(Constraint::Form(form)) => Some(FormState::new(form)),
+                _ => None,
+            };
             let mut sequence = Running {
                 pending,
                 cache,
                 generated: Vec::new(),
+                form,
                 failed: None,
             };
             if sequence.pending.request.sampling.max_new_tokens == 0
@@ -557,7 +721,8 @@ impl<M: BatchModel> Engine<M> {
             .map(|s| Draw {
                 request: &s.pending.request,
                 generated: &s.generated,
-                labels: s.pending.labels.as_ref(),
+                labels: s.pending.constraint.as_ref().and_then(Constraint::labels),
+                forced: s.form.as_ref().and_then(|f| f.heading.front().copied()),
             })
             .collect();
         let next = logits.and_then(|logits| self.next_tokens(&draws, &logits));
@@ -590,9 +755,9 @@ impl<M: BatchModel> Engine<M> {
         draws: &[Draw<'_>],
         logits: &Tensor,
     ) -> candle_core::Result<Vec<Option<u32>>> {
-        let greedy = draws
-            .iter()
-            .all(|d| d.request.sampling.temperature <= 0.0 && d.labels.is_none());
+        let greedy = draws.iter().all(|d| {
+            d.request.sampling.temperature <= 0.0 && d.labels.is_none() && d.forced.is_none()
+        });
         if greedy && !logits.device().is_cpu() {
             // On a GPU a row of logits is a megabyte (BLOOM's 250,880 words) to copy to
             // the host per token; only the argmax and a sum (NaN when a logit is) cross.
@@ -612,6 +777,9 @@ impl<M: BatchModel> Engine<M> {
             .map(|(row, draw)| {
                 if row.iter().any(|l| l.is_nan()) {
                     return None;
+                }
+                if draw.forced.is_some() {
+                    return draw.forced;
                 }
                 if let Some(labels) = draw.labels {
                     // The most likely of the tokens that keep the answer a label.
@@ -640,11 +808,17 @@ impl<M: BatchModel> Engine<M> {
             ));
             return true;
         };
-        if Some(next) == self.model.eos_token_id() {
+        let end = self.model.eos_token_id();
+        if let (Some(state), Some(Constraint::Form(form))) =
+            (&mut sequence.form, &sequence.pending.constraint)
+        {
+            return state.advance(form, &mut sequence.generated, next, end);
+        }
+        if Some(next) == end {
             return true;
         }
         sequence.generated.push(next);
-        if let Some(labels) = &sequence.pending.labels
+        if let Some(Constraint::Labels(labels)) = &sequence.pending.constraint
             && labels.complete(&sequence.generated)
         {
             return true;
@@ -664,6 +838,7 @@ impl<M: BatchModel> Engine<M> {
             pending,
             cache,
             generated,
+            form,
             failed,
         } = sequence;
         self.release(cache.into_blocks());
@@ -671,17 +846,35 @@ impl<M: BatchModel> Engine<M> {
             let _ = pending.reply.send(Err(GeneratorError::Request(reason)));
             return;
         }
-        let text = match &pending.labels {
-            Some(labels) => labels
+        let decode = |tokens: &[u32]| {
+            self.tokenizer
+                .decode(tokens, true)
+                .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}")))
+        };
+        let text = match (&pending.constraint, form) {
+            (Some(Constraint::Labels(labels)), _) => labels
                 .spelled(&generated)
                 .map(str::to_string)
                 .ok_or_else(|| {
                     GeneratorError::Request("the answer stopped before a whole label".into())
                 }),
-            None => self
-                .tokenizer
-                .decode(&generated, true)
-                .map_err(|e| GeneratorError::Request(format!("tokenizer: {e}"))),
+            (Some(Constraint::Form(form)), Some(state)) => form
+                .names
+                .iter()
+                .zip(&state.values)
+                .map(|(name, span)| {
+                    let value = decode(generated.get(span.clone()).unwrap_or_default())?;
+                    // A model that writes the heading again, after the engine's.
+                    let value = value.trim();
+                    let value = value
+                        .strip_prefix(&format!("{name}:"))
+                        .unwrap_or(value)
+                        .trim();
+                    Ok(format!("{name}: {value}"))
+                })
+                .collect::<Result<Vec<_>, GeneratorError>>()
+                .map(|lines| lines.join("\n")),
+            _ => decode(&generated),
         };
         let answer = text.map(|text| Generation {
             text,
@@ -760,6 +953,50 @@ mod tests {
                     .expect("an answer");
                 prop_assert!(labels.contains(&answer.text), "{:?} not in {labels:?}", answer.text);
                 prop_assert!(answer.completion_tokens >= 1);
+            });
+        }
+    }
+
+    /// A form is always filled in whole: one `name: value` line per field, in order,
+    /// each value within its budget and on one line, whatever the text (on the tiny
+    /// BLOOMs, whose values are noise).
+    #[test]
+    fn fill_answers_every_field_in_order() {
+        use proptest::prelude::*;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        for fixture in ["bloom-tiny-4h", "bloom-tiny-6h"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures")
+                .join(fixture);
+            let generator =
+                BatchGenerator::load_bloom(&dir, &Device::Cpu, 4, &PagedAttention::default())
+                    .expect("fixture model");
+            let pool = ["device", "location", "设备", "地点", "error code"];
+            let fields = prop::sample::subsequence(pool.to_vec(), 1..=pool.len());
+            let config = proptest::test_runner::Config::with_cases(24);
+            proptest!(config, |(text in "[a-z 打印机网络\n]{0,40}", fields in fields, budget in 1usize..6)| {
+                let fields: Arc<[String]> = fields.iter().map(|f| f.to_string()).collect();
+                let prompt = format!("输入: {text}\n抽取: {}\n输出: [GEN]", fields.join(","));
+                let answer = runtime
+                    .block_on(generator.fill(prompt, Arc::clone(&fields), budget))
+                    .expect("an answer");
+                let lines: Vec<&str> = answer.text.split('\n').collect();
+                prop_assert_eq!(lines.len(), fields.len(), "{:?}", answer.text);
+                for (line, field) in lines.iter().zip(fields.iter()) {
+                    prop_assert!(line.starts_with(&format!("{field}:")), "{:?}", answer.text);
+                }
+                let headings: usize = fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| {
+                        let heading = if i == 0 { format!("{f}:") } else { format!("\n{f}:") };
+                        generator.tokens(&heading, "field").map(|t| t.len()).unwrap_or(0)
+                    })
+                    .sum();
+                prop_assert!(answer.completion_tokens >= headings);
+                prop_assert!(answer.completion_tokens <= headings + fields.len() * budget);
             });
         }
     }

@@ -5,7 +5,12 @@ use abridge_models::encoder::{EncoderError, EncoderWorker};
 use arrow::datatypes::SchemaRef;
 use serde::{Deserialize, Serialize};
 
-use super::{OTHER_TOPIC, Query, SemanticFilter, Topic, TopicRule};
+use abridge_models::generator::SharedGenerator;
+
+use super::{
+    ClassifierRule, OTHER_TOPIC, Query, SemanticFilter, Topic, TopicClassifier, TopicRule, Topics,
+};
+use crate::tasks::TaskSettings;
 use crate::{OperatorError, TransformStage};
 
 /// `[filter]`: both rules are optional; a ticket is kept when it passes every rule set.
@@ -99,17 +104,24 @@ impl Threshold {
     }
 }
 
-/// `[filter.topics]`: zero-shot topics by cosine to each topic's prototype (the mean
-/// vector of its label and description sentences).
+/// `[filter.topics]`: zero-shot topics, by cosine to each topic's prototype (the mean
+/// vector of its label and description sentences) or by the summarizer model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicsConfig {
-    /// Topic label → sentences that describe it (may be empty: the label alone).
+    /// Topic label → sentences that describe it (may be empty: the label alone; the
+    /// classifier reads the labels only).
     pub labels: std::collections::BTreeMap<String, Vec<String>>,
+    /// `prototypes` (default): the nearest prototype by the `[embed]` encoder, for every
+    /// ticket. `classifier`: the `[summarize]` model chooses one of the labels (decoding
+    /// restricted to their tokens; SeqGPT's `分类` prompt with the `seqgpt` backend, an
+    /// English instruction with `llama`), for the tickets the similarity rule kept only.
+    #[serde(default, skip_serializing_if = "TopicMethod::is_default")]
+    pub method: TopicMethod,
     /// Topics whose tickets are kept; may include `other`. Default: every label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed: Option<Vec<String>>,
-    /// A best cosine below this gives topic `other`. Default: 0.3.
+    /// A best cosine below this gives topic `other` (prototypes). Default: 0.3.
     #[serde(default = "default_min_topic_score")]
     pub min_score: f32,
     /// `allowed` (default): a ticket's topic must be allowed. `query`: it must also be
@@ -121,6 +133,22 @@ pub struct TopicsConfig {
         skip_serializing_if = "TopicMatch::is_default"
     )]
     pub match_rule: TopicMatch,
+}
+
+/// `[filter.topics] method`: who decides a ticket's topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicMethod {
+    #[default]
+    Prototypes,
+    Classifier,
+}
+
+impl TopicMethod {
+    /// Left out of recorded jobs when default, as [`TopicMatch`] is.
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[filter.topics] match`: what a ticket's topic must agree with.
@@ -188,10 +216,41 @@ impl FilterConfig {
             None => Vec::new(),
         };
         let topics = match &self.topics {
-            Some(config) => Some(topic_rule(config, encoder).await?),
-            None => None,
+            None => Topics::NoRule,
+            Some(config) if config.method == TopicMethod::Classifier => Topics::Classifier,
+            Some(config) => Topics::Prototypes(topic_rule(config, encoder).await?),
         };
         SemanticFilter::try_new(input, queries, topics)
+    }
+
+    /// Whether topics are the summarizer model's (`[filter.topics] method = "classifier"`):
+    /// then [`FilterConfig::build_classifier`] makes the stage after the filter.
+    pub fn classifies(&self) -> bool {
+        self.topics
+            .as_ref()
+            .is_some_and(|t| t.method == TopicMethod::Classifier)
+    }
+
+    /// The stage after the filter that classifies the kept tickets with `generator` (the
+    /// summarizer's); `queries` are the similarity rule's, whose topics `match = "query"`
+    /// compares with.
+    pub async fn build_classifier(
+        &self,
+        generator: SharedGenerator,
+        settings: TaskSettings,
+        queries: &[String],
+        input: &SchemaRef,
+    ) -> Result<TopicClassifier, OperatorError> {
+        let topics = self.topics.as_ref().ok_or_else(|| {
+            OperatorError::config("filter.topics", "the classifier needs topic labels")
+        })?;
+        let labels: Vec<String> = topics.labels.keys().cloned().collect();
+        let rule = ClassifierRule {
+            allowed: topics.allowed.clone().unwrap_or_else(|| labels.clone()),
+            labels,
+            match_query: topics.match_rule == TopicMatch::Query,
+        };
+        TopicClassifier::try_new(generator, rule, queries, settings, input).await
     }
 }
 
@@ -210,6 +269,15 @@ impl TopicsConfig {
             ));
         }
         for topic in self.allowed.iter().flatten() {
+            if topic == OTHER_TOPIC && self.method == TopicMethod::Classifier {
+                return Err(OperatorError::config(
+                    "filter.topics.allowed",
+                    format!(
+                        "`{OTHER_TOPIC}` is the prototypes' topic for tickets near none; the \
+                         classifier always chooses a label"
+                    ),
+                ));
+            }
             if topic != OTHER_TOPIC && !self.labels.contains_key(topic) {
                 let labels: Vec<&str> = self.labels.keys().map(String::as_str).collect();
                 return Err(OperatorError::config(

@@ -9,13 +9,15 @@
 //!   passes when its topic is allowed and, with `match = "query"` (the design's topic
 //!   consistency), when it equals the topic of the query it matched (each query's topic is
 //!   decided once, by the same prototypes). The result replaces the `topic` column and
-//!   its cosine is `topic_score`.
+//!   its cosine is `topic_score`. With `method = "classifier"` the topic is the summarizer
+//!   model's instead, decided by the [`TopicClassifier`] stage after this one.
 //!
 //! Nothing is dropped: every row comes out with `kept` and, when not kept, a
 //! `filter_reason` that a user can audit with SQL. Rows that failed an earlier stage
 //! (their `error` is set) have no vector; they come out with `kept = false` and no reason
 //! of their own, so that input rows = kept + filtered + failed.
 
+mod classifier;
 mod config;
 
 use std::sync::Arc;
@@ -31,8 +33,10 @@ use arrow::record_batch::RecordBatch;
 use crate::embed::EMBEDDING;
 use crate::{BatchTransform, OperatorError, StageCounters, TransformStage};
 
+pub use classifier::{ClassifierRule, TopicClassifier};
 pub use config::{
-    DynamicThreshold, FilterConfig, RelativeThreshold, SimilarityConfig, Threshold, TopicsConfig,
+    DynamicThreshold, FilterConfig, RelativeThreshold, SimilarityConfig, Threshold, TopicMethod,
+    TopicsConfig,
 };
 
 /// The topic of tickets near no topic, or equally near two.
@@ -86,12 +90,26 @@ pub struct TopicRule {
     pub match_query: bool,
 }
 
+/// Where the filter's topics come from.
+#[derive(Debug, Clone)]
+pub enum Topics {
+    /// No topic rule: every ticket passes it.
+    NoRule,
+    /// The nearest prototype, decided by the filter.
+    Prototypes(TopicRule),
+    /// The summarizer model's, decided by the [`TopicClassifier`] stage after the filter:
+    /// the filter makes the `topic` column and leaves it (and `topic_score`) NULL.
+    Classifier,
+}
+
 /// The `filter` stage.
 pub struct SemanticFilter {
     queries: Vec<Query>,
     /// Each query's topic, when tickets must match it (`match = "query"`).
     query_topics: Vec<String>,
     topics: Option<TopicRule>,
+    /// Whether `topic` is made for a classifier after the filter to fill in.
+    topic_column: bool,
     dim: usize,
     schema: SchemaRef,
 }
@@ -108,8 +126,13 @@ impl SemanticFilter {
     pub fn try_new(
         input: &SchemaRef,
         queries: Vec<Query>,
-        topics: Option<TopicRule>,
+        topics: Topics,
     ) -> Result<TransformStage<Self>, OperatorError> {
+        let topic_column = !matches!(topics, Topics::NoRule);
+        let topics = match topics {
+            Topics::Prototypes(rule) => Some(rule),
+            Topics::NoRule | Topics::Classifier => None,
+        };
         let dim = match input
             .field_with_name(EMBEDDING)
             .map(|f| f.data_type().clone())
@@ -134,7 +157,7 @@ impl SemanticFilter {
             }
         }
         let mut fields: Vec<Arc<Field>> = input.fields().iter().cloned().collect();
-        if topics.is_some() {
+        if topic_column {
             match input.index_of(TOPIC) {
                 Ok(i) => fields[i] = Arc::new(Field::new(TOPIC, DataType::Utf8, true)),
                 Err(_) => fields.push(Arc::new(Field::new(TOPIC, DataType::Utf8, true))),
@@ -152,6 +175,7 @@ impl SemanticFilter {
             queries,
             query_topics: Vec::new(),
             topics,
+            topic_column,
             dim,
             schema,
         };
@@ -278,16 +302,7 @@ impl BatchTransform for SemanticFilter {
                     let (label, score) = self.topic(rule, vector);
                     topic.append_value(label);
                     topic_score.append_value(score);
-                    if !rule.allowed.iter().any(|a| a == label) {
-                        reasons.push(format!("topic {label:?} not allowed"));
-                    }
-                    if let Some((wanted, query)) = query_topic
-                        && wanted != label
-                    {
-                        reasons.push(format!(
-                            "topic {label:?} is not {wanted:?}, the topic of matched query {query:?}"
-                        ));
-                    }
+                    reasons.extend(topic_reasons(label, &rule.allowed, query_topic));
                 }
                 None => {
                     topic.append_null();
@@ -305,7 +320,7 @@ impl BatchTransform for SemanticFilter {
         metrics.add_filtered(filtered);
 
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-        if self.topics.is_some() {
+        if self.topic_column {
             let topic: ArrayRef = Arc::new(topic.finish());
             match batch.schema().index_of(TOPIC) {
                 Ok(i) => columns[i] = topic,
@@ -321,6 +336,27 @@ impl BatchTransform for SemanticFilter {
         ]);
         Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
+}
+
+/// Why a ticket of topic `label` is not kept: a topic not `allowed`, or not `wanted`, the
+/// topic of the query it matched (`match = "query"`), given with that query.
+fn topic_reasons(
+    label: &str,
+    allowed: &[String],
+    query_topic: Option<(&String, &String)>,
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if !allowed.iter().any(|a| a == label) {
+        reasons.push(format!("topic {label:?} not allowed"));
+    }
+    if let Some((wanted, query)) = query_topic
+        && wanted != label
+    {
+        reasons.push(format!(
+            "topic {label:?} is not {wanted:?}, the topic of matched query {query:?}"
+        ));
+    }
+    reasons
 }
 
 /// Reads a string column by name, if it is one.
@@ -399,7 +435,7 @@ mod tests {
                 threshold: 0.99,
             },
         ];
-        let filter = SemanticFilter::try_new(&input.schema(), queries, None).unwrap();
+        let filter = SemanticFilter::try_new(&input.schema(), queries, Topics::NoRule).unwrap();
         let out = run(&filter, input);
         let kept = kept_rows(&out).unwrap();
         assert_eq!(
@@ -443,7 +479,8 @@ mod tests {
             allowed: vec!["printing".into(), OTHER_TOPIC.into()],
             match_query: false,
         };
-        let filter = SemanticFilter::try_new(&input.schema(), vec![], Some(rule)).unwrap();
+        let filter =
+            SemanticFilter::try_new(&input.schema(), vec![], Topics::Prototypes(rule)).unwrap();
         let out = run(&filter, input);
         let topics = string_column(&out, TOPIC).unwrap();
         let topics: Vec<_> = topics.iter().flatten().collect();
@@ -486,11 +523,17 @@ mod tests {
             allowed: vec!["printing".into(), "network".into()],
             match_query,
         };
-        let loose = SemanticFilter::try_new(&input.schema(), queries.clone(), Some(rule(false)));
+        let loose = SemanticFilter::try_new(
+            &input.schema(),
+            queries.clone(),
+            Topics::Prototypes(rule(false)),
+        );
         let out = run(&loose.unwrap(), input.clone());
         assert_eq!(kept_rows(&out).unwrap().true_count(), 3);
 
-        let strict = SemanticFilter::try_new(&input.schema(), queries, Some(rule(true))).unwrap();
+        let strict =
+            SemanticFilter::try_new(&input.schema(), queries, Topics::Prototypes(rule(true)))
+                .unwrap();
         let out = run(&strict, input);
         let topics: Vec<_> = string_column(&out, TOPIC).unwrap().iter().collect();
         let matched: Vec<_> = string_column(&out, MATCHED_QUERY).unwrap().iter().collect();
@@ -513,6 +556,6 @@ mod tests {
             vector: vec![1.0, 0.0, 0.0],
             threshold: 0.5,
         };
-        assert!(SemanticFilter::try_new(&input.schema(), vec![query], None).is_err());
+        assert!(SemanticFilter::try_new(&input.schema(), vec![query], Topics::NoRule).is_err());
     }
 }

@@ -14,9 +14,10 @@ use abridge_models::mistralrs::{MistralRsGenerator, MistralRsOptions};
 use arrow::datatypes::SchemaRef;
 use serde::{Deserialize, Serialize};
 
-use super::{Rewrite, Summarize, SummarizeSettings};
+use super::{Rewrite, SummarizeSettings};
 use crate::OperatorError;
 use crate::embed::default_device;
+use crate::tasks::TaskSettings;
 use crate::template::Template;
 
 /// `[summarize]`: one summary per kept ticket.
@@ -170,6 +171,17 @@ impl SummarizeConfig {
             .unwrap_or_else(|| self.prompt.clone())
     }
 
+    /// How this section's model is asked SeqGPT's other tasks (classify, extract): its
+    /// backend's prompts, input budget, answer length and window of requests.
+    pub fn task_settings(&self) -> TaskSettings {
+        TaskSettings {
+            seqgpt: self.backend == Backend::Seqgpt,
+            max_input_tokens: self.max_input_tokens,
+            max_new_tokens: self.max_new_tokens,
+            in_flight: self.in_flight(),
+        }
+    }
+
     /// `in_flight`, or the default for `device`.
     pub fn in_flight(&self) -> usize {
         let cpu = self.device.trim() == "cpu";
@@ -290,20 +302,16 @@ impl SummarizeConfig {
 }
 
 impl SummarizeConfig {
-    /// Checks the settings against `input`, loads the generator and makes the stage
-    /// (`samples` summaries per row: `metrics.stability_samples`), with a note for the
-    /// run's summary on how prompts reach the model.
-    pub async fn build(
+    /// The settings ([`SummarizeConfig::settings`]) checked against `input`, its template
+    /// above all: before the model loads, which can take minutes.
+    pub fn checked_settings(
         &self,
         samples: usize,
         input: &SchemaRef,
-    ) -> Result<(Summarize, String), OperatorError> {
+    ) -> Result<SummarizeSettings, OperatorError> {
         let settings = self.settings(samples)?;
-        // Checked before the model loads: a bad template should not cost a minute of loading.
         Template::parse(&settings.template, input)?;
-        let (generator, note) = self.load_generator().await?;
-        let stage = Summarize::try_new(generator, settings, input)?;
-        Ok((stage, note))
+        Ok(settings)
     }
 
     /// What shapes each summary, resolved from this section (`samples` draws per row).

@@ -27,13 +27,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use abridge_models::encoder::EncoderWorker;
-use abridge_models::generator::{
-    EngineStats, Generation, GenerationRequest, GeneratorError, Sampling, SharedGenerator,
-};
+use abridge_models::generator::{EngineStats, SharedGenerator};
 use abridge_operators::embed::{EmbedConfig, embedding_field};
 use abridge_operators::summarize::{
     COMPLETION_TOKENS, PROMPT_TOKENS, SUMMARY, Summarize, SummarizeConfig, SummarizeSettings,
 };
+use abridge_operators::tasks::{self, check_field_names};
 use abridge_operators::template::Template;
 use abridge_operators::{OperatorError, StageCounters};
 use arrow::array::{
@@ -51,8 +50,6 @@ use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
     TypeSignature, Volatility,
 };
-use futures::StreamExt;
-use futures::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
@@ -430,14 +427,8 @@ impl ScalarUDFImpl for ModelFunction {
                 );
             }
         };
-        let mut unique = names.clone();
-        unique.sort();
-        unique.dedup();
-        if unique.len() != names.len() || names.iter().any(String::is_empty) {
-            return plan_err!(
-                "{}(): field names must be distinct and not empty",
-                self.name()
-            );
+        if let Err(problem) = check_field_names(&names) {
+            return plan_err!("{}(): fields: the list {problem}", self.name());
         }
         let value = DataType::Struct(
             names
@@ -479,16 +470,29 @@ fn embedding_dim(dir: &Path) -> Result<usize> {
         .ok_or_else(|| exec_datafusion_err!("embed(): {}: no hidden_size", path.display()))
 }
 
-/// A generator call's answer ([`Models::ask_each`]).
-type Asked = BoxFuture<'static, Result<Generation, GeneratorError>>;
-
-/// What [`Models::ask_each`] asks about: the function (in error messages), the inputs, the
-/// rows of them asked, and each row's key.
+/// What [`Models::ask_each`] asks about: the question, the inputs, the rows of them
+/// asked, and each row's key.
 struct Asking<'a> {
-    function: &'static str,
+    question: Question,
     texts: &'a StringArray,
     group: &'a [usize],
     keys: &'a [Key],
+}
+
+/// A task of [`abridge_operators::tasks`], with what it asks for.
+enum Question {
+    Classify(Arc<[String]>),
+    Extract(Arc<[String]>),
+}
+
+impl Question {
+    /// The SQL function that asks it, for error messages.
+    fn function(&self) -> &'static str {
+        match self {
+            Question::Classify(_) => "classify",
+            Question::Extract(_) => "extract_fields",
+        }
+    }
 }
 
 /// Per input row: the answer, or why there is none (None, None: a NULL input).
@@ -614,7 +618,7 @@ fn build_values(values: &[Option<Answer>], value_type: &DataType) -> Result<Arra
             let parsed: Vec<Option<Vec<Option<String>>>> = values
                 .iter()
                 .map(|v| match v {
-                    Some(Answer::Text(raw)) => parse_fields(raw, &names).ok(),
+                    Some(Answer::Text(raw)) => tasks::parse_fields(raw, &names).ok(),
                     _ => None,
                 })
                 .collect();
@@ -636,37 +640,6 @@ fn build_values(values: &[Option<Answer>], value_type: &DataType) -> Result<Arra
         }
         other => Ok(new_null_array(other, values.len())),
     }
-}
-
-/// The values of an extraction answer, one line `name: value` per field (a full-width
-/// colon too, as SeqGPT writes Chinese), in `names`' order; `none` (or 无, or nothing)
-/// is a NULL value. Strict: a line for a name not asked for, a field twice or a field
-/// missing makes the whole answer an error, never a guess.
-fn parse_fields(raw: &str, names: &[String]) -> std::result::Result<Vec<Option<String>>, String> {
-    let mut values: Vec<Option<Option<String>>> = vec![None; names.len()];
-    for line in raw.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let Some((name, value)) = line.split_once([':', '：']) else {
-            return Err(format!("the line {line:?} is not `field: value`"));
-        };
-        let name = name.trim();
-        let Some(at) = names.iter().position(|n| n == name) else {
-            return Err(format!(
-                "the answer names `{name}`, which was not asked for"
-            ));
-        };
-        if values[at].is_some() {
-            return Err(format!("the answer gives `{name}` twice"));
-        }
-        let value = value.trim();
-        let none = value.is_empty()
-            || ["none", "null", "n/a", "无"].contains(&value.to_lowercase().as_str());
-        values[at] = Some((!none).then(|| value.to_string()));
-    }
-    names
-        .iter()
-        .zip(values)
-        .map(|(name, value)| value.ok_or_else(|| format!("the answer has no line for `{name}`")))
-        .collect()
 }
 
 impl Models {
@@ -953,7 +926,7 @@ impl Models {
                 .collect();
             groups.entry(set).or_default().push(row);
         }
-        let seqgpt = config.backend == abridge_operators::summarize::Backend::Seqgpt;
+        let seqgpt = config.task_settings().seqgpt;
         for (set, group) in groups {
             if set.is_empty() {
                 for &row in &group {
@@ -980,22 +953,13 @@ impl Models {
             if todo.is_empty() {
                 continue;
             }
-            let set: Arc<[String]> = set.into();
-            let ask = move |generator: SharedGenerator, head: String| -> Asked {
-                let set = Arc::clone(&set);
-                Box::pin(async move {
-                    let prompt = classification_prompt(&head, &set, seqgpt);
-                    generator.choose(prompt, set).await
-                })
-            };
             let asked = Asking {
-                function: "classify",
+                question: Question::Classify(set.into()),
                 texts,
                 group: &group,
                 keys: &keys,
             };
-            self.ask_each(config, asked, &todo, &mut results, ask)
-                .await?;
+            self.ask_each(config, asked, &todo, &mut results).await?;
         }
         Ok(results)
     }
@@ -1009,9 +973,10 @@ impl Models {
         let rows = texts.len();
         let mut results = Results::new(rows);
         let (config, fingerprint) = self.generator_model("extract_fields")?;
-        let seqgpt = config.backend == abridge_operators::summarize::Backend::Seqgpt;
+        let seqgpt = config.task_settings().seqgpt;
+        // "form": answers are filled-in forms where the engine can constrain decoding.
         let style = format!(
-            "{} max_input={} max_new={}",
+            "{} form max_input={} max_new={}",
             if seqgpt { "seqgpt" } else { "instruct" },
             config.max_input_tokens,
             config.max_new_tokens
@@ -1024,36 +989,20 @@ impl Models {
             .collect();
         let todo = self.look_up(&group, &keys, &mut results, counting);
         if !todo.is_empty() {
-            let names: Arc<[String]> = names.into();
-            let sampling = Sampling {
-                temperature: 0.0,
-                top_p: 1.0,
-                max_new_tokens: config.max_new_tokens,
-                seed: config.seed,
-            };
-            let ask = move |generator: SharedGenerator, head: String| -> Asked {
-                let request = GenerationRequest {
-                    prompt: extraction_prompt(&head, &names, seqgpt),
-                    sampling: sampling.clone(),
-                    key: 0,
-                };
-                Box::pin(async move { generator.generate(request).await })
-            };
             let asked = Asking {
-                function: "extract_fields",
+                question: Question::Extract(names.into()),
                 texts,
                 group: &group,
                 keys: &keys,
             };
-            self.ask_each(config, asked, &todo, &mut results, ask)
-                .await?;
+            self.ask_each(config, asked, &todo, &mut results).await?;
         }
         // Answers, new or cached, are parsed strictly: one that does not parse is the row's
         // error (the raw answer stays cached; parsing it again gives the same error).
         let mut failed = Vec::new();
         for row in 0..rows {
             if let Some(Answer::Text(raw)) = &results.values[row]
-                && let Err(reason) = parse_fields(raw, names)
+                && let Err(reason) = tasks::parse_fields(raw, names)
             {
                 failed.push(format!("extract_fields: {reason} (answer: {raw:?})"));
                 results.errors[row] = failed.last().cloned();
@@ -1070,52 +1019,44 @@ impl Models {
         Ok(results)
     }
 
-    /// Asks the generator about each input of `todo` (indices into `asked.group`), the
-    /// job's `in_flight` at a time: the text cut to the job's input budget, then
-    /// `ask(generator, head)`; the answers are recorded as [`Models::record`] does, their
-    /// tokens and time in the accounting.
-    async fn ask_each<F>(
+    /// Asks the generator `asked.question` about each input of `todo` (indices into
+    /// `asked.group`), as a run's stages do ([`abridge_operators::tasks`]); the answers are
+    /// recorded as [`Models::record`] does, their tokens and time in the accounting.
+    async fn ask_each(
         &self,
         config: &SummarizeConfig,
         asked: Asking<'_>,
         todo: &[(usize, Key)],
         results: &mut Results,
-        ask: F,
-    ) -> Result<()>
-    where
-        F: Fn(SharedGenerator, String) -> Asked + Send + Sync + 'static,
-    {
+    ) -> Result<()> {
         let generator = self.generator().await?;
-        let ask = Arc::new(ask);
+        let settings = config.task_settings();
+        let texts: Vec<String> = todo
+            .iter()
+            .map(|&(i, _)| asked.texts.value(asked.group[i]).to_string())
+            .collect();
+        let function = asked.question.function();
         let started = Instant::now();
-        // Collected first: a lazy iterator of closures held across an await trips the
-        // compiler's lifetime inference for `Send` futures.
-        let mut calls: Vec<BoxFuture<'static, Result<(Key, Generation), GeneratorError>>> =
-            Vec::with_capacity(todo.len());
-        for &(i, k) in todo {
-            let (generator, ask) = (Arc::clone(&generator), Arc::clone(&ask));
-            let text = asked.texts.value(asked.group[i]).to_string();
-            let budget = config.max_input_tokens;
-            calls.push(Box::pin(async move {
-                let head = generator.truncate(text, budget).await?;
-                Ok((k, ask(Arc::clone(&generator), head.text).await?))
-            }));
-        }
-        let answers: Vec<_> = futures::stream::iter(calls)
-            .buffered(config.in_flight().max(1))
-            .collect()
-            .await;
+        let answers = match asked.question {
+            Question::Classify(labels) => {
+                tasks::classify_each(&generator, texts, labels, &settings).await
+            }
+            Question::Extract(names) => {
+                tasks::extract_each(&generator, texts, names, &settings).await
+            }
+        };
         let elapsed = started.elapsed();
         let mut tokens = (0, 0);
-        let answers = answers
-            .into_iter()
-            .map(|a| match a {
-                Ok((k, g)) => {
+        let answers = todo
+            .iter()
+            .zip(answers)
+            .map(|(&(_, k), a)| match a {
+                Ok(g) => {
                     tokens.0 += g.prompt_tokens as u64;
                     tokens.1 += g.completion_tokens as u64;
                     Ok((k, Answer::Text(g.text)))
                 }
-                Err(e) => Err(format!("{}: {e}", asked.function)),
+                Err(e) => Err(format!("{function}: {e}")),
             })
             .collect();
         self.record(asked.group, asked.keys, todo, answers, results);
@@ -1196,37 +1137,11 @@ impl Models {
     }
 }
 
-/// The question `classify()` asks: SeqGPT's own classification prompt (分类, the task it
-/// was trained on) for the `seqgpt` backend, an instruction for chat models.
-fn classification_prompt(text: &str, labels: &[String], seqgpt: bool) -> String {
-    match seqgpt {
-        true => format!("输入: {text}\n分类: {}\n输出: [GEN]", labels.join(",")),
-        false => format!(
-            "Classify the text into exactly one of these categories: {}. Reply with the \
-             category only.\n\nText: {text}\n\nCategory:",
-            labels.join(", ")
-        ),
-    }
-}
-
 /// Whether a committed row went through (its answers are the job's, not a failure's).
 fn usable(batch: &RecordBatch, row: usize) -> bool {
     batch
         .column_by_name(abridge_schemas::output::ERROR)
         .is_none_or(|e| e.is_null(row))
-}
-
-/// The question `extract_fields()` asks: SeqGPT's own extraction prompt (抽取) for the `seqgpt`
-/// backend, an instruction for chat models; both answer one `field: value` line each.
-fn extraction_prompt(text: &str, names: &[String], seqgpt: bool) -> String {
-    match seqgpt {
-        true => format!("输入: {text}\n抽取: {}\n输出: [GEN]", names.join(",")),
-        false => format!(
-            "Extract these fields from the text: {}. Answer with exactly one line per field, \
-             `field: value`, and `field: none` when the text does not say.\n\nText: {text}",
-            names.join(", ")
-        ),
-    }
 }
 
 /// The summarize stage's input for `rows` of `texts`.
@@ -1248,47 +1163,4 @@ fn input_batch(texts: &StringArray, rows: &[usize]) -> Result<RecordBatch> {
 
 fn model_file_error(path: &Path, e: std::io::Error) -> OperatorError {
     OperatorError::config("model", format!("{}: {e}", path.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn names(list: &[&str]) -> Vec<String> {
-        list.iter().map(|n| n.to_string()).collect()
-    }
-
-    #[test]
-    fn extraction_answers_parse_strictly() {
-        let fields = names(&["device", "location"]);
-        assert_eq!(
-            parse_fields("device: printer\nlocation：3楼\n", &fields),
-            Ok(vec![Some("printer".into()), Some("3楼".into())])
-        );
-        assert_eq!(
-            parse_fields("location: none\n\n  device:  VPN client ", &fields),
-            Ok(vec![Some("VPN client".into()), None])
-        );
-        for (raw, why) in [
-            ("device: printer", "no line for `location`"),
-            ("device: a\ndevice: b\nlocation: x", "twice"),
-            ("device: a\nlocation: b\nowner: c", "not asked for"),
-            ("The printer on floor 3", "not `field: value`"),
-            ("", "no line for `device`"),
-        ] {
-            let error = parse_fields(raw, &fields).expect_err(raw);
-            assert!(error.contains(why), "{raw:?}: {error}");
-        }
-    }
-
-    proptest::proptest! {
-        /// Whatever a model answers, parsing gives every asked field or an error.
-        #[test]
-        fn parsing_never_returns_a_partial_answer(raw in "[a-z:：\n 无]{0,60}") {
-            let fields = names(&["a", "b"]);
-            if let Ok(values) = parse_fields(&raw, &fields) {
-                proptest::prop_assert_eq!(values.len(), 2);
-            }
-        }
-    }
 }

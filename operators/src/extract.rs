@@ -1,0 +1,194 @@
+//! `extract`: typed fields of each kept ticket, from the summarizer model answering
+//! SeqGPT's extraction question (抽取 with the `seqgpt` backend, an English instruction
+//! with the others; greedy), one `name: value` line per field, read strictly
+//! ([`parse_fields`]: a field missing, twice or not asked for is never guessed at).
+//!
+//! Writes `extracted`, a struct of the fields (text; NULL where the text does not say),
+//! and `extract_error`, why a row has none, with the model's raw answer. Its own column,
+//! not `error`: a ticket whose extraction fails keeps its summary and metrics. Rows that
+//! failed before, or that the filter did not keep, pass through with both NULL.
+
+use std::sync::Arc;
+
+use abridge_models::generator::SharedGenerator;
+use abridge_schemas::TicketColumn;
+use abridge_schemas::output::ERROR;
+use arrow::array::{Array, ArrayRef, AsArray, StringArray, StructArray};
+use arrow::buffer::NullBuffer;
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+use crate::filter::KEPT;
+use crate::tasks::{TaskSettings, check_field_names, extract_each, parse_fields};
+use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
+
+/// Column: the extracted fields, a struct of text fields named as in `[extract] fields`.
+pub const EXTRACTED: &str = "extracted";
+/// Column: why a kept ticket has no `extracted` (the model's answer included).
+pub const EXTRACT_ERROR: &str = "extract_error";
+
+/// `[extract]`: fields the `[summarize]` model reads out of each kept ticket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractConfig {
+    /// The fields' names, as the model is asked for them and as `extracted`'s fields are
+    /// named (query them as `extracted['name']`): e.g. `["device", "location"]`, or
+    /// SeqGPT's Chinese `["设备", "地点"]`.
+    pub fields: Vec<String>,
+}
+
+impl ExtractConfig {
+    /// Why this section cannot be used, naming the key.
+    pub fn validate(&self) -> Result<(), OperatorError> {
+        check_field_names(&self.fields).map_err(|problem| {
+            OperatorError::config("extract.fields", format!("the list {problem}"))
+        })
+    }
+
+    /// The stage over `input`, asking `generator` (the summarizer's) as `settings` say.
+    pub fn build(
+        &self,
+        generator: SharedGenerator,
+        settings: TaskSettings,
+        input: &SchemaRef,
+    ) -> Result<FieldExtractor, OperatorError> {
+        self.validate()?;
+        let text = input
+            .index_of(TicketColumn::Text.name())
+            .map_err(|_| OperatorError::StageSchema("extract needs a `text` column".into()))?;
+        for name in [EXTRACTED, EXTRACT_ERROR] {
+            if input.index_of(name).is_ok() {
+                return Err(OperatorError::StageSchema(format!(
+                    "the input already has a `{name}` column, which extract writes"
+                )));
+            }
+        }
+        let fields: Fields = self
+            .fields
+            .iter()
+            .map(|n| Field::new(n, DataType::Utf8, true))
+            .collect();
+        let mut columns: Vec<_> = input.fields().iter().cloned().collect();
+        columns.push(Arc::new(Field::new(
+            EXTRACTED,
+            DataType::Struct(fields.clone()),
+            true,
+        )));
+        columns.push(Arc::new(Field::new(EXTRACT_ERROR, DataType::Utf8, true)));
+        Ok(FieldExtractor {
+            shared: Arc::new(Extractor {
+                generator,
+                names: self.fields.clone().into(),
+                fields,
+                settings,
+                text,
+            }),
+            schema: Arc::new(Schema::new_with_metadata(columns, input.metadata().clone())),
+        })
+    }
+}
+
+/// The `extract` stage.
+pub struct FieldExtractor {
+    shared: Arc<Extractor>,
+    schema: SchemaRef,
+}
+
+struct Extractor {
+    generator: SharedGenerator,
+    names: Arc<[String]>,
+    fields: Fields,
+    settings: TaskSettings,
+    text: usize,
+}
+
+impl Operator for FieldExtractor {
+    fn name(&self) -> &'static str {
+        "extract"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        metrics: StageCounters,
+    ) -> Result<SendableRecordBatchStream, OperatorError> {
+        let shared = Arc::clone(&self.shared);
+        let schema = Arc::clone(&self.schema);
+        Ok(then_batches(
+            Arc::clone(&self.schema),
+            input,
+            metrics,
+            move |batch, _| {
+                let (shared, schema) = (Arc::clone(&shared), Arc::clone(&schema));
+                async move { shared.extract_batch(&schema, batch).await }
+            },
+        ))
+    }
+}
+
+impl Extractor {
+    async fn extract_batch(
+        &self,
+        schema: &SchemaRef,
+        batch: RecordBatch,
+    ) -> Result<RecordBatch, OperatorError> {
+        let n = batch.num_rows();
+        let errors = batch.column_by_name(ERROR);
+        let kept = batch.column_by_name(KEPT).and_then(|k| k.as_boolean_opt());
+        let rows: Vec<usize> = (0..n)
+            .filter(|&r| errors.is_none_or(|e| e.is_null(r)))
+            .filter(|&r| kept.is_none_or(|k| k.is_valid(r) && k.value(r)))
+            .collect();
+        let texts = cast(batch.column(self.text), &DataType::Utf8)?;
+        let texts = texts.as_string::<i32>();
+        let asked = rows
+            .iter()
+            .map(|&r| match texts.is_valid(r) {
+                true => texts.value(r).to_string(),
+                false => String::new(),
+            })
+            .collect();
+        let answers = extract_each(
+            &self.generator,
+            asked,
+            Arc::clone(&self.names),
+            &self.settings,
+        )
+        .await;
+
+        let mut values: Vec<Option<Vec<Option<String>>>> = vec![None; n];
+        let mut problems: Vec<Option<String>> = vec![None; n];
+        for (&row, answer) in rows.iter().zip(answers) {
+            let parsed = match answer {
+                Ok(g) => parse_fields(&g.text, &self.names)
+                    .map_err(|reason| format!("extract: {reason} (answer: {:?})", g.text)),
+                Err(e) => Err(format!("extract: {e}")),
+            };
+            match parsed {
+                Ok(fields) => values[row] = Some(fields),
+                Err(reason) => problems[row] = Some(reason),
+            }
+        }
+        let children: Vec<ArrayRef> = (0..self.names.len())
+            .map(|i| {
+                let column: StringArray = values
+                    .iter()
+                    .map(|v| v.as_ref().and_then(|f| f[i].as_deref()))
+                    .collect();
+                Arc::new(column) as ArrayRef
+            })
+            .collect();
+        let valid = NullBuffer::from(values.iter().map(Option::is_some).collect::<Vec<_>>());
+        let extracted = StructArray::try_new(self.fields.clone(), children, Some(valid))?;
+        let mut columns = batch.columns().to_vec();
+        columns.push(Arc::new(extracted));
+        columns.push(Arc::new(StringArray::from(problems)));
+        Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+    }
+}
