@@ -1031,8 +1031,16 @@ fn classifier_topics_are_labels_matched_to_their_query_and_kept_tickets_are_extr
             "extract.fields",
         ),
         (
+            sections.replace("[extract]\n", "[extract]\nmax_value_tokens = 0\n"),
+            "extract.max_value_tokens",
+        ),
+        (
             sections[..sections.find("[summarize]").unwrap_or(0)].to_string(),
             "filter.topics.method",
+        ),
+        (
+            retrieval_sections(dir.path()) + "[extract]\nfields = [\"device\"]\n",
+            "add a [summarize] section",
         ),
     ];
     for (sections, key) in refusals {

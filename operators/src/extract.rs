@@ -37,17 +37,32 @@ pub struct ExtractConfig {
     /// named (query them as `extracted['name']`): e.g. `["device", "location"]`, or
     /// SeqGPT's Chinese `["设备", "地点"]`.
     pub fields: Vec<String>,
+    /// Most tokens of one value: fields are short spans of the ticket, and a small model
+    /// that does not stop costs no more than this. Default: 16.
+    #[serde(default = "default_max_value_tokens")]
+    pub max_value_tokens: usize,
+}
+
+fn default_max_value_tokens() -> usize {
+    16
 }
 
 impl ExtractConfig {
     /// Why this section cannot be used, naming the key.
     pub fn validate(&self) -> Result<(), OperatorError> {
+        if self.max_value_tokens == 0 {
+            return Err(OperatorError::config(
+                "extract.max_value_tokens",
+                "must be at least 1",
+            ));
+        }
         check_field_names(&self.fields).map_err(|problem| {
             OperatorError::config("extract.fields", format!("the list {problem}"))
         })
     }
 
-    /// The stage over `input`, asking `generator` (the summarizer's) as `settings` say.
+    /// The stage over `input`, asking `generator` (the summarizer's) as `settings` say,
+    /// each value within `max_value_tokens`.
     pub fn build(
         &self,
         generator: SharedGenerator,
@@ -55,6 +70,10 @@ impl ExtractConfig {
         input: &SchemaRef,
     ) -> Result<FieldExtractor, OperatorError> {
         self.validate()?;
+        let settings = TaskSettings {
+            max_new_tokens: self.max_value_tokens,
+            ..settings
+        };
         let text = input
             .index_of(TicketColumn::Text.name())
             .map_err(|_| OperatorError::StageSchema("extract needs a `text` column".into()))?;
