@@ -1010,7 +1010,7 @@ fn classifier_topics_are_labels_matched_to_their_query_and_kept_tickets_are_extr
         "{classified} of {}",
         all.len()
     );
-    // (SmolLM2-135M favours the first label it is offered: billing, for the queries too.)
+    // (SmolLM2-135M answers billing, listed first, for nearly every ticket and query.)
     assert!(all.iter().any(|r| r["kept"] == true), "no ticket kept");
 
     // What the classifier needs is checked by key before anything runs.
