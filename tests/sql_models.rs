@@ -190,6 +190,45 @@ fn summarize_batches_caches_guards_and_fails_per_row() -> TestResult {
     Ok(())
 }
 
+/// `ORDER BY ... LIMIT n` over a model call sends n rows to the model, not the table: the
+/// sort runs before the calls it does not depend on, and its results are those of the
+/// subquery that sorts and limits first.
+#[test]
+fn a_sort_and_limit_reach_below_the_model_calls() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let texts: Vec<String> = (0..60)
+        .map(|i| format!("Ticket {i}: the VPN drops every {} minutes", i % 9 + 1))
+        .collect();
+    write_texts(&dir.path().join("t.parquet"), &texts)?;
+    let job = bloom_job(dir.path())?;
+    let table = format!("t={}", dir.path().join("t.parquet").display());
+    let cache = |name: &str| dir.path().join(name);
+    let (sorted, calls) = query(
+        &cache("a"),
+        &job,
+        "SELECT id, summarize(text) AS s, length(text) AS n FROM t ORDER BY n DESC, id LIMIT 5",
+        &["--table", &table],
+    )?;
+    assert_eq!(calls["model_calls"], 5, "{calls}");
+    let (first, _) = query(
+        &cache("b"),
+        &job,
+        "SELECT id, summarize(text) AS s, length(text) AS n FROM \
+         (SELECT * FROM t ORDER BY length(text) DESC, id LIMIT 5)",
+        &["--table", &table],
+    )?;
+    assert_eq!(sorted, first);
+    // Sorting by the model's answer needs every answer: all 60 rows go to the model.
+    let (_, calls) = query(
+        &cache("c"),
+        &job,
+        "SELECT id, summarize(text) AS s FROM t ORDER BY s LIMIT 5",
+        &["--table", &table],
+    )?;
+    assert_eq!(calls["model_calls"], 60, "{calls}");
+    Ok(())
+}
+
 #[test]
 fn classify_answers_only_listed_labels_batched_and_cached() -> TestResult {
     let dir = tempfile::tempdir()?;

@@ -12,10 +12,13 @@ use std::sync::Arc;
 use abridge_operators::scan::{check_file, resolve_files};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use std::collections::HashMap;
+
+use datafusion::common::Column;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::file_format::options::ParquetReadOptions;
 use datafusion::execution::context::{SQLOptions, SessionContext};
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::logical_expr::{Expr, LogicalPlan, Projection, Sort, SortExpr};
 use parquet::arrow::ArrowWriter;
 
 use crate::error::PipelineError;
@@ -244,9 +247,14 @@ impl SqlSession {
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(|e| PipelineError::ReadOnly(e.strip_backtrace()))?;
-        if calls_models(&plan)? {
-            self.prepare_model_calls(&plan).await?;
-        }
+        let plan = match calls_models(&plan)? {
+            true => {
+                let plan = sort_before_model_calls(plan)?;
+                self.prepare_model_calls(&plan).await?;
+                plan
+            }
+            false => plan,
+        };
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await.map_err(placement_error);
@@ -313,18 +321,71 @@ fn calls_models(plan: &LogicalPlan) -> Result<bool, PipelineError> {
     let mut found = false;
     plan.apply_with_subqueries(|node| {
         node.apply_expressions(|expr| {
-            expr.apply(|e| {
-                if let Expr::ScalarFunction(f) = e
-                    && model_functions::NAMES.contains(&f.name())
-                {
-                    found = true;
-                    return Ok(TreeNodeRecursion::Stop);
-                }
-                Ok(TreeNodeRecursion::Continue)
+            found |= calls_model(expr);
+            Ok(match found {
+                true => TreeNodeRecursion::Stop,
+                false => TreeNodeRecursion::Continue,
             })
         })
     })?;
     Ok(found)
+}
+
+/// Whether `expr` calls one of the model functions.
+fn calls_model(expr: &Expr) -> bool {
+    expr.exists(|e| {
+        Ok(matches!(e, Expr::ScalarFunction(f) if model_functions::NAMES.contains(&f.name())))
+    })
+    .unwrap_or(true)
+}
+
+/// Sorts before the model calls that a sort does not depend on. SQL plans `SELECT id,
+/// summarize(text) FROM t ORDER BY id LIMIT 4` as a sort over the projection that calls
+/// the model, so every row would be summarized before four are kept; sorting the
+/// projection's input by the same keys and projecting after gives the same rows in the
+/// same order, and the optimizer then pushes the `LIMIT` into the sort, so that four rows
+/// reach the model.
+fn sort_before_model_calls(plan: LogicalPlan) -> Result<LogicalPlan, PipelineError> {
+    let rewritten = plan.transform_up(|node| {
+        let LogicalPlan::Sort(sort) = &node else {
+            return Ok(Transformed::no(node));
+        };
+        let LogicalPlan::Projection(projection) = sort.input.as_ref() else {
+            return Ok(Transformed::no(node));
+        };
+        if !projection.expr.iter().any(calls_model) {
+            return Ok(Transformed::no(node));
+        }
+        // The sort keys in terms of the projection's input.
+        let outputs: HashMap<Column, Expr> = projection
+            .schema
+            .columns()
+            .into_iter()
+            .zip(projection.expr.iter().map(|e| e.clone().unalias()))
+            .collect();
+        let mut keys: Vec<SortExpr> = Vec::with_capacity(sort.expr.len());
+        for key in &sort.expr {
+            let expr = key.expr.clone().transform(|e| match &e {
+                Expr::Column(c) => match outputs.get(c) {
+                    Some(source) => Ok(Transformed::yes(source.clone())),
+                    None => Ok(Transformed::no(e)),
+                },
+                _ => Ok(Transformed::no(e)),
+            })?;
+            if calls_model(&expr.data) {
+                return Ok(Transformed::no(node));
+            }
+            keys.push(key.with_expr(expr.data));
+        }
+        let sorted = LogicalPlan::Sort(Sort {
+            expr: keys,
+            input: Arc::clone(&projection.input),
+            fetch: sort.fetch,
+        });
+        let projected = Projection::try_new(projection.expr.clone(), Arc::new(sorted))?;
+        Ok(Transformed::yes(LogicalPlan::Projection(projected)))
+    })?;
+    Ok(rewritten.data)
 }
 
 /// The union of the files' columns (None for a single file), or which files disagree on
