@@ -19,9 +19,10 @@ use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, UInt32Buil
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use futures::future::BoxFuture;
 
 use crate::template::Template;
-use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
+use crate::{AsyncBatchTransform, AsyncTransformStage, OperatorError, StageCounters};
 use serde::{Deserialize, Serialize};
 
 /// Name of the column this stage adds.
@@ -71,7 +72,10 @@ impl EmbedConfig {
     /// Loads the encoder (on a blocking thread: minutes for a large model), starts its
     /// worker and makes the stage over `input`. The worker is returned too: the filter,
     /// the index and the summaries' vectors use the same encoder.
-    pub async fn build(&self, input: &SchemaRef) -> Result<(Embed, EncoderWorker), OperatorError> {
+    pub async fn build(
+        &self,
+        input: &SchemaRef,
+    ) -> Result<(AsyncTransformStage<Embed>, EncoderWorker), OperatorError> {
         Template::parse(self.input.as_deref().unwrap_or("{text}"), input)?;
         let worker = self.load_encoder().await?;
         let stage = Embed::try_new(worker.clone(), self.input.as_deref(), input)?;
@@ -95,9 +99,8 @@ impl EmbedConfig {
 
 /// The `embed` stage.
 pub struct Embed {
-    name: &'static str,
     encoder: EncoderWorker,
-    template: Arc<Template>,
+    template: Template,
     schema: SchemaRef,
 }
 
@@ -108,7 +111,7 @@ impl Embed {
         encoder: EncoderWorker,
         template: Option<&str>,
         input: &SchemaRef,
-    ) -> Result<Self, OperatorError> {
+    ) -> Result<AsyncTransformStage<Self>, OperatorError> {
         Self::build(
             "embed",
             encoder,
@@ -119,7 +122,10 @@ impl Embed {
     }
 
     /// The stage that embeds each row's `summary` into `summary_embedding`.
-    pub fn summaries(encoder: EncoderWorker, input: &SchemaRef) -> Result<Self, OperatorError> {
+    pub fn summaries(
+        encoder: EncoderWorker,
+        input: &SchemaRef,
+    ) -> Result<AsyncTransformStage<Self>, OperatorError> {
         Self::build(
             "embed_summary",
             encoder,
@@ -135,7 +141,7 @@ impl Embed {
         template: &str,
         output: &str,
         input: &SchemaRef,
-    ) -> Result<Self, OperatorError> {
+    ) -> Result<AsyncTransformStage<Self>, OperatorError> {
         let template = Template::parse(template, input)?;
         if input.index_of(output).is_ok() {
             return Err(OperatorError::StageSchema(format!(
@@ -149,12 +155,12 @@ impl Embed {
             DataType::UInt32,
             true,
         )));
-        Ok(Self {
-            name,
+        let stage = Self {
             encoder,
-            template: Arc::new(template),
+            template,
             schema: Arc::new(Schema::new_with_metadata(fields, input.metadata().clone())),
-        })
+        };
+        Ok(AsyncTransformStage::new(name, stage))
     }
 }
 
@@ -181,92 +187,74 @@ fn vector_field(name: &str, dim: usize) -> Field {
     )
 }
 
-impl Operator for Embed {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
+impl AsyncBatchTransform for Embed {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
 
-    fn execute(
-        &self,
-        input: SendableRecordBatchStream,
-        metrics: StageCounters,
-    ) -> Result<SendableRecordBatchStream, OperatorError> {
-        let encoder = self.encoder.clone();
-        let template = Arc::clone(&self.template);
-        let schema = Arc::clone(&self.schema);
-        Ok(then_batches(
-            Arc::clone(&self.schema),
-            input,
-            metrics,
-            move |batch, _| {
-                let encoder = encoder.clone();
-                let template = Arc::clone(&template);
-                let schema = Arc::clone(&schema);
-                async move { embed_batch(&encoder, &template, &schema, batch).await }
-            },
-        ))
+    fn transform<'a>(
+        &'a self,
+        batch: RecordBatch,
+        _: &'a StageCounters,
+    ) -> BoxFuture<'a, Result<RecordBatch, OperatorError>> {
+        Box::pin(self.embed_batch(batch))
     }
 }
 
-async fn embed_batch(
-    encoder: &EncoderWorker,
-    template: &Template,
-    schema: &SchemaRef,
-    batch: RecordBatch,
-) -> Result<RecordBatch, OperatorError> {
-    let rows = batch.num_rows();
-    let dim = encoder.dim();
-    let errors = batch.column_by_name(ERROR);
-    let used: Vec<&ArrayRef> = (0..batch.num_columns())
-        .filter(|&i| template.uses(i))
-        .map(|i| batch.column(i))
-        .collect();
-    let keep: Vec<bool> = (0..rows)
-        .map(|r| errors.is_none_or(|e| e.is_null(r)) && used.iter().any(|c| c.is_valid(r)))
-        .collect();
-    let texts = template.render(&batch, &keep)?;
-    let encoded = if texts.is_empty() {
-        Encoded::default()
-    } else {
-        encoder
-            .encode_counting_cuts(texts)
-            .await
-            .map_err(|e| OperatorError::Encoder(Box::new(e)))?
-    };
-    // Scatter the encoded rows back; skipped rows are null with zeroed values.
-    let mut values = vec![0f32; rows * dim];
-    let mut cut = UInt32Builder::with_capacity(rows);
-    let mut next = 0;
-    for (row, &k) in keep.iter().enumerate() {
-        if k {
-            values[row * dim..(row + 1) * dim]
-                .copy_from_slice(&encoded.vectors[next * dim..(next + 1) * dim]);
-            cut.append_option(encoded.cut_tokens.get(next).copied());
-            next += 1;
+impl Embed {
+    async fn embed_batch(&self, batch: RecordBatch) -> Result<RecordBatch, OperatorError> {
+        let (encoder, template) = (&self.encoder, &self.template);
+        let rows = batch.num_rows();
+        let dim = encoder.dim();
+        let errors = batch.column_by_name(ERROR);
+        let used: Vec<&ArrayRef> = (0..batch.num_columns())
+            .filter(|&i| template.uses(i))
+            .map(|i| batch.column(i))
+            .collect();
+        let keep: Vec<bool> = (0..rows)
+            .map(|r| errors.is_none_or(|e| e.is_null(r)) && used.iter().any(|c| c.is_valid(r)))
+            .collect();
+        let texts = template.render(&batch, &keep)?;
+        let encoded = if texts.is_empty() {
+            Encoded::default()
         } else {
-            cut.append_null();
+            encoder
+                .encode_counting_cuts(texts)
+                .await
+                .map_err(|e| OperatorError::Encoder(Box::new(e)))?
+        };
+        // Scatter the encoded rows back; skipped rows are null with zeroed values.
+        let mut values = vec![0f32; rows * dim];
+        let mut cut = UInt32Builder::with_capacity(rows);
+        let mut next = 0;
+        for (row, &k) in keep.iter().enumerate() {
+            if k {
+                values[row * dim..(row + 1) * dim]
+                    .copy_from_slice(&encoded.vectors[next * dim..(next + 1) * dim]);
+                cut.append_option(encoded.cut_tokens.get(next).copied());
+                next += 1;
+            } else {
+                cut.append_null();
+            }
         }
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        let list = FixedSizeListArray::try_new(
+            item,
+            dim as i32,
+            Arc::new(Float32Array::from(values)),
+            Some(NullBuffer::from(keep)),
+        )?;
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        columns.push(Arc::new(list));
+        columns.push(Arc::new(cut.finish()));
+        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
-    let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let list = FixedSizeListArray::try_new(
-        item,
-        dim as i32,
-        Arc::new(Float32Array::from(values)),
-        Some(NullBuffer::from(keep)),
-    )?;
-    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
-    columns.push(Arc::new(list));
-    columns.push(Arc::new(cut.finish()));
-    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Operator;
     use abridge_models::cached_model_dir;
     use abridge_models::models::bert::BertEncoder;
     use arrow::array::StringArray;

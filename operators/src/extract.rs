@@ -18,11 +18,12 @@ use arrow::buffer::NullBuffer;
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::filter::KEPT;
 use crate::tasks::{TaskSettings, check_field_names, extract_each, parse_fields};
-use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
+use crate::{AsyncBatchTransform, AsyncTransformStage, OperatorError, StageCounters};
 
 /// Column: the extracted fields, a struct of text fields named as in `[extract] fields`.
 pub const EXTRACTED: &str = "extracted";
@@ -68,7 +69,7 @@ impl ExtractConfig {
         generator: SharedGenerator,
         settings: TaskSettings,
         input: &SchemaRef,
-    ) -> Result<FieldExtractor, OperatorError> {
+    ) -> Result<AsyncTransformStage<FieldExtractor>, OperatorError> {
         self.validate()?;
         let settings = TaskSettings {
             max_new_tokens: self.max_value_tokens,
@@ -96,67 +97,44 @@ impl ExtractConfig {
             true,
         )));
         columns.push(Arc::new(Field::new(EXTRACT_ERROR, DataType::Utf8, true)));
-        Ok(FieldExtractor {
-            shared: Arc::new(Extractor {
-                generator,
-                names: self.fields.clone().into(),
-                fields,
-                settings,
-                text,
-            }),
+        let extractor = FieldExtractor {
+            generator,
+            names: self.fields.clone().into(),
+            fields,
+            settings,
+            text,
             schema: Arc::new(Schema::new_with_metadata(columns, input.metadata().clone())),
-        })
+        };
+        Ok(AsyncTransformStage::new("extract", extractor))
     }
 }
 
 /// The `extract` stage.
 pub struct FieldExtractor {
-    shared: Arc<Extractor>,
-    schema: SchemaRef,
-}
-
-struct Extractor {
     generator: SharedGenerator,
     names: Arc<[String]>,
     fields: Fields,
     settings: TaskSettings,
     text: usize,
+    schema: SchemaRef,
 }
 
-impl Operator for FieldExtractor {
-    fn name(&self) -> &'static str {
-        "extract"
-    }
-
+impl AsyncBatchTransform for FieldExtractor {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
 
-    fn execute(
-        &self,
-        input: SendableRecordBatchStream,
-        metrics: StageCounters,
-    ) -> Result<SendableRecordBatchStream, OperatorError> {
-        let shared = Arc::clone(&self.shared);
-        let schema = Arc::clone(&self.schema);
-        Ok(then_batches(
-            Arc::clone(&self.schema),
-            input,
-            metrics,
-            move |batch, _| {
-                let (shared, schema) = (Arc::clone(&shared), Arc::clone(&schema));
-                async move { shared.extract_batch(&schema, batch).await }
-            },
-        ))
+    fn transform<'a>(
+        &'a self,
+        batch: RecordBatch,
+        _: &'a StageCounters,
+    ) -> BoxFuture<'a, Result<RecordBatch, OperatorError>> {
+        Box::pin(self.extract_batch(batch))
     }
 }
 
-impl Extractor {
-    async fn extract_batch(
-        &self,
-        schema: &SchemaRef,
-        batch: RecordBatch,
-    ) -> Result<RecordBatch, OperatorError> {
+impl FieldExtractor {
+    async fn extract_batch(&self, batch: RecordBatch) -> Result<RecordBatch, OperatorError> {
         let n = batch.num_rows();
         let errors = batch.column_by_name(ERROR);
         let kept = batch.column_by_name(KEPT).and_then(|k| k.as_boolean_opt());
@@ -208,6 +186,6 @@ impl Extractor {
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(extracted));
         columns.push(Arc::new(StringArray::from(problems)));
-        Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
 }

@@ -28,7 +28,9 @@ pub mod template;
 
 pub use counters::{CountersSnapshot, StageCounters};
 pub use error::OperatorError;
-pub use operator::{BatchTransform, Operator, TransformStage, map_batches, then_batches};
+pub use operator::{
+    AsyncBatchTransform, AsyncTransformStage, BatchTransform, Operator, TransformStage, map_batches,
+};
 
 /// DataFusion's stream of record batches: what every operator consumes and produces.
 pub use datafusion::execution::SendableRecordBatchStream;

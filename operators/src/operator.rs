@@ -6,6 +6,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 
 use crate::{OperatorError, SendableRecordBatchStream, StageCounters};
 
@@ -84,6 +85,69 @@ impl<T: BatchTransform> Operator for TransformStage<T> {
     }
 }
 
+/// [`BatchTransform`] for stages whose work on a batch is asynchronous (a model behind a
+/// worker thread or an engine: `topics`, `summarize`, `extract`). [`AsyncTransformStage`]
+/// runs it on one batch at a time, in order.
+pub trait AsyncBatchTransform: Send + Sync + 'static {
+    /// The schema of every batch [`AsyncBatchTransform::transform`] returns.
+    fn schema(&self) -> SchemaRef;
+
+    /// Transforms one batch, counting failed or filtered rows in `metrics`.
+    fn transform<'a>(
+        &'a self,
+        batch: RecordBatch,
+        metrics: &'a StageCounters,
+    ) -> BoxFuture<'a, Result<RecordBatch, OperatorError>>;
+}
+
+/// An [`Operator`] that applies one [`AsyncBatchTransform`] to every batch.
+pub struct AsyncTransformStage<T> {
+    name: &'static str,
+    transform: Arc<T>,
+}
+
+impl<T: AsyncBatchTransform> AsyncTransformStage<T> {
+    /// The stage `name` applying `transform`.
+    pub fn new(name: &'static str, transform: T) -> Self {
+        Self {
+            name,
+            transform: Arc::new(transform),
+        }
+    }
+
+    /// The transform itself (to apply it to a batch outside a stream, as SQL does).
+    pub fn inner(&self) -> &T {
+        &self.transform
+    }
+}
+
+impl<T: AsyncBatchTransform> Operator for AsyncTransformStage<T> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.transform.schema()
+    }
+
+    fn execute(
+        &self,
+        input: SendableRecordBatchStream,
+        metrics: StageCounters,
+    ) -> Result<SendableRecordBatchStream, OperatorError> {
+        let transform = Arc::clone(&self.transform);
+        Ok(then_batches(
+            self.transform.schema(),
+            input,
+            metrics,
+            move |batch, metrics| {
+                let transform = Arc::clone(&transform);
+                async move { transform.transform(batch, &metrics).await }
+            },
+        ))
+    }
+}
+
 /// Applies `transform` to every batch of `input`, counting rows and time in `metrics`.
 pub fn map_batches<T: BatchTransform>(
     transform: Arc<T>,
@@ -104,10 +168,9 @@ pub fn map_batches<T: BatchTransform>(
     Box::pin(RecordBatchStreamAdapter::new(schema, stream))
 }
 
-/// [`map_batches`] for stages whose work on a batch is asynchronous (a model behind a
-/// worker thread or an engine): `work` runs on one batch at a time, in order, and receives
-/// the metrics to count its failed rows in.
-pub fn then_batches<F, Fut>(
+/// [`map_batches`] for [`AsyncTransformStage`]: `work` runs on one batch at a time, in
+/// order, and receives the metrics to count its failed rows in.
+fn then_batches<F, Fut>(
     schema: SchemaRef,
     input: SendableRecordBatchStream,
     metrics: StageCounters,

@@ -297,7 +297,7 @@ impl Chain<'_> {
                     .build_classifier(generator, summarize.task_settings(), &queries, &input)
                     .await
                     .map_err(fail)?;
-                let mut topics: Vec<_> = stage.query_topics().iter().collect();
+                let mut topics: Vec<_> = stage.inner().query_topics().iter().collect();
                 topics.sort();
                 for (query, topic) in topics {
                     self.notes

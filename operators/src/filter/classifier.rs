@@ -22,10 +22,11 @@ use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use futures::future::BoxFuture;
 
 use super::{FILTER_REASON, KEPT, MATCHED_QUERY, TOPIC, topic_reasons};
 use crate::tasks::{TaskSettings, classify_each};
-use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
+use crate::{AsyncBatchTransform, AsyncTransformStage, OperatorError, StageCounters};
 
 /// What the classifier decides with.
 #[derive(Debug, Clone)]
@@ -40,11 +41,6 @@ pub struct ClassifierRule {
 
 /// The `topics` stage: runs after the filter, on its output schema.
 pub struct TopicClassifier {
-    shared: Arc<Classifier>,
-    schema: SchemaRef,
-}
-
-struct Classifier {
     generator: SharedGenerator,
     labels: Arc<[String]>,
     allowed: Vec<String>,
@@ -52,6 +48,7 @@ struct Classifier {
     query_topics: HashMap<String, String>,
     settings: TaskSettings,
     columns: Columns,
+    schema: SchemaRef,
 }
 
 /// Where the columns the classifier reads and rewrites are.
@@ -73,7 +70,7 @@ impl TopicClassifier {
         queries: &[String],
         settings: TaskSettings,
         input: &SchemaRef,
-    ) -> Result<Self, OperatorError> {
+    ) -> Result<AsyncTransformStage<Self>, OperatorError> {
         let column = |name: &str| {
             input.index_of(name).map_err(|_| {
                 OperatorError::StageSchema(format!(
@@ -103,22 +100,21 @@ impl TopicClassifier {
                 query_topics.insert(query.clone(), topic);
             }
         }
-        Ok(Self {
-            shared: Arc::new(Classifier {
-                generator,
-                labels,
-                allowed: rule.allowed,
-                query_topics,
-                settings,
-                columns,
-            }),
+        let classifier = Self {
+            generator,
+            labels,
+            allowed: rule.allowed,
+            query_topics,
+            settings,
+            columns,
             schema: Arc::clone(input),
-        })
+        };
+        Ok(AsyncTransformStage::new("topics", classifier))
     }
 
     /// Each similarity query's topic, as the model decided it (`match = "query"`).
     pub fn query_topics(&self) -> &HashMap<String, String> {
-        &self.shared.query_topics
+        &self.query_topics
     }
 }
 
@@ -134,30 +130,17 @@ fn label_of(
     }
 }
 
-impl Operator for TopicClassifier {
-    fn name(&self) -> &'static str {
-        "topics"
-    }
-
+impl AsyncBatchTransform for TopicClassifier {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
 
-    fn execute(
-        &self,
-        input: SendableRecordBatchStream,
-        metrics: StageCounters,
-    ) -> Result<SendableRecordBatchStream, OperatorError> {
-        let shared = Arc::clone(&self.shared);
-        Ok(then_batches(
-            Arc::clone(&self.schema),
-            input,
-            metrics,
-            move |batch, metrics| {
-                let shared = Arc::clone(&shared);
-                async move { shared.classify_batch(batch, &metrics).await }
-            },
-        ))
+    fn transform<'a>(
+        &'a self,
+        batch: RecordBatch,
+        metrics: &'a StageCounters,
+    ) -> BoxFuture<'a, Result<RecordBatch, OperatorError>> {
+        Box::pin(self.classify_batch(batch, metrics))
     }
 }
 
@@ -171,7 +154,7 @@ fn strings(batch: &RecordBatch, column: usize) -> Result<Vec<Option<String>>, Op
         .collect())
 }
 
-impl Classifier {
+impl TopicClassifier {
     async fn classify_batch(
         &self,
         batch: RecordBatch,

@@ -11,7 +11,7 @@ use super::{
     ClassifierRule, OTHER_TOPIC, Query, SemanticFilter, Topic, TopicClassifier, TopicRule, Topics,
 };
 use crate::tasks::TaskSettings;
-use crate::{OperatorError, TransformStage};
+use crate::{AsyncTransformStage, OperatorError, TransformStage};
 
 /// `[filter]`: both rules are optional; a ticket is kept when it passes every rule set.
 /// Filtered tickets are still written, with `kept = false` and `filter_reason`.
@@ -240,7 +240,7 @@ impl FilterConfig {
         settings: TaskSettings,
         queries: &[String],
         input: &SchemaRef,
-    ) -> Result<TopicClassifier, OperatorError> {
+    ) -> Result<AsyncTransformStage<TopicClassifier>, OperatorError> {
         let topics = self.topics.as_ref().ok_or_else(|| {
             OperatorError::config("filter.topics", "the classifier needs topic labels")
         })?;

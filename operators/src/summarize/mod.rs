@@ -31,7 +31,7 @@ use regex::Regex;
 
 use crate::filter::KEPT;
 use crate::template::Template;
-use crate::{Operator, OperatorError, SendableRecordBatchStream, StageCounters, then_batches};
+use crate::{AsyncBatchTransform, AsyncTransformStage, OperatorError, StageCounters};
 
 use abridge_models::generator::{
     Generation, GenerationRequest, GeneratorError, Head, Sampling, SharedGenerator,
@@ -118,16 +118,12 @@ impl SummarizeSettings {
 
 /// The `summarize` stage.
 pub struct Summarize {
-    shared: Arc<Shared>,
-    schema: SchemaRef,
-}
-
-struct Shared {
     generator: SharedGenerator,
     settings: SummarizeSettings,
     template: Template,
     prompt_version: String,
     text: usize,
+    schema: SchemaRef,
 }
 
 impl Summarize {
@@ -137,7 +133,7 @@ impl Summarize {
         generator: SharedGenerator,
         settings: SummarizeSettings,
         input: &SchemaRef,
-    ) -> Result<Self, OperatorError> {
+    ) -> Result<AsyncTransformStage<Self>, OperatorError> {
         let template = Template::parse(&settings.template, input)?;
         let text = input
             .index_of(TicketColumn::Text.name())
@@ -168,33 +164,20 @@ impl Summarize {
         let mut fields: Vec<_> = input.fields().iter().cloned().collect();
         fields.extend(output_fields(settings.samples).into_iter().map(Arc::new));
         let schema = Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()));
-        Ok(Self {
-            shared: Arc::new(Shared {
-                prompt_version: prompt_version(&settings),
-                generator,
-                settings,
-                template,
-                text,
-            }),
+        let stage = Self {
+            prompt_version: prompt_version(&settings),
+            generator,
+            settings,
+            template,
+            text,
             schema,
-        })
+        };
+        Ok(AsyncTransformStage::new("summarize", stage))
     }
 
     /// The `prompt_version` this stage writes.
     pub fn prompt_version(&self) -> &str {
-        &self.shared.prompt_version
-    }
-
-    /// Summarizes one batch outside a stream (SQL's `summarize()`): the rows go to the
-    /// generator with the stage's window of requests in flight, as in a run.
-    pub async fn summarize_batch(
-        &self,
-        batch: RecordBatch,
-        counters: &StageCounters,
-    ) -> Result<RecordBatch, OperatorError> {
-        self.shared
-            .summarize_batch(&self.schema, batch, counters)
-            .await
+        &self.prompt_version
     }
 }
 
@@ -246,32 +229,19 @@ fn prompt_version(settings: &SummarizeSettings) -> String {
     hasher.finalize().to_hex()[..16].to_string()
 }
 
-impl Operator for Summarize {
-    fn name(&self) -> &'static str {
-        "summarize"
-    }
-
+/// A batch's rows go to the generator with the stage's window of requests in flight
+/// (in a run, and for SQL's `summarize()`).
+impl AsyncBatchTransform for Summarize {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
 
-    fn execute(
-        &self,
-        input: SendableRecordBatchStream,
-        metrics: StageCounters,
-    ) -> Result<SendableRecordBatchStream, OperatorError> {
-        let shared = Arc::clone(&self.shared);
-        let schema = Arc::clone(&self.schema);
-        Ok(then_batches(
-            Arc::clone(&self.schema),
-            input,
-            metrics,
-            move |batch, metrics| {
-                let shared = Arc::clone(&shared);
-                let schema = Arc::clone(&schema);
-                async move { shared.summarize_batch(&schema, batch, &metrics).await }
-            },
-        ))
+    fn transform<'a>(
+        &'a self,
+        batch: RecordBatch,
+        metrics: &'a StageCounters,
+    ) -> BoxFuture<'a, Result<RecordBatch, OperatorError>> {
+        Box::pin(self.summarize_batch(batch, metrics))
     }
 }
 
@@ -296,10 +266,9 @@ struct Summary {
     latency: Duration,
 }
 
-impl Shared {
+impl Summarize {
     async fn summarize_batch(
         &self,
-        schema: &SchemaRef,
         batch: RecordBatch,
         metrics: &StageCounters,
     ) -> Result<RecordBatch, OperatorError> {
@@ -385,7 +354,7 @@ impl Shared {
         for (row, outcome) in answers {
             outcomes[row] = outcome;
         }
-        self.assemble(schema, &batch, outcomes, &left_out, metrics)
+        self.assemble(&batch, outcomes, &left_out, metrics)
     }
 
     async fn summarize_row(&self, prompt: String, key: u64, source: &str) -> Outcome {
@@ -466,7 +435,6 @@ impl Shared {
 
     fn assemble(
         &self,
-        schema: &SchemaRef,
         batch: &RecordBatch,
         outcomes: Vec<Outcome>,
         left_out: &[Option<LeftOut>],
@@ -579,7 +547,7 @@ impl Shared {
         if self.settings.samples > 1 {
             columns.push(Arc::new(samples.finish()));
         }
-        Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+        Ok(RecordBatch::try_new(Arc::clone(&self.schema), columns)?)
     }
 }
 

@@ -34,7 +34,7 @@ use abridge_operators::summarize::{
 };
 use abridge_operators::tasks::{self, check_field_names};
 use abridge_operators::template::Template;
-use abridge_operators::{OperatorError, StageCounters};
+use abridge_operators::{AsyncBatchTransform, AsyncTransformStage, OperatorError, StageCounters};
 use arrow::array::{
     Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, Int32Array, ListArray, RecordBatch,
     StringArray, StructArray, new_null_array,
@@ -131,7 +131,7 @@ struct Summarizer {
     settings: SummarizeSettings,
     version: String,
     template: Template,
-    stage: OnceCell<Summarize>,
+    stage: OnceCell<AsyncTransformStage<Summarize>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -821,7 +821,8 @@ impl Models {
             let picked: Vec<usize> = todo.iter().map(|&(i, _)| group[i]).collect();
             let started = Instant::now();
             let out = stage
-                .summarize_batch(input_batch(texts, &picked)?, &StageCounters::default())
+                .inner()
+                .transform(input_batch(texts, &picked)?, &StageCounters::default())
                 .await
                 .map_err(|e| exec_datafusion_err!("summarize(): {e}"))?;
             let elapsed = started.elapsed();
