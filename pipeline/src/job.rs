@@ -961,6 +961,72 @@ path = "/abs/out"
         }
     }
 
+    /// The model's tasks are stages in flow order; the keys they need are checked by
+    /// name; and the defaults they add leave the fingerprint of older jobs as it was.
+    #[test]
+    fn classifier_and_extract_stages_and_their_checks() -> Result<(), JobError> {
+        let sections = |topics: &str, rest: &str| {
+            format!(
+                "{MINIMAL}[embed]\nmodel = \"m\"\n[filter.topics]\n{topics}\n\
+                 [filter.topics.labels]\nprinting = []\nnetwork = []\n\
+                 [summarize]\nbackend = \"llama\"\nmodel = \"m.gguf\"\n{rest}"
+            )
+        };
+        let job = load(
+            &sections(
+                "method = \"classifier\"",
+                "[extract]\nfields = [\"device\"]\n",
+            ),
+            &[],
+        )?;
+        let names: Vec<String> = job
+            .config
+            .stages()
+            .iter()
+            .map(|s| {
+                format!("{s:?}")
+                    .split('(')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Scope",
+                "Dedup",
+                "Embed",
+                "Filter",
+                "Topics",
+                "Summarize",
+                "EmbedSummaries",
+                "Metrics",
+                "Extract"
+            ]
+        );
+        let plain = load(&sections("", ""), &[])?.results_fingerprint();
+        let explicit = load(
+            &sections("method = \"prototypes\"\nmatch = \"allowed\"", ""),
+            &[],
+        )?;
+        assert_eq!(explicit.results_fingerprint(), plain);
+        let refused = |text: &str| {
+            load(text, &[])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+                .unwrap_err()
+        };
+        let msg = refused(&sections("", "[extract]\nfields = []\n"));
+        assert!(msg.contains("extract.fields"), "{msg}");
+        let msg = refused(&sections("", "").replace("network = []", "\" \" = []"));
+        assert!(
+            msg.contains("filter.topics.labels") && msg.contains("spaces"),
+            "{msg}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn filter_thresholds_are_relative_fixed_or_dynamic() -> Result<(), JobError> {
         let with = |threshold: &str| {

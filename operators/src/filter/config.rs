@@ -268,6 +268,16 @@ impl TopicsConfig {
                 format!("`{OTHER_TOPIC}` is the topic of tickets near none; choose another label"),
             ));
         }
+        if let Some(label) = self
+            .labels
+            .keys()
+            .find(|l| l.trim() != l.as_str() || l.is_empty())
+        {
+            return Err(OperatorError::config(
+                "filter.topics.labels",
+                format!("the label {label:?} is empty or has leading or trailing spaces"),
+            ));
+        }
         for topic in self.allowed.iter().flatten() {
             if topic == OTHER_TOPIC && self.method == TopicMethod::Classifier {
                 return Err(OperatorError::config(
