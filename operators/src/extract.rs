@@ -13,8 +13,7 @@ use std::sync::Arc;
 use abridge_models::generator::SharedGenerator;
 use abridge_schemas::TicketColumn;
 use abridge_schemas::output::ERROR;
-use arrow::array::{Array, ArrayRef, AsArray, StringArray, StructArray};
-use arrow::buffer::NullBuffer;
+use arrow::array::{Array, AsArray, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -22,7 +21,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::filter::KEPT;
-use crate::tasks::{TaskSettings, check_field_names, extract_each, parse_fields};
+use crate::tasks::{TaskSettings, check_field_names, extract_each, fields_array, parse_fields};
 use crate::{AsyncBatchTransform, AsyncTransformStage, OperatorError, StageCounters};
 
 /// Column: the extracted fields, a struct of text fields named as in `[extract] fields`.
@@ -172,17 +171,7 @@ impl FieldExtractor {
                 Err(reason) => problems[row] = Some(reason),
             }
         }
-        let children: Vec<ArrayRef> = (0..self.names.len())
-            .map(|i| {
-                let column: StringArray = values
-                    .iter()
-                    .map(|v| v.as_ref().and_then(|f| f[i].as_deref()))
-                    .collect();
-                Arc::new(column) as ArrayRef
-            })
-            .collect();
-        let valid = NullBuffer::from(values.iter().map(Option::is_some).collect::<Vec<_>>());
-        let extracted = StructArray::try_new(self.fields.clone(), children, Some(valid))?;
+        let extracted = fields_array(&self.fields, &values)?;
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(extracted));
         columns.push(Arc::new(StringArray::from(problems)));

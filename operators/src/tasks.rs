@@ -7,6 +7,10 @@
 use std::sync::Arc;
 
 use abridge_models::generator::{Generation, GeneratorError, SharedGenerator};
+use arrow::array::{ArrayRef, StringArray, StructArray};
+use arrow::buffer::NullBuffer;
+use arrow::datatypes::Fields;
+use arrow::error::ArrowError;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
@@ -108,6 +112,25 @@ pub fn parse_fields(raw: &str, names: &[String]) -> Result<Vec<Option<String>>, 
         .zip(values)
         .map(|(name, value)| value.ok_or_else(|| format!("the answer has no line for `{name}`")))
         .collect()
+}
+
+/// The struct column of parsed extractions: one text child per field of `fields` (in
+/// [`parse_fields`]' order), a NULL row where there is no parse.
+pub fn fields_array(
+    fields: &Fields,
+    parsed: &[Option<Vec<Option<String>>>],
+) -> Result<StructArray, ArrowError> {
+    let children: Vec<ArrayRef> = (0..fields.len())
+        .map(|i| {
+            let column: StringArray = parsed
+                .iter()
+                .map(|p| p.as_ref().and_then(|f| f.get(i)?.as_deref()))
+                .collect();
+            Arc::new(column) as ArrayRef
+        })
+        .collect();
+    let valid = NullBuffer::from(parsed.iter().map(Option::is_some).collect::<Vec<_>>());
+    StructArray::try_new(fields.clone(), children, Some(valid))
 }
 
 /// Classifies each of `texts` into one of `labels`: decoding is restricted to the labels'

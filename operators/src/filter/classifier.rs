@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use abridge_models::generator::{GeneratorError, SharedGenerator};
+use abridge_models::generator::{Generation, GeneratorError, SharedGenerator};
 use abridge_schemas::TicketColumn;
 use abridge_schemas::output::ERROR;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, StringArray};
@@ -120,7 +120,7 @@ impl TopicClassifier {
 
 /// The label a classification answered, or why there is none.
 fn label_of(
-    answer: Result<abridge_models::generator::Generation, GeneratorError>,
+    answer: Result<Generation, GeneratorError>,
     labels: &[String],
 ) -> Result<String, String> {
     match answer {

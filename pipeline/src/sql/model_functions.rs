@@ -622,21 +622,7 @@ fn build_values(values: &[Option<Answer>], value_type: &DataType) -> Result<Arra
                     _ => None,
                 })
                 .collect();
-            let columns: Vec<ArrayRef> = (0..names.len())
-                .map(|i| {
-                    let column: StringArray = parsed
-                        .iter()
-                        .map(|p| p.as_ref().and_then(|f| f[i].clone()))
-                        .collect();
-                    Arc::new(column) as ArrayRef
-                })
-                .collect();
-            let valid = NullBuffer::from(parsed.iter().map(Option::is_some).collect::<Vec<_>>());
-            Ok(Arc::new(StructArray::try_new(
-                fields.clone(),
-                columns,
-                Some(valid),
-            )?))
+            Ok(Arc::new(tasks::fields_array(fields, &parsed)?))
         }
         other => Ok(new_null_array(other, values.len())),
     }
