@@ -918,6 +918,20 @@ mod tests {
         }
     }
 
+    /// Both tiny random BLOOMs (4 and 6 heads) on the batch engine, four in flight.
+    fn tiny_blooms() -> Vec<BatchGenerator> {
+        ["bloom-tiny-4h", "bloom-tiny-6h"]
+            .iter()
+            .map(|fixture| {
+                let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/fixtures")
+                    .join(fixture);
+                BatchGenerator::load_bloom(&dir, &Device::Cpu, 4, &PagedAttention::default())
+                    .expect("fixture model")
+            })
+            .collect()
+    }
+
     /// Labels that share first tokens, a label inside another, Chinese and English: the
     /// answer is always one of them, whatever the text, on both tiny BLOOMs.
     #[test]
@@ -926,13 +940,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        for fixture in ["bloom-tiny-4h", "bloom-tiny-6h"] {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../tests/fixtures")
-                .join(fixture);
-            let generator =
-                BatchGenerator::load_bloom(&dir, &Device::Cpu, 4, &PagedAttention::default())
-                    .expect("fixture model");
+        for generator in tiny_blooms() {
             let pool = [
                 "printing",
                 "print",
@@ -966,13 +974,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        for fixture in ["bloom-tiny-4h", "bloom-tiny-6h"] {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../tests/fixtures")
-                .join(fixture);
-            let generator =
-                BatchGenerator::load_bloom(&dir, &Device::Cpu, 4, &PagedAttention::default())
-                    .expect("fixture model");
+        for generator in tiny_blooms() {
             let pool = ["device", "location", "设备", "地点", "error code"];
             let fields = prop::sample::subsequence(pool.to_vec(), 1..=pool.len());
             let config = proptest::test_runner::Config::with_cases(24);

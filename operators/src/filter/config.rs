@@ -2,10 +2,9 @@
 //! similarity query embedded with its threshold decided, each topic's prototype embedded.
 
 use abridge_models::encoder::{EncoderError, EncoderWorker};
+use abridge_models::generator::SharedGenerator;
 use arrow::datatypes::SchemaRef;
 use serde::{Deserialize, Serialize};
-
-use abridge_models::generator::SharedGenerator;
 
 use super::{
     ClassifierRule, OTHER_TOPIC, Query, SemanticFilter, Topic, TopicClassifier, TopicRule, Topics,
