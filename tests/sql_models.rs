@@ -261,6 +261,30 @@ fn classify_answers_only_listed_labels_batched_and_cached() -> TestResult {
     let (again, calls) = query(&cache, &job, sql, &["--table", &table])?;
     assert_eq!(again, rows);
     assert_eq!(calls["cache_hits"], 60, "{calls}");
+    // Grouped by the answer, as written: the counts of the answers above.
+    let (groups, _) = query(
+        &cache,
+        &job,
+        "SELECT classify(text, ['printing', 'print', 'email', '网络']) AS c, count(*) AS n \
+         FROM t GROUP BY c ORDER BY c",
+        &["--table", &table],
+    )?;
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    for r in &rows {
+        *counts
+            .entry(r["c"].as_str().unwrap_or_default().into())
+            .or_default() += 1;
+    }
+    let grouped: std::collections::BTreeMap<String, u64> = groups
+        .iter()
+        .map(|g| {
+            (
+                g["c"].as_str().unwrap_or_default().into(),
+                g["n"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(grouped, counts);
     Ok(())
 }
 
@@ -422,12 +446,28 @@ fn embed_equals_the_runs_vectors_and_the_committed_run_answers_it() -> TestResul
     assert_eq!(calls["model_calls"], 1, "{calls}");
     let (_, calls) = query(&cache, &job, search, &[])?;
     assert_eq!(calls["model_calls"], 0, "{calls}");
-    // DataFusion cannot sort by an async function: a clear error, exit 2, with the way out.
+    // Sorting by a call: computed in a projection below the sort, as in the subquery form.
+    let (by_call, _) = query(
+        &cache,
+        &job,
+        "SELECT id FROM summaries ORDER BY cosine(embed('x'), embedding) DESC, id LIMIT 3",
+        &[],
+    )?;
+    let (by_column, _) = query(
+        &cache,
+        &job,
+        "SELECT id FROM (SELECT id, cosine(embed('x'), embedding) AS s FROM summaries) \
+         ORDER BY s DESC, id LIMIT 3",
+        &[],
+    )?;
+    assert_eq!(by_call, by_column);
+    // Where DataFusion cannot evaluate an async function at all: a clear error, exit 2,
+    // with the way out.
     let out = abridge(
         &cache,
         &[
             "sql",
-            "SELECT id FROM summaries ORDER BY cosine(embed('x'), embedding) LIMIT 1",
+            "SELECT count(*) FROM summaries GROUP BY ROLLUP (cosine(embed('x'), embedding))",
             "--job",
             job.to_str().unwrap_or_default(),
         ],

@@ -18,7 +18,7 @@ use datafusion::common::Column;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::file_format::options::ParquetReadOptions;
 use datafusion::execution::context::{SQLOptions, SessionContext};
-use datafusion::logical_expr::{Expr, LogicalPlan, Projection, Sort, SortExpr};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, Projection, Sort, SortExpr};
 use parquet::arrow::ArrowWriter;
 
 use crate::error::PipelineError;
@@ -250,6 +250,7 @@ impl SqlSession {
         let plan = match calls_models(&plan)? {
             true => {
                 let plan = sort_before_model_calls(plan)?;
+                let plan = group_and_sort_by_model_calls(plan)?;
                 self.prepare_model_calls(&plan).await?;
                 plan
             }
@@ -298,18 +299,19 @@ impl SqlSession {
 }
 
 /// DataFusion runs async functions (the model functions) in projections, filters and
-/// aggregate arguments only; elsewhere it fails with an internal error, which is the
-/// user's to work around.
+/// aggregate arguments, and abridge moves those that group or sort into a projection
+/// ([`group_and_sort_by_model_calls`]); elsewhere (grouping sets, ROLLUP, CUBE) it fails
+/// with an internal error, which is the user's to work around.
 fn placement_error(e: datafusion::error::DataFusionError) -> PipelineError {
     match e
         .to_string()
         .contains("async functions should not be called directly")
     {
         true => PipelineError::Query(
-            "a model function (summarize, embed, classify, extract_fields) cannot be computed inside GROUP BY \
-             or ORDER BY: make it a column of a subquery and group or sort by that column, \
-             e.g. SELECT c, count(*) FROM (SELECT classify(text, ['a', 'b']) AS c FROM \
-             summaries) GROUP BY c"
+            "a model function (summarize, embed, classify, extract_fields) cannot be computed \
+             here (GROUPING SETS, ROLLUP or CUBE): make it a column of a subquery and group \
+             by that column, e.g. SELECT c, count(*) FROM (SELECT classify(text, ['a', 'b']) \
+             AS c FROM summaries) GROUP BY ROLLUP (c)"
                 .into(),
         ),
         false => e.into(),
@@ -386,6 +388,82 @@ fn sort_before_model_calls(plan: LogicalPlan) -> Result<LogicalPlan, PipelineErr
         Ok(Transformed::yes(LogicalPlan::Projection(projected)))
     })?;
     Ok(rewritten.data)
+}
+
+/// Computes the model calls that a `GROUP BY` groups by, or an `ORDER BY` sorts by, in a
+/// projection under the aggregate or sort, which then uses their columns: DataFusion
+/// evaluates async functions (the model functions) in projections, not in grouping or
+/// sort expressions. Groups keep their names, and a sort is followed by a projection of
+/// its input's columns, so the plan above is unchanged.
+fn group_and_sort_by_model_calls(plan: LogicalPlan) -> Result<LogicalPlan, PipelineError> {
+    let rewritten = plan.transform_up(|node| match &node {
+        LogicalPlan::Aggregate(aggregate) => {
+            let grouping_sets = aggregate
+                .group_expr
+                .iter()
+                .any(|e| matches!(e, Expr::GroupingSet(_)));
+            if grouping_sets || !aggregate.group_expr.iter().any(calls_model) {
+                return Ok(Transformed::no(node));
+            }
+            let (below, groups) = computed_below(&aggregate.input, &aggregate.group_expr)?;
+            let groups = groups
+                .into_iter()
+                .zip(&aggregate.group_expr)
+                .map(|(new, old)| match new == *old {
+                    true => new,
+                    false => new.alias(old.schema_name().to_string()),
+                })
+                .collect();
+            let grouped = Aggregate::try_new(below, groups, aggregate.aggr_expr.clone())?;
+            Ok(Transformed::yes(LogicalPlan::Aggregate(grouped)))
+        }
+        LogicalPlan::Sort(sort) if sort.expr.iter().any(|k| calls_model(&k.expr)) => {
+            let keys: Vec<Expr> = sort.expr.iter().map(|k| k.expr.clone()).collect();
+            let (below, keys) = computed_below(&sort.input, &keys)?;
+            let keys = sort
+                .expr
+                .iter()
+                .zip(keys)
+                .map(|(old, new)| old.with_expr(new))
+                .collect();
+            let sorted = LogicalPlan::Sort(Sort {
+                expr: keys,
+                input: below,
+                fetch: sort.fetch,
+            });
+            let columns = sort.input.schema().columns().into_iter().map(Expr::Column);
+            let projected = Projection::try_new(columns.collect(), Arc::new(sorted))?;
+            Ok(Transformed::yes(LogicalPlan::Projection(projected)))
+        }
+        _ => Ok(Transformed::no(node)),
+    })?;
+    Ok(rewritten.data)
+}
+
+/// `input` with a column for each of `exprs` that calls a model, and `exprs` with those
+/// calls replaced by their columns.
+fn computed_below(
+    input: &Arc<LogicalPlan>,
+    exprs: &[Expr],
+) -> datafusion::error::Result<(Arc<LogicalPlan>, Vec<Expr>)> {
+    let mut below: Vec<Expr> = input
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    let mut replaced = Vec::with_capacity(exprs.len());
+    for (i, expr) in exprs.iter().enumerate() {
+        if !calls_model(expr) {
+            replaced.push(expr.clone());
+            continue;
+        }
+        let column = format!("__abridge_model_{i}");
+        below.push(expr.clone().alias(&column));
+        replaced.push(Expr::Column(Column::new_unqualified(column)));
+    }
+    let below = Projection::try_new(below, Arc::clone(input))?;
+    Ok((Arc::new(LogicalPlan::Projection(below)), replaced))
 }
 
 /// The union of the files' columns (None for a single file), or which files disagree on
