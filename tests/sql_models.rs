@@ -210,6 +210,34 @@ fn a_sort_and_limit_reach_below_the_model_calls() -> TestResult {
         &["--table", &table],
     )?;
     assert_eq!(calls["model_calls"], 5, "{calls}");
+    // Written as Parquet, the result carries its accounting in its metadata.
+    let file = dir.path().join("sorted.parquet");
+    let out = abridge(
+        &cache("d"),
+        &[
+            "sql",
+            "SELECT id, summarize(text) AS s FROM t ORDER BY id LIMIT 3",
+            "--job",
+            job.to_str().unwrap_or_default(),
+            "--table",
+            &table,
+            "--format",
+            "parquet",
+            "--out",
+            file.to_str().unwrap_or_default(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(&file)?,
+    )?;
+    let metadata = reader
+        .schema()
+        .metadata()
+        .get("abridge.model_accounting")
+        .cloned();
+    let written: serde_json::Value = serde_json::from_str(&metadata.unwrap_or_default())?;
+    assert_eq!(written["model_calls"], 3, "{written}");
     let (first, _) = query(
         &cache("b"),
         &job,

@@ -63,7 +63,8 @@ pub enum Command {
     /// are cached (the job's latest run, if made with the same settings, and
     /// $ABRIDGE_CACHE/sql-results), so asking again calls no model. A row a model fails
     /// on is NULL (its reason in try_*'s error). Model calls, cache hits, tokens and model
-    /// time are reported on stderr.
+    /// time are reported on stderr (and, with --format parquet, in the file's metadata:
+    /// abridge.model_accounting).
     ///
     /// Examples:
     ///   abridge sql "SELECT category, count(*) FROM summaries GROUP BY category"

@@ -1,6 +1,7 @@
 //! `abridge sql`: a query over the job's output table and named Parquet files.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use abridge_pipeline::PipelineError;
 use abridge_pipeline::job::Job;
@@ -8,6 +9,8 @@ use abridge_pipeline::sql::model_functions::{ModelAccounting, ModelFunctions, Mo
 use abridge_pipeline::sql::result_cache::ResultCache;
 use abridge_pipeline::sql::{OutputFormat, SqlSession, write_results};
 use anyhow::Context;
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 
 use crate::args::{DEFAULT_JOB, SqlArgs};
 
@@ -72,6 +75,14 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
             return Err(anyhow::Error::new(err).context(hint));
         }
     };
+    // A Parquet result carries what its model calls cost in its schema's metadata.
+    let accounting = session
+        .model_accounting()
+        .filter(|a| a.model_calls + a.cache_hits > 0);
+    let (schema, batches) = match accounting {
+        Some(a) if args.format == OutputFormat::Parquet => with_accounting(&schema, batches, &a)?,
+        _ => (schema, batches),
+    };
     match &args.out {
         Some(path) => {
             let file = std::fs::File::create(path)
@@ -89,6 +100,26 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `schema` and `batches` with `accounting` as JSON under the schema metadata key
+/// `abridge.model_accounting`.
+fn with_accounting(
+    schema: &SchemaRef,
+    batches: Vec<RecordBatch>,
+    accounting: &ModelAccounting,
+) -> anyhow::Result<(SchemaRef, Vec<RecordBatch>)> {
+    let mut metadata = schema.metadata().clone();
+    metadata.insert(
+        "abridge.model_accounting".into(),
+        serde_json::to_string(accounting)?,
+    );
+    let schema = Arc::new(schema.as_ref().clone().with_metadata(metadata));
+    let batches = batches
+        .into_iter()
+        .map(|b| b.with_schema(Arc::clone(&schema)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((schema, batches))
 }
 
 /// What the query's model calls cost, as a log event (fields with `--log-format json`);
