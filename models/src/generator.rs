@@ -35,6 +35,23 @@ pub struct GenerationRequest {
     pub key: u64,
 }
 
+impl GenerationRequest {
+    /// `prompt` decoded greedily, up to `max_new_tokens`: the classification and
+    /// extraction questions, whose answers must not depend on a draw.
+    pub fn greedy(prompt: String, max_new_tokens: usize) -> Self {
+        Self {
+            prompt,
+            sampling: Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                max_new_tokens,
+                seed: 0,
+            },
+            key: 0,
+        }
+    }
+}
+
 /// A completion and what it cost.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
@@ -108,16 +125,10 @@ pub trait Generator: Send + Sync {
         fields: Arc<[String]>,
         max_value_tokens: usize,
     ) -> BoxFuture<'_, Result<Generation, GeneratorError>> {
-        self.generate(GenerationRequest {
+        self.generate(GenerationRequest::greedy(
             prompt,
-            sampling: Sampling {
-                temperature: 0.0,
-                top_p: 1.0,
-                max_new_tokens: max_value_tokens * fields.len().max(1),
-                seed: 0,
-            },
-            key: 0,
-        })
+            max_value_tokens * fields.len().max(1),
+        ))
     }
 
     /// What a batching engine has done since it started, where the backend counts it.

@@ -408,16 +408,7 @@ impl Generator for BatchGenerator {
         let answer = tokens.and_then(|tokens| {
             // Greedy, and room for the longest label and the end of sequence.
             let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
-            let request = GenerationRequest {
-                prompt,
-                sampling: crate::generator::Sampling {
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    max_new_tokens: longest + 1,
-                    seed: 0,
-                },
-                key: 0,
-            };
+            let request = GenerationRequest::greedy(prompt, longest + 1);
             self.submit(
                 request,
                 Some(Constraint::Labels(Labels {
@@ -446,16 +437,8 @@ impl Generator for BatchGenerator {
         let answer = headings.and_then(|headings| {
             let max_value_tokens = max_value_tokens.max(1);
             let written: usize = headings.iter().map(Vec::len).sum();
-            let request = GenerationRequest {
-                prompt,
-                sampling: crate::generator::Sampling {
-                    temperature: 0.0,
-                    top_p: 1.0,
-                    max_new_tokens: written + fields.len() * max_value_tokens,
-                    seed: 0,
-                },
-                key: 0,
-            };
+            let request =
+                GenerationRequest::greedy(prompt, written + fields.len() * max_value_tokens);
             let form = Form {
                 names: fields,
                 headings,
