@@ -5,17 +5,19 @@
 //! - [`engine`]: what every generator model decodes on: the batch scheduler (continuous
 //!   batching on its own thread), per-sequence and paged KV caches, attention over them,
 //!   packed products for decoding steps, chat templates.
-//! - [`models`]: one forward pass per architecture (BERT, BLOOM, Llama) over the engine's
+//! - [`models`]: one forward pass per architecture (BERT, BLOOM, Llama and Qwen2) over the engine's
 //!   pieces and [`kernels`]; each model implements [`engine::BatchModel`] and has the
 //!   constructor that starts an engine over it.
 //! - [`mistralrs`] (cargo feature `mistralrs`): the adapter to mistral.rs, for the
 //!   architectures it loads.
+//! - [`gguf`]: GGUF headers checked against their file before any reader trusts them.
 //!
 //! Nothing here knows of Arrow, job files or the CLI.
 
 pub mod encoder;
 pub mod engine;
 pub mod generator;
+pub mod gguf;
 mod kernels;
 #[cfg(feature = "mistralrs")]
 pub mod mistralrs;

@@ -461,8 +461,7 @@ fn check_folder_architecture(config: &Path) -> Result<(), String> {
 }
 
 fn read_gguf(path: &Path) -> Result<gguf_file::Content, String> {
-    let mut file = File::open(path).map_err(|e| e.to_string())?;
-    gguf_file::Content::read(&mut file).map_err(|e| format!("not a readable GGUF file: {e}"))
+    crate::gguf::read(path).map(|(_, content)| content)
 }
 
 /// The largest f32 copy of a GGUF file made without being asked (models up to ~250M
@@ -520,9 +519,7 @@ pub fn f32_copy(source: &Path, cache: &Path) -> Result<PathBuf, String> {
     }
     std::fs::create_dir_all(cache).map_err(|e| io(&format!("creating {}", cache.display()), e))?;
 
-    let mut file = File::open(source).map_err(|e| io("reading the GGUF file", e))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| format!("not a readable GGUF file: {e}"))?;
+    let (mut file, content) = crate::gguf::read(source)?;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     let cpu = Device::Cpu;

@@ -461,7 +461,7 @@ impl JobConfig {
             return Err((
                 "filter.topics.method".into(),
                 "`classifier` restricts decoding to the labels' tokens, which abridge's own \
-                 engine does: set summarize.backend to `llama` (Llama GGUF) or `seqgpt` \
+                 engine does: set summarize.backend to `llama` (Llama or Qwen2 GGUF) or `seqgpt` \
                  (BLOOM, SeqGPT-560M)"
                     .into(),
             ));

@@ -853,7 +853,7 @@ impl<M: BatchModel> Engine<M> {
                         .strip_prefix(&format!("{name}:"))
                         .unwrap_or(value)
                         .trim();
-                    Ok(format!("{name}: {value}"))
+                    Ok(format!("{name}: {}", before_headings(value, &form.names)))
                 })
                 .collect::<Result<Vec<_>, GeneratorError>>()
                 .map(|lines| lines.join("\n")),
@@ -869,6 +869,19 @@ impl<M: BatchModel> Engine<M> {
     }
 }
 
+/// `value` up to where the model starts another field on the same line (`Toronto branch,
+/// location: second floor`: Qwen2.5 writes the whole form on the first line), without the
+/// separator before it.
+fn before_headings<'a>(value: &'a str, names: &[String]) -> &'a str {
+    let end = names
+        .iter()
+        .flat_map(|name| [format!("{name}:"), format!("{name}：")])
+        .filter_map(|heading| value.find(&heading))
+        .min()
+        .unwrap_or(value.len());
+    value[..end].trim_end_matches([',', ';', '，', '；', '、', ' '])
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -878,6 +891,18 @@ mod tests {
     use super::*;
     use crate::generator::{PagedAttention, Sampling};
     use crate::models::bloom::Bloom;
+
+    #[test]
+    fn a_value_ends_where_the_model_starts_another_field() {
+        let names = ["device".to_string(), "location".to_string()];
+        assert_eq!(
+            before_headings("Toronto branch, location: second floor", &names),
+            "Toronto branch"
+        );
+        assert_eq!(before_headings("printer; device：HP", &names), "printer");
+        assert_eq!(before_headings("ThinkPad T14", &names), "ThinkPad T14");
+        assert_eq!(before_headings("location: x", &names), "");
+    }
 
     fn fixture() -> (BatchGenerator, serde_json::Value, std::path::PathBuf) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");

@@ -1,12 +1,13 @@
 //! Llama-architecture GGUF files (SmolLM2, TinyLlama, Llama 2 and 3.0 and the like:
-//! plain rotary positions, no rope scaling) on abridge's own batch
-//! engine, for CPUs: mistral.rs 0.8.1 decodes one sequence at a time there, a matrix
+//! plain rotary positions, no rope scaling) and Qwen2 ones (Qwen2, Qwen2.5: the same
+//! blocks with biases on q, k and v, and rotary positions over half-heads) on abridge's own
+//! batch engine, for CPUs: mistral.rs 0.8.1 decodes one sequence at a time there, a matrix
 //! product per row, and ran SmolLM2-135M at 0.29x of llama.cpp (README, Summarize). Here
 //! a decoding step multiplies the whole batch through each weight once, as the BLOOM
 //! engine does ([`super::bloom`]), sharing its attention kernel, its caches and its
 //! products.
 //!
-//! token embeddings → per layer { RMSNorm → fused q, k, v → rotary positions →
+//! token embeddings → per layer { RMSNorm → fused q, k, v (+ bias) → rotary positions →
 //! grouped-query attention → output + residual → RMSNorm → SwiGLU MLP + residual } →
 //! RMSNorm → logits (the output matrix, or the tied embeddings).
 //!
@@ -16,10 +17,11 @@
 //! Weights are dequantized once at load to f32 (each quantized weight is `scale × q (+
 //! min)`, exactly an f32), so logits follow transformers' float32 forward of the same
 //! file (tests against `tests/fixtures/smollm2-reference.json`, from
-//! `scripts/make-llama-fixture.py`). GGUF stores q and k rows permuted for llama.cpp's
-//! rotary layout (pairs of adjacent values), which is the layout used here.
+//! `scripts/make-llama-fixture.py`; Qwen2 against `tests/fixtures/qwen2-tiny-reference.json`,
+//! from `scripts/make-qwen2-fixture.py`). GGUF stores a Llama's q and k rows permuted for
+//! llama.cpp's rotary layout (pairs of adjacent values); a Qwen2's as transformers has them
+//! (value `i` paired with `i + d/2`): [`RopeStyle`] says which.
 
-use std::fs::File;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
@@ -36,9 +38,25 @@ use crate::engine::paged::{BlockTable, PagedKv};
 use crate::generator::GeneratorError;
 use crate::kernels;
 
-/// What the GGUF metadata says of a Llama model.
+/// Which values of a head rotary positions turn together: the layout of the file's q and k
+/// rows, which llama.cpp's converter permutes for Llama and leaves as they are for Qwen2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Values `2i` and `2i + 1` (llama.cpp's "normal" rope, Llama files).
+    Adjacent,
+    /// Values `i` and `i + d/2` (llama.cpp's "neox" rope, Qwen2 files).
+    HalfHead,
+}
+
+/// The architectures this engine reads, as `general.architecture` names them.
+const ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
+/// What the GGUF metadata says of a Llama or Qwen2 model.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
+    /// `llama` or `qwen2`: the prefix of its metadata keys.
+    pub architecture: String,
+    pub rope_style: RopeStyle,
     pub hidden_size: usize,
     pub layers: usize,
     pub heads: usize,
@@ -53,26 +71,26 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     fn from_gguf(content: &gguf_file::Content) -> Result<Self, String> {
         let arch = text(content, "general.architecture")?;
-        if arch != "llama" {
+        if !ARCHITECTURES.contains(&arch) {
             return Err(format!(
-                "architecture `{arch}`: abridge's own engine runs `llama` GGUF files"
+                "architecture `{arch}`: abridge's own engine runs `llama` and `qwen2` GGUF files"
             ));
         }
         let number = |key: &str| -> Result<usize, String> {
             let value = content
                 .metadata
-                .get(&format!("llama.{key}"))
-                .ok_or_else(|| format!("no `llama.{key}` in its metadata"))?;
+                .get(&format!("{arch}.{key}"))
+                .ok_or_else(|| format!("no `{arch}.{key}` in its metadata"))?;
             value
                 .to_u64()
                 .map(|v| v as usize)
                 .or_else(|_| value.to_u32().map(|v| v as usize))
-                .map_err(|e| format!("`llama.{key}`: {e}"))
+                .map_err(|e| format!("`{arch}.{key}`: {e}"))
         };
         let float = |key: &str, default: f32| -> Result<f32, String> {
-            match content.metadata.get(&format!("llama.{key}")) {
+            match content.metadata.get(&format!("{arch}.{key}")) {
                 None => Ok(default),
-                Some(v) => v.to_f32().map_err(|e| format!("`llama.{key}`: {e}")),
+                Some(v) => v.to_f32().map_err(|e| format!("`{arch}.{key}`: {e}")),
             }
         };
         let hidden_size = number("embedding_length")?;
@@ -84,11 +102,16 @@ impl LlamaConfig {
             ));
         }
         let head_dim = hidden_size / heads;
-        if number("rope.dimension_count").is_ok_and(|d| d != head_dim) {
+        if number("rope.dimension_count").is_ok_and(|d| d != head_dim) || head_dim % 2 != 0 {
             return Err("rotary positions over part of a head are not supported".into());
         }
-        refuse_rope_scaling(content)?;
+        refuse_rope_scaling(content, arch)?;
         Ok(Self {
+            architecture: arch.to_string(),
+            rope_style: match arch {
+                "qwen2" => RopeStyle::HalfHead,
+                _ => RopeStyle::Adjacent,
+            },
             hidden_size,
             layers: number("block_count")?,
             heads,
@@ -109,14 +132,15 @@ impl LlamaConfig {
 /// factors, linear or YaRN scaling) change every position's angle; this engine has been
 /// checked against transformers only without them, so a file that uses them is refused by
 /// name rather than summarized wrongly (the `mistralrs` backend runs such files).
-fn refuse_rope_scaling(content: &gguf_file::Content) -> Result<(), String> {
+fn refuse_rope_scaling(content: &gguf_file::Content, arch: &str) -> Result<(), String> {
+    let key = format!("{arch}.rope.scaling.type");
     let scaling = content
         .metadata
-        .get("llama.rope.scaling.type")
+        .get(&key)
         .and_then(|v| v.to_string().ok())
         .filter(|kind| kind.as_str() != "none");
     let scaled = match scaling {
-        Some(kind) => Some(format!("`llama.rope.scaling.type` = {kind:?}")),
+        Some(kind) => Some(format!("`{key}` = {kind:?}")),
         None => content
             .tensor_infos
             .contains_key("rope_freqs.weight")
@@ -160,8 +184,10 @@ fn strings<'a>(content: &'a gguf_file::Content, key: &str) -> Result<Vec<&'a str
 }
 
 /// The byte-level BPE tokenizer (`tokenizer.ggml.model = "gpt2"`) the metadata describes,
-/// with control tokens (`<|im_start|>` ...) as special tokens. Numbers split into single
-/// digits first where the file says its pre-tokenizer is `smollm` (as llama.cpp does).
+/// with control tokens (`<|im_start|>` ...) as special tokens, split into words first as
+/// the file's pre-tokenizer (`tokenizer.ggml.pre`) says, the way llama.cpp does: `smollm`
+/// splits numbers into single digits, `qwen2` splits by Qwen2's pattern (single digits,
+/// words with one leading symbol) after NFC normalization, as its `tokenizer.json` does.
 pub fn gguf_tokenizer(content: &gguf_file::Content) -> Result<Tokenizer, String> {
     let model = text(content, "tokenizer.ggml.model")?;
     if model != "gpt2" {
@@ -203,17 +229,30 @@ pub fn gguf_tokenizer(content: &gguf_file::Content) -> Result<Tokenizer, String>
     let pre = content
         .metadata
         .get("tokenizer.ggml.pre")
-        .and_then(|v| v.to_string().ok());
-    let pre_tokenizer = if pre.is_some_and(|p| p == "smollm") {
-        serde_json::json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true}, byte_level,
-        ]})
-    } else {
-        byte_level.clone()
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str);
+    let (normalizer, pre_tokenizer) = match pre {
+        Some("smollm") => (
+            serde_json::Value::Null,
+            serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level,
+            ]}),
+        ),
+        Some("qwen2") => (
+            serde_json::json!({"type": "NFC"}),
+            serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated",
+                 "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
+                 "use_regex": false},
+            ]}),
+        ),
+        _ => (serde_json::Value::Null, byte_level.clone()),
     };
     let json = serde_json::json!({
         "version": "1.0",
         "added_tokens": added,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "decoder": byte_level,
         "model": {
@@ -226,10 +265,15 @@ pub fn gguf_tokenizer(content: &gguf_file::Content) -> Result<Tokenizer, String>
         .map_err(|e| format!("its tokenizer: {e}"))
 }
 
+/// Qwen2's word pattern (its `tokenizer.json`; llama.cpp's `qwen2` pre-tokenizer).
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 struct Layer {
     attn_norm: Tensor,
     /// q, k and v stacked: one product.
     qkv: Tensor,
+    /// Their biases, stacked the same way (Qwen2).
+    qkv_bias: Option<Tensor>,
     output: Tensor,
     ffn_norm: Tensor,
     /// gate and up stacked: one product.
@@ -263,7 +307,7 @@ pub struct LoadedGguf {
 }
 
 impl Llama {
-    /// Reads a Llama GGUF file: metadata, tokenizer, chat template, weights (dequantized),
+    /// Reads a Llama or Qwen2 GGUF file: metadata, tokenizer, chat template, weights (dequantized),
     /// with the copies decoding steps read in `packed`: `F32` holds the dequantized
     /// weights exactly; `F16` rounds them (relative error under 2⁻¹¹) for half the bytes
     /// a step reads.
@@ -272,9 +316,7 @@ impl Llama {
             model: path.display().to_string(),
             reason,
         };
-        let mut file = File::open(path).map_err(|e| fail(format!("reading it: {e}")))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| fail(format!("not a readable GGUF file: {e}")))?;
+        let (mut file, content) = crate::gguf::read(path).map_err(&fail)?;
         let config = LlamaConfig::from_gguf(&content).map_err(&fail)?;
         let tokenizer = gguf_tokenizer(&content).map_err(&fail)?;
         let cpu = Device::Cpu;
@@ -287,6 +329,17 @@ impl Llama {
         let stack = |parts: &[Tensor]| Tensor::cat(parts, 0);
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
+            let qkv_bias = match content
+                .tensor_infos
+                .contains_key(&format!("blk.{i}.attn_q.bias"))
+            {
+                false => None,
+                true => {
+                    let mut bias = |part: &str| read(&format!("blk.{i}.{part}.bias"));
+                    let parts = [bias("attn_q")?, bias("attn_k")?, bias("attn_v")?];
+                    Some(stack(&parts).map_err(|e| fail(format!("layer {i}: {e}")))?)
+                }
+            };
             let mut get = |part: &str| read(&format!("blk.{i}.{part}.weight"));
             let (q, k, v) = (get("attn_q")?, get("attn_k")?, get("attn_v")?);
             let (gate, up) = (get("ffn_gate")?, get("ffn_up")?);
@@ -316,9 +369,19 @@ impl Llama {
                     qkv.dims()
                 )));
             }
+            if let Some(bias) = &qkv_bias
+                && bias.dims() != [expected.0]
+            {
+                return Err(fail(format!(
+                    "layer {i}: the biases of q, k, v are {:?}, expected [{}]",
+                    bias.dims(),
+                    expected.0
+                )));
+            }
             layers.push(Layer {
                 attn_norm,
                 qkv,
+                qkv_bias,
                 output,
                 ffn_norm,
                 gate_up,
@@ -492,7 +555,12 @@ impl Llama {
         let mut hidden = self.embeddings.index_select(&ids, 0)?;
         for layer in &self.layers {
             let normed = candle_nn::ops::rms_norm(&hidden, &layer.attn_norm, eps)?;
-            let qkv = product(&layer.qkv, Some(&layer.packed[0]), None, &normed)?;
+            let qkv = product(
+                &layer.qkv,
+                Some(&layer.packed[0]),
+                layer.qkv_bias.as_ref(),
+                &normed,
+            )?;
             let context = attention(qkv.flatten_all()?.to_vec1::<f32>()?)?;
             hidden = (product(&layer.output, Some(&layer.packed[1]), None, &context)? + hidden)?;
             let normed = candle_nn::ops::rms_norm(&hidden, &layer.ffn_norm, eps)?;
@@ -523,13 +591,16 @@ impl Llama {
     }
 
     /// Rotary positions on the queries and keys of rows of q, k, v: in each head, the
-    /// pair of values `2i, 2i + 1` turned by `position × θ^(−2i/d)`.
+    /// pair of values `2i, 2i + 1` (or `i, i + d/2`, by [`RopeStyle`]) turned by
+    /// `position × θ^(−2i/d)`.
     fn rotate(&self, mut qkv: Vec<f32>, positions: &[usize]) -> candle_core::Result<Vec<f32>> {
         let width = self.qkv_width();
         if qkv.len() != positions.len() * width {
             candle_core::bail!("{} values for {} tokens", qkv.len(), positions.len());
         }
         let dim = self.config.head_dim;
+        let half = dim / 2;
+        let style = self.config.rope_style;
         let rotated = (self.config.heads + self.config.kv_heads) * dim;
         qkv.par_chunks_mut(width)
             .zip(positions)
@@ -542,11 +613,23 @@ impl Llama {
                         (angle.cos(), angle.sin())
                     })
                     .collect();
+                let turn = |a: &mut f32, b: &mut f32, (cos, sin): (f32, f32)| {
+                    (*a, *b) = (*a * cos - *b * sin, *a * sin + *b * cos);
+                };
                 for head in row[..rotated].chunks_exact_mut(dim) {
-                    for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(&angles) {
-                        let (a, b) = (pair[0], pair[1]);
-                        pair[0] = a * cos - b * sin;
-                        pair[1] = a * sin + b * cos;
+                    match style {
+                        RopeStyle::Adjacent => {
+                            for (pair, &angle) in head.chunks_exact_mut(2).zip(&angles) {
+                                let [a, b] = pair else { continue };
+                                turn(a, b, angle);
+                            }
+                        }
+                        RopeStyle::HalfHead => {
+                            let (firsts, seconds) = head.split_at_mut(half);
+                            for ((a, b), &angle) in firsts.iter_mut().zip(seconds).zip(&angles) {
+                                turn(a, b, angle);
+                            }
+                        }
                     }
                 }
             });
@@ -581,7 +664,10 @@ impl Llama {
 
 impl BatchModel for Llama {
     fn family(&self) -> &'static str {
-        "Llama"
+        match self.config.architecture.as_str() {
+            "qwen2" => "Qwen2",
+            _ => "Llama",
+        }
     }
 
     fn eos_token_id(&self) -> Option<u32> {
@@ -621,7 +707,7 @@ fn refuse_paged(paged: bool) -> candle_core::Result<()> {
 }
 
 impl BatchGenerator {
-    /// Loads the Llama GGUF file `path` (on CPU) and starts its engine, which decodes up
+    /// Loads the Llama or Qwen2 GGUF file `path` (on CPU) and starts its engine, which decodes up
     /// to `max_batch` sequences at a time. Prompts go in as the user turn of the file's
     /// chat template when `chat` and it has one.
     pub fn load_llama(path: &Path, max_batch: usize, chat: bool) -> Result<Self, GeneratorError> {
@@ -653,6 +739,8 @@ impl BatchGenerator {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
     use crate::cached_model_dir;
 
@@ -695,13 +783,37 @@ mod tests {
         assert!(err.contains("rope_freqs"), "{err}");
     }
 
-    fn reference() -> serde_json::Value {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/smollm2-reference.json"
-        );
-        let text = std::fs::read_to_string(path).expect("the reference fixture");
+    fn reference(name: &str) -> serde_json::Value {
+        let path = fixture(name);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("the reference fixture {}: {e}", path.display()));
         serde_json::from_str(&text).expect("its JSON")
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
+    }
+
+    /// The random tiny Qwen2 of `scripts/make-qwen2-fixture.py tiny`.
+    fn qwen2_tiny(packed: DType) -> LoadedGguf {
+        Llama::load(&fixture("qwen2-tiny.gguf"), packed).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The real Qwen2.5 Coder 0.5B, or None (and why, on stderr) where it is not cached:
+    /// it is opt-in (`scripts/fetch-models qwen`).
+    fn qwen2_5(packed: DType) -> Option<LoadedGguf> {
+        let path = cached_model_dir("qwen2.5-coder-0.5b-instruct")
+            .join("qwen2.5-coder-0.5b-instruct.gguf");
+        if !path.is_file() {
+            eprintln!(
+                "skipped: {} is not cached (scripts/fetch-models qwen)",
+                path.display()
+            );
+            return None;
+        }
+        Some(Llama::load(&path, packed).unwrap_or_else(|e| panic!("{e}")))
     }
 
     fn numbers<T: TryFrom<u64>>(value: &serde_json::Value) -> Vec<T> {
@@ -726,15 +838,11 @@ mod tests {
         reference["cases"].as_array().expect("cases")
     }
 
-    #[test]
-    fn chat_template_and_tokenizer_give_transformers_prompts() {
-        let loaded = smollm2(DType::F16);
-        let template = loaded
-            .chat_template
-            .as_deref()
-            .expect("SmolLM2 has a chat template");
-        let reference = reference();
-        for case in cases(&reference) {
+    /// The chat template's text and its token ids, and the ids of the reference's plain
+    /// texts, as transformers makes them.
+    fn prompts_match(loaded: &LoadedGguf, reference: &serde_json::Value) {
+        let template = loaded.chat_template.as_deref().expect("a chat template");
+        for case in cases(reference) {
             let prompt = case["prompt"].as_str().expect("prompt");
             let text = render_chat(template, prompt, &loaded.bos_token, &loaded.eos_token)
                 .expect("renders");
@@ -749,6 +857,26 @@ mod tests {
                 "{prompt}"
             );
         }
+        for case in reference["texts"].as_array().into_iter().flatten() {
+            let text = case["text"].as_str().expect("text");
+            let ids = loaded.tokenizer.encode(text, false).expect("encodes");
+            assert_eq!(
+                ids.get_ids(),
+                numbers::<u32>(&case["ids"]).as_slice(),
+                "{text:?}"
+            );
+            let back = loaded
+                .tokenizer
+                .decode(ids.get_ids(), true)
+                .expect("decodes");
+            assert_eq!(back, text);
+        }
+    }
+
+    #[test]
+    fn chat_template_and_tokenizer_give_transformers_prompts() {
+        let loaded = smollm2(DType::F16);
+        prompts_match(&loaded, &reference("smollm2-reference.json"));
         // llama.cpp's `smollm` pre-tokenizer: numbers are single digits.
         let digits = loaded.tokenizer.encode("12 jobs", false).expect("encodes");
         let pieces: Vec<String> = digits
@@ -765,13 +893,10 @@ mod tests {
     }
 
     /// Logits of each reference prompt's last position: prefilled alone, and together,
-    /// from the exact (f32) weights.
-    #[test]
-    fn prefill_logits_match_transformers() {
-        let model = smollm2(DType::F32).model;
-        let reference = reference();
+    /// within `tolerance` of transformers'.
+    fn prefill_logits_match(model: &Llama, reference: &serde_json::Value, tolerance: f32) {
         let fixed: Vec<usize> = numbers(&reference["fixed_ids"]);
-        let prompts: Vec<Vec<u32>> = cases(&reference)
+        let prompts: Vec<Vec<u32>> = cases(reference)
             .iter()
             .map(|c| numbers(&c["ids"]))
             .collect();
@@ -792,7 +917,7 @@ mod tests {
             caches.iter().map(|c| c.len()).collect::<Vec<_>>(),
             prompts.iter().map(Vec::len).collect::<Vec<_>>()
         );
-        for ((case, alone), together) in cases(&reference).iter().zip(&alone).zip(&together) {
+        for ((case, alone), together) in cases(reference).iter().zip(&alone).zip(&together) {
             let top: Vec<usize> = numbers(&case["top_ids"]);
             let expected = floats(&case["top_logits"]).into_iter().zip(top).chain(
                 floats(&case["fixed_logits"])
@@ -805,13 +930,20 @@ mod tests {
                     worst = worst.max((ours - theirs).abs());
                 }
             }
-            // Logits of ~30 printed to 5 decimals, sums in another order.
             assert!(
-                worst < 2e-3,
+                worst < tolerance,
                 "{}: worst logit difference {worst}",
                 case["prompt"]
             );
         }
+    }
+
+    /// From the exact (f32) weights.
+    #[test]
+    fn prefill_logits_match_transformers() {
+        // Logits of ~30 printed to 5 decimals, sums in another order.
+        let reference = reference("smollm2-reference.json");
+        prefill_logits_match(&smollm2(DType::F32).model, &reference, 2e-3);
     }
 
     fn greedy(model: &Llama, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<u32>> {
@@ -837,18 +969,18 @@ mod tests {
     /// From the f16 copies the engine decodes with, and from the exact ones.
     #[test]
     fn greedy_tokens_match_transformers_alone_and_batched() {
+        let reference = reference("smollm2-reference.json");
         for packed in [DType::F16, DType::F32] {
-            greedy_tokens_match(&smollm2(packed).model);
+            greedy_tokens_match(&smollm2(packed).model, &reference);
         }
     }
 
-    fn greedy_tokens_match(model: &Llama) {
-        let reference = reference();
-        let prompts: Vec<Vec<u32>> = cases(&reference)
+    fn greedy_tokens_match(model: &Llama, reference: &serde_json::Value) {
+        let prompts: Vec<Vec<u32>> = cases(reference)
             .iter()
             .map(|c| numbers(&c["ids"]))
             .collect();
-        let expected: Vec<Vec<u32>> = cases(&reference)
+        let expected: Vec<Vec<u32>> = cases(reference)
             .iter()
             .map(|c| numbers(&c["greedy"]))
             .collect();
@@ -861,6 +993,34 @@ mod tests {
                 "alone"
             );
         }
+    }
+
+    /// A random Qwen2 (q, k, v biases, two query heads per key/value head, rotary
+    /// positions over half-heads, Qwen2's pre-tokenizer, ChatML): prompts, logits and greedy
+    /// tokens as transformers computes them from the same file.
+    #[test]
+    fn qwen2_matches_transformers() {
+        let reference = reference("qwen2-tiny-reference.json");
+        let loaded = qwen2_tiny(DType::F32);
+        assert_eq!(loaded.model.family(), "Qwen2");
+        assert_eq!(loaded.model.config().rope_style, RopeStyle::HalfHead);
+        prompts_match(&loaded, &reference);
+        prefill_logits_match(&loaded.model, &reference, 1e-3);
+        greedy_tokens_match(&loaded.model, &reference);
+        greedy_tokens_match(&qwen2_tiny(DType::F16).model, &reference);
+    }
+
+    /// The real Qwen2.5 Coder 0.5B (Q5_0, Q8_0, Q4_K and Q6_K tensors, 151,936 tokens),
+    /// where cached: its tokenizer, chat template and logits as transformers has them.
+    #[test]
+    fn qwen2_5_coder_matches_transformers_where_cached() {
+        let Some(loaded) = qwen2_5(DType::F32) else {
+            return;
+        };
+        let reference = reference("qwen2.5-coder-reference.json");
+        prompts_match(&loaded, &reference);
+        prefill_logits_match(&loaded.model, &reference, 2e-2);
+        greedy_tokens_match(&loaded.model, &reference);
     }
 
     #[test]

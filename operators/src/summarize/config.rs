@@ -26,9 +26,9 @@ use crate::template::Template;
 pub struct SummarizeConfig {
     /// The engine. `mistralrs` (the default) loads every text architecture mistral.rs
     /// knows (Llama, Qwen2/3, Gemma, Phi, Mistral ...) from GGUF or safetensors; `llama`
-    /// runs Llama-architecture GGUF files without rope scaling (SmolLM2, TinyLlama, Llama
-    /// 3.0; files that scale rotary positions, as Llama 3.1/3.2's do, are refused) on
-    /// abridge's own batch engine, on CPU; `seqgpt` runs BLOOM checkpoints (SeqGPT-560M)
+    /// runs Llama- and Qwen2-architecture GGUF files without rope scaling (SmolLM2,
+    /// TinyLlama, Llama 3.0, Qwen2.5; files that scale rotary positions, as Llama
+    /// 3.1/3.2's do, are refused) on abridge's own batch engine, on CPU; `seqgpt` runs BLOOM checkpoints (SeqGPT-560M)
     /// on it.
     #[serde(default)]
     pub backend: Backend,
@@ -350,7 +350,7 @@ impl SummarizeConfig {
                 return Err(OperatorError::config(
                     "summarize.backend",
                     "this abridge was built without mistral.rs (cargo feature `mistralrs`, on by \
-                 default): rebuild with it, or use `llama` (Llama GGUF files) or `seqgpt` \
+                 default): rebuild with it, or use `llama` (Llama and Qwen2 GGUF files) or `seqgpt` \
                  (BLOOM checkpoints)",
                 ));
             }
