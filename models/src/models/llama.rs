@@ -327,7 +327,8 @@ impl Llama {
                 .map_err(|e| fail(format!("tensor `{name}`: {e}")))
         };
         let stack = |parts: &[Tensor]| Tensor::cat(parts, 0);
-        let mut layers = Vec::with_capacity(config.layers);
+        // The header's layer count is not trusted for an allocation: each layer has tensors.
+        let mut layers = Vec::with_capacity(config.layers.min(content.tensor_infos.len()));
         for i in 0..config.layers {
             let qkv_bias = match content
                 .tensor_infos
