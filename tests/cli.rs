@@ -1667,7 +1667,8 @@ fn metrics_columns_are_written_and_the_sql_functions_recompute_them() -> TestRes
         for k in ["rouge1", "rouge2", "rouge_l", "stability"] {
             assert!((0.0..=1.0).contains(&num(r, k)), "{k}: {r}");
         }
-        assert!((0.0..=1.0).contains(&num(r, "drift")), "{r}");
+        // A cosine: a sampled summary about something else can score below 0.
+        assert!((-1.0..=1.0).contains(&num(r, "drift")), "{r}");
         assert!(num(r, "compression") > 0.0, "{r}");
         assert!(r["draws"].as_u64().is_some_and(|n| n <= 2), "{r}");
         // Every alert is one the thresholds call for.

@@ -112,7 +112,8 @@ impl<R: Read> Header<R> {
             ARRAY if depth < 2 => {
                 let inner = self.u32()?;
                 let len = self.u64()?;
-                // Each element takes at least one byte of the file.
+                // Each element takes at least its size in the file (a string: its length's
+                // 8 bytes), so the count is bounded by the bytes left.
                 let least = scalar_size(inner).unwrap_or(8);
                 if len.saturating_mul(least) > self.size.saturating_sub(self.at) {
                     return Err(format!(
