@@ -87,7 +87,8 @@ impl<R: Read> Header<R> {
         Ok(())
     }
 
-    fn string(&mut self, what: &str) -> Result<Vec<u8>, String> {
+    /// A string's length, where the file holds that many bytes after it.
+    fn string_len(&mut self, what: &str) -> Result<u64, String> {
         let n = self.u64()?;
         if n > self.size.saturating_sub(self.at) {
             return Err(format!(
@@ -95,6 +96,12 @@ impl<R: Read> Header<R> {
                 self.at, self.size
             ));
         }
+        Ok(n)
+    }
+
+    /// A string the check needs to read (a key, a tensor's name).
+    fn string(&mut self, what: &str) -> Result<Vec<u8>, String> {
+        let n = self.string_len(what)?;
         let mut text = vec![0u8; n as usize];
         self.reader
             .read_exact(&mut text)
@@ -108,7 +115,11 @@ impl<R: Read> Header<R> {
             return self.skip(size, key);
         }
         match kind {
-            STRING => self.string(key).map(drop),
+            // Skipped, not read: a tokenizer's 150k strings are read once, by candle.
+            STRING => {
+                let n = self.string_len(key)?;
+                self.skip(n, key)
+            }
             ARRAY if depth < 2 => {
                 let inner = self.u32()?;
                 let len = self.u64()?;
