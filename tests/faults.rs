@@ -12,3 +12,5 @@ fn fault_tests_need_the_failpoints_feature() {}
 #[cfg(feature = "failpoints")]
 #[path = "faults/cases.rs"]
 mod cases;
+#[cfg(feature = "failpoints")]
+mod common;

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch, StringArray};
 
+mod common;
+
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 fn repo() -> PathBuf {
@@ -62,13 +64,21 @@ fn accounting(out: &Output) -> serde_json::Value {
 }
 
 fn write_texts(path: &Path, texts: &[String]) -> TestResult {
+    write_texts_in_groups(path, texts, 1 << 20)
+}
+
+/// [`write_texts`] in row groups of `rows`, so that a scan reads several batches.
+fn write_texts_in_groups(path: &Path, texts: &[String], rows: usize) -> TestResult {
     let ids: Vec<String> = (0..texts.len()).map(|i| format!("R{i}")).collect();
     let batch = RecordBatch::try_from_iter([
         ("id", Arc::new(StringArray::from(ids)) as Arc<dyn Array>),
         ("text", Arc::new(StringArray::from(texts.to_vec()))),
     ])?;
+    let properties = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(rows))
+        .build();
     let file = std::fs::File::create(path)?;
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), Some(properties))?;
     writer.write(&batch)?;
     writer.close()?;
     Ok(())
@@ -76,6 +86,11 @@ fn write_texts(path: &Path, texts: &[String]) -> TestResult {
 
 /// A job whose only model is the tiny BLOOM on the batch engine (`in_flight` 8, greedy).
 fn bloom_job(dir: &Path) -> std::io::Result<PathBuf> {
+    bloom_job_over(dir, &repo().join("tests/fixtures/bloom-tiny-4h"))
+}
+
+/// [`bloom_job`] over the BLOOM checkpoint at `model`.
+fn bloom_job_over(dir: &Path, model: &Path) -> std::io::Result<PathBuf> {
     let job = dir.join("job.toml");
     std::fs::write(
         &job,
@@ -85,7 +100,7 @@ fn bloom_job(dir: &Path) -> std::io::Result<PathBuf> {
              glossary_retry = false\nin_flight = 8\n",
             dir.join("t.parquet").display(),
             dir.join("out").display(),
-            repo().join("tests/fixtures/bloom-tiny-4h").display()
+            model.display()
         ),
     )?;
     Ok(job)
@@ -190,6 +205,46 @@ fn summarize_batches_caches_guards_and_fails_per_row() -> TestResult {
     Ok(())
 }
 
+/// Answers are reused by what the model is, not where it lies: once its weights change in
+/// place (same path, size and modification time), neither the committed run's summaries
+/// nor the cache answer for it.
+#[test]
+fn weights_changed_in_place_are_asked_again() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let texts: Vec<String> = (0..6)
+        .map(|i| format!("Ticket {i}: the scanner on floor {i} jams"))
+        .collect();
+    write_texts(&dir.path().join("t.parquet"), &texts)?;
+    let model = common::own_bloom(dir.path())?;
+    let job = bloom_job_over(dir.path(), &model)?;
+    let out = abridge(
+        &cache,
+        &["run", job.to_str().unwrap_or_default(), "--quiet"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sql = "SELECT id, summarize(text) AS s FROM summaries ORDER BY id";
+    let calls_and_hits =
+        |calls: &serde_json::Value| (calls["model_calls"].as_u64(), calls["cache_hits"].as_u64());
+
+    let (_, calls) = query(&cache, &job, sql, &[])?;
+    assert_eq!(
+        calls_and_hits(&calls),
+        (Some(0), Some(6)),
+        "the run's answers"
+    );
+    common::change_weights_in_place(&model)?;
+    let (_, calls) = query(&cache, &job, sql, &[])?;
+    assert_eq!(calls_and_hits(&calls), (Some(6), Some(0)), "other weights");
+    let (_, calls) = query(&cache, &job, sql, &[])?;
+    assert_eq!(
+        calls_and_hits(&calls),
+        (Some(0), Some(6)),
+        "their answers, cached"
+    );
+    Ok(())
+}
+
 /// `ORDER BY ... LIMIT n` over a model call sends n rows to the model, not the table: the
 /// sort runs before the calls it does not depend on, and its results are those of the
 /// subquery that sorts and limits first.
@@ -254,6 +309,140 @@ fn a_sort_and_limit_reach_below_the_model_calls() -> TestResult {
         &["--table", &table],
     )?;
     assert_eq!(calls["model_calls"], 60, "{calls}");
+
+    // A computed sort key is computed once: the rows come sorted by the value shown.
+    let (rows, calls) = query(
+        &cache("e"),
+        &job,
+        "SELECT id, summarize(text) AS s, rouge_l(text, 'VPN drops every 7 minutes') AS r \
+         FROM t ORDER BY r DESC, id LIMIT 4",
+        &["--table", &table],
+    )?;
+    assert_eq!(calls["model_calls"], 4, "{calls}");
+    let scores: Vec<f64> = rows.iter().filter_map(|r| r["r"].as_f64()).collect();
+    assert_eq!(scores.len(), 4, "{rows:?}");
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{rows:?}");
+    // A volatile key keeps the plan as written: shown once, the rows sorted by it.
+    let (rows, _) = query(
+        &cache("f"),
+        &job,
+        "SELECT id, summarize(text) AS s, random() AS r FROM t ORDER BY r LIMIT 4",
+        &["--table", &table],
+    )?;
+    let drawn: Vec<f64> = rows.iter().filter_map(|r| r["r"].as_f64()).collect();
+    assert_eq!(drawn.len(), 4, "{rows:?}");
+    assert!(drawn.windows(2).all(|w| w[0] <= w[1]), "{rows:?}");
+    Ok(())
+}
+
+/// A job with the tiny BLOOM as summarizer and MiniLM as encoder.
+fn bloom_and_minilm_job(dir: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let job = bloom_job(dir)?;
+    let mut text = std::fs::read_to_string(&job)?;
+    text.push_str(&format!(
+        "[embed]\nmodel = \"{}\"\n",
+        abridge_models::cached_model_dir("minilm-l6-v2").display()
+    ));
+    std::fs::write(&job, text)?;
+    Ok(job)
+}
+
+/// Calls over other calls' answers run, and the guard counts them: `embed(summarize(t))`
+/// over N rows is 2N calls; a filter on a model's answer is counted as if every row
+/// passed it; a question asked in several batches is asked once, cache or not.
+#[test]
+fn nested_calls_run_and_the_guard_bounds_every_call() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let texts: Vec<String> = (0..12)
+        .map(|i| format!("Ticket {i}: the badge reader at door {i} beeps"))
+        .collect();
+    write_texts(&dir.path().join("t.parquet"), &texts)?;
+    let job = bloom_and_minilm_job(dir.path())?;
+    let table = format!("t={}", dir.path().join("t.parquet").display());
+    let job_arg = job.to_str().unwrap_or_default();
+    let refused = |sql: &str, max: &str| {
+        let out = abridge(
+            &cache,
+            &[
+                "sql",
+                sql,
+                "--job",
+                job_arg,
+                "--table",
+                &table,
+                "--max-model-rows",
+                max,
+            ],
+        );
+        (out.status.code(), stderr(&out))
+    };
+
+    let nested = "SELECT id, embed(summarize(text)) AS e FROM t ORDER BY id LIMIT 6";
+    let (code, message) = refused(nested, "11");
+    assert_eq!(code, Some(2), "{message}");
+    assert!(message.contains("12 inputs"), "{message}");
+    let (rows, calls) = query(
+        &cache,
+        &job,
+        nested,
+        &["--table", &table, "--max-model-rows", "12"],
+    )?;
+    assert_eq!(rows.len(), 6);
+    assert!(
+        rows.iter()
+            .all(|r| r["e"].as_array().is_some_and(|v| v.len() == 384)),
+        "{rows:?}"
+    );
+    // The guard counted every summary as a new text (at most 12 calls); the query
+    // embedded each distinct summary once.
+    let (distinct, _) = query(
+        &cache,
+        &job,
+        "SELECT count(DISTINCT s) AS n FROM \
+         (SELECT summarize(text) AS s FROM (SELECT * FROM t ORDER BY id LIMIT 6))",
+        &["--table", &table],
+    )?;
+    let distinct = distinct[0]["n"].as_u64().ok_or("a count")?;
+    assert_eq!(calls["model_calls"].as_u64(), Some(6 + distinct), "{calls}");
+    // The summaries' vectors are those of the summaries asked alone.
+    let (alone, _) = query(
+        &cache,
+        &job,
+        "SELECT id, embed(s) AS e FROM (SELECT id, summarize(text) AS s FROM t) ORDER BY id LIMIT 6",
+        &["--table", &table],
+    )?;
+    assert_eq!(alone, rows);
+
+    // Whatever the classifier answers, the summaries after it are at most 12.
+    let filtered = "SELECT id, summarize(concat('Filtered: ', text)) AS s FROM t \
+                    WHERE classify(text, ['doors', 'printers']) = 'doors' LIMIT 3";
+    let (code, message) = refused(filtered, "23");
+    assert_eq!(code, Some(2), "{message}");
+    assert!(message.contains("24 inputs"), "{message}");
+
+    // Which rows meet in a join on a model's answer is known only once it has answered.
+    let joined = "SELECT summarize(b.text) AS s FROM (SELECT id, classify(text, ['doors', \
+                  'printers']) AS c FROM t) a JOIN t b ON a.c = b.text";
+    let (code, message) = refused(joined, "100");
+    assert_eq!(code, Some(2), "{message}");
+    assert!(message.contains("join on a model's answer"), "{message}");
+
+    // 400 rows of 4 texts, read in batches of 50: 4 calls without the cache.
+    let repeated: Vec<String> = (0..400)
+        .map(|i| format!("Repeated ticket {}", i % 4))
+        .collect();
+    let file = dir.path().join("r.parquet");
+    write_texts_in_groups(&file, &repeated, 50)?;
+    let table = format!("r={}", file.display());
+    let (rows, calls) = query(
+        &cache,
+        &job,
+        "SELECT summarize(text) AS s FROM r",
+        &["--table", &table, "--no-cache", "--max-model-rows", "4"],
+    )?;
+    assert_eq!(rows.len(), 400);
+    assert_eq!(calls["model_calls"], 4, "{calls}");
     Ok(())
 }
 
@@ -510,5 +699,106 @@ fn embed_equals_the_runs_vectors_and_the_committed_run_answers_it() -> TestResul
         &[],
     )?;
     assert_eq!(rows[0]["dim"], 384, "{rows:?}");
+    Ok(())
+}
+
+/// Ctrl-C stops a query with exit 130, and the answers of the parts it had finished are
+/// kept: asked again, only the rest goes to the model. `abridge cache` shows them.
+#[test]
+fn an_interrupted_query_keeps_its_answers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let texts: Vec<String> = (0..64)
+        .map(|i| format!("Ticket {i}: the laptop in room {i} does not boot after the update"))
+        .collect();
+    write_texts(&dir.path().join("t.parquet"), &texts)?;
+    let job = dir.path().join("job.toml");
+    // SmolLM2 on the batch engine, two requests at a time: answers are kept every 8 rows.
+    std::fs::write(
+        &job,
+        format!(
+            "[input]\npath = \"{}\"\n[output]\npath = \"{}\"\n[summarize]\nbackend = \"llama\"\n\
+             model = \"{}\"\nmax_new_tokens = 24\ntemperature = 0\nglossary_retry = false\n\
+             in_flight = 2\n",
+            dir.path().join("t.parquet").display(),
+            dir.path().join("out").display(),
+            abridge_models::cached_model_dir("smollm2-135m-instruct").display()
+        ),
+    )?;
+    let table = format!("t={}", dir.path().join("t.parquet").display());
+    let sql = "SELECT id, summarize(text) AS s FROM t";
+    let job_arg = job.to_str().unwrap_or_default();
+    let child = Command::new(env!("CARGO_BIN_EXE_abridge"))
+        .args(["sql", sql, "--job", job_arg, "--table", &table])
+        .env("ABRIDGE_CACHE", &cache)
+        .current_dir(repo())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let answers = cache.join("sql-results");
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&answers).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "no answers kept after 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()?
+            .success()
+    );
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted by SIGINT"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Counted again: the kept answers are not asked for.
+    let out = abridge(
+        &cache,
+        &[
+            "sql",
+            sql,
+            "--job",
+            job_arg,
+            "--table",
+            &table,
+            "--max-model-rows",
+            "1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let left: usize = stderr(&out)
+        .split_whitespace()
+        .zip(stderr(&out).split_whitespace().skip(1))
+        .find(|(_, next)| next.starts_with("inputs"))
+        .and_then(|(n, _)| n.parse().ok())
+        .ok_or_else(|| format!("no count in {}", stderr(&out)))?;
+    assert!(
+        (1..=56).contains(&left),
+        "{left} inputs left: {}",
+        stderr(&out)
+    );
+
+    let out = abridge(&cache, &["cache", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        summary["answers"].as_u64(),
+        Some(64 - left as u64),
+        "{summary}"
+    );
+    assert_eq!(summary["queries"], 1, "{summary}");
+    let out = abridge(&cache, &["cache", "--clear"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = abridge(&cache, &["cache", "--json"]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(summary["answers"], 0, "{summary}");
     Ok(())
 }

@@ -11,11 +11,14 @@
 //! - [`mistralrs`] (cargo feature `mistralrs`): the adapter to mistral.rs, for the
 //!   architectures it loads.
 //! - [`gguf`]: GGUF headers checked against their file before any reader trusts them.
+//! - [`fingerprint`]: a model's digest by content, and the engines' version, for every
+//!   decision to reuse an answer.
 //!
 //! Nothing here knows of Arrow, job files or the CLI.
 
 pub mod encoder;
 pub mod engine;
+pub mod fingerprint;
 pub mod generator;
 pub mod gguf;
 mod kernels;

@@ -82,6 +82,19 @@ impl EmbedConfig {
         Ok((stage, worker))
     }
 
+    /// What decides this encoder's vectors, as one digest: the model folder's files by
+    /// content, the encoder's version and the device class (not `batch_size`: padding is
+    /// masked).
+    pub fn model_identity(&self) -> Result<String, OperatorError> {
+        let content = abridge_models::fingerprint::model_digest(&self.model.to_string_lossy())?;
+        let numbers = format!(
+            "{content} {} device={}",
+            abridge_models::fingerprint::engine_version(),
+            abridge_models::fingerprint::device_class(&self.device),
+        );
+        Ok(blake3::hash(numbers.as_bytes()).to_hex()[..32].to_string())
+    }
+
     /// Loads the encoder (on a blocking thread) and starts its worker.
     pub async fn load_encoder(&self) -> Result<EncoderWorker, OperatorError> {
         let model_error = |e| OperatorError::Encoder(Box::new(e));

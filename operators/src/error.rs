@@ -44,6 +44,9 @@ pub enum OperatorError {
         /// What DataFusion said.
         source: DataFusionError,
     },
+    /// A model file could not be read for the digest that keys reuse of its answers.
+    #[error(transparent)]
+    ModelFingerprint(#[from] abridge_models::fingerprint::FingerprintError),
     /// A filesystem operation on an output file failed.
     #[error("{}: {source}", path.display())]
     Io {

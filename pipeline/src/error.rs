@@ -86,6 +86,16 @@ pub enum PipelineError {
         /// The run's id and folder, when it had begun writing.
         run: Option<(String, PathBuf)>,
     },
+    /// A signal stopped a query; the model answers it had are kept in the cache.
+    #[error(
+        "query interrupted by {} (the model answers it had are kept in the cache: asking \
+         again reuses them)",
+        signal_name(Some(*signal))
+    )]
+    QueryInterrupted {
+        /// The signal's number (SIGINT 2, SIGTERM 15).
+        signal: i32,
+    },
     /// The run's lock was lost (removed, taken over, or its heartbeat failed), so it
     /// stopped at once; what it committed is kept.
     #[error("stopped at once: {reason}")]
@@ -189,6 +199,7 @@ impl PipelineError {
             PipelineError::Interrupted { signal, .. } => {
                 128 + signal.unwrap_or(SIGINT).clamp(1, 127) as u8
             }
+            PipelineError::QueryInterrupted { signal } => 128 + (*signal).clamp(1, 127) as u8,
             PipelineError::InputFilesSkipped { .. } => 3,
             // An index of another encoder or layout: the job must name another index.
             PipelineError::Index(err)

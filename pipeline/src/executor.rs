@@ -127,7 +127,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         job: &job,
         options,
         input_schema: Arc::clone(&scan.schema),
-        fingerprint: job.results_fingerprint(),
+        fingerprint: job.results_fingerprint()?,
         table,
         stages: vec![(Box::new(normalize), StageCounters::default())],
         encoder: None,

@@ -230,6 +230,16 @@ pub enum JobError {
         /// What is wrong with it.
         message: String,
     },
+    /// A model the job names cannot be read for its fingerprint.
+    #[error("job file {}: key `{key}`: {source}", path.display())]
+    Model {
+        /// The job file.
+        path: PathBuf,
+        /// The dotted key that names the model.
+        key: String,
+        /// What could not be read.
+        source: Box<OperatorError>,
+    },
 }
 
 /// A loaded job: its configuration and where it came from.
@@ -312,11 +322,14 @@ impl Job {
         })
     }
 
-    /// A digest of the settings that decide a row's result, for `run.skip_done`: the
-    /// column mapping and the `[embed]`, `[filter]`, `[summarize]`, `[extract]` and
-    /// `[metrics]` sections, less what only changes speed (batch sizes, devices, requests
-    /// in flight).
-    pub fn results_fingerprint(&self) -> String {
+    /// A digest of what decides a row's result, for `run.skip_done` and for answers learned
+    /// from a committed run: the column mapping; the `[embed]`, `[filter]`, `[summarize]`,
+    /// `[extract]` and `[metrics]` sections less what only changes speed (batch sizes,
+    /// requests in flight, PagedAttention, the GPU's ordinal); and each model's identity
+    /// (its files by content, the engine's version, the device class: see
+    /// [`abridge_operators::summarize::SummarizeConfig::model_identity`]). Reads every byte
+    /// of the models once per process.
+    pub fn results_fingerprint(&self) -> Result<String, JobError> {
         let c = &self.config;
         let mut value = toml::Table::new();
         let mut put = |key: &str, v: Result<toml::Value, toml::ser::Error>| {
@@ -326,14 +339,29 @@ impl Job {
         };
         put("columns", toml::Value::try_from(&c.input.columns));
         put("drop", toml::Value::try_from(&c.input.drop));
+        let identity = |key: &str, id: Result<String, OperatorError>| {
+            id.map_err(|source| JobError::Model {
+                path: self.path.clone(),
+                key: key.into(),
+                source: Box::new(source),
+            })
+        };
         if let Some(embed) = &c.embed {
             put("embed", toml::Value::try_from(embed));
+            put(
+                "embed_identity",
+                Ok(identity("embed.model", embed.model_identity())?.into()),
+            );
         }
         if let Some(filter) = &c.filter {
             put("filter", toml::Value::try_from(filter));
         }
         if let Some(summarize) = &c.summarize {
             put("summarize", toml::Value::try_from(summarize));
+            put(
+                "summarize_identity",
+                Ok(identity("summarize.model", summarize.model_identity())?.into()),
+            );
         }
         if let Some(extract) = &c.extract {
             put("extract", toml::Value::try_from(extract));
@@ -345,15 +373,13 @@ impl Job {
             ("summarize", "device"),
             ("summarize", "in_flight"),
             ("summarize", "paged_attention"),
-            ("summarize", "isq"),
-            ("summarize", "dequantize"),
         ] {
             if let Some(toml::Value::Table(t)) = value.get_mut(section) {
                 t.remove(key);
             }
         }
         let text = toml::to_string(&value).unwrap_or_default();
-        blake3::hash(text.as_bytes()).to_hex()[..16].to_string()
+        Ok(blake3::hash(text.as_bytes()).to_hex()[..16].to_string())
     }
 
     /// The keys whose values differ between this job and `recorded` (the `_job.toml` of a
@@ -1005,12 +1031,12 @@ path = "/abs/out"
                 "Extract"
             ]
         );
-        let plain = load(&sections("", ""), &[])?.results_fingerprint();
+        let plain = load(&sections("", ""), &[])?.results_fingerprint()?;
         let explicit = load(
             &sections("method = \"prototypes\"\nmatch = \"allowed\"", ""),
             &[],
         )?;
-        assert_eq!(explicit.results_fingerprint(), plain);
+        assert_eq!(explicit.results_fingerprint()?, plain);
         let refused = |text: &str| {
             load(text, &[])
                 .map(|_| ())

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::{change_weights_in_place, own_bloom};
 use abridge_operators::index::TicketIndex;
 use abridge_pipeline::table::manifest::{RUN_DIR_PREFIX, RunManifest, RunStatus};
 use arrow::record_batch::RecordBatch;
@@ -613,10 +614,12 @@ fn run_json(args: &[&str]) -> Result<RunManifest, Box<dyn std::error::Error>> {
 }
 
 /// `skip_done`: a nightly run processes only new tickets and tickets whose text changed;
-/// a change of the summarizer's settings makes every ticket new again.
+/// a change of the summarizer's settings, or of its weights in place, makes every ticket
+/// new again.
 #[test]
 fn skip_done_processes_only_new_and_changed_tickets() -> TestResult {
     let dir = tempfile::tempdir()?;
+    let model = own_bloom(dir.path())?;
     let input = dir.path().join("tickets.parquet");
     let tickets = [
         ("T1", "The printer is offline again."),
@@ -635,7 +638,7 @@ fn skip_done_processes_only_new_and_changed_tickets() -> TestResult {
              max_new_tokens = 4\ntemperature = 0.0\nglossary_retry = false\n",
             input.display(),
             dir.path().join("out").display(),
-            repo().join("tests/fixtures/bloom-tiny-4h").display()
+            model.display()
         ),
     )?;
     let job_arg = job.to_str().unwrap_or_default();
@@ -662,8 +665,16 @@ fn skip_done_processes_only_new_and_changed_tickets() -> TestResult {
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "id\nT2\nT6\n");
 
-    let third = run_json(&["run", job_arg, "--set", "summarize.max_new_tokens=5"])?;
+    let set = ["--set", "summarize.max_new_tokens=5"];
+    let third = run_json(&["run", job_arg, set[0], set[1]])?;
     assert_eq!((third.rows_written, third.rows_skipped_done), (6, 0));
+    let fourth = run_json(&["run", job_arg, set[0], set[1]])?;
+    assert_eq!((fourth.rows_written, fourth.rows_skipped_done), (0, 6));
+
+    // The same path and size, other weights: nothing the old weights computed is reused.
+    change_weights_in_place(&model)?;
+    let fifth = run_json(&["run", job_arg, set[0], set[1]])?;
+    assert_eq!((fifth.rows_written, fifth.rows_skipped_done), (6, 0));
     Ok(())
 }
 

@@ -182,6 +182,25 @@ impl SummarizeConfig {
         }
     }
 
+    /// What decides the numbers this section's model computes, as one digest: the model's
+    /// files by content, the engine and its version, the prompt format, the weights' form
+    /// (`isq`, `dequantize`) and the device class. Answers are reused only under the same
+    /// identity; `in_flight`, `paged_attention` and the GPU's ordinal are left out (they
+    /// change speed, not the numbers, under greedy decoding).
+    pub fn model_identity(&self) -> Result<String, OperatorError> {
+        let content = abridge_models::fingerprint::model_digest(&self.model)?;
+        let numbers = format!(
+            "{content} {} backend={:?} format={:?} isq={:?} dequantize={:?} device={}",
+            abridge_models::fingerprint::engine_version(),
+            self.backend,
+            self.prompt_format,
+            self.isq,
+            self.dequantize,
+            abridge_models::fingerprint::device_class(&self.device),
+        );
+        Ok(blake3::hash(numbers.as_bytes()).to_hex()[..32].to_string())
+    }
+
     /// `in_flight`, or the default for `device`.
     pub fn in_flight(&self) -> usize {
         let cpu = self.device.trim() == "cpu";

@@ -3,6 +3,12 @@
 //! ([`model_functions`]).
 
 pub mod model_functions;
+mod plan;
+
+use plan::{
+    calls_models, counting_plan, group_and_sort_by_model_calls, lift_nested_model_calls,
+    placement_error, sort_before_model_calls,
+};
 pub mod result_cache;
 
 use std::io::Write;
@@ -12,16 +18,14 @@ use std::sync::Arc;
 use abridge_operators::scan::{check_file, resolve_files};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use std::collections::HashMap;
 
-use datafusion::common::Column;
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::file_format::options::ParquetReadOptions;
 use datafusion::execution::context::{SQLOptions, SessionContext};
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, Projection, Sort, SortExpr};
+use datafusion::logical_expr::LogicalPlan;
 use parquet::arrow::ArrowWriter;
 
 use crate::error::PipelineError;
+use crate::job::Job;
 use crate::table::manifest::committed_runs;
 use model_functions::{ModelAccounting, ModelFunctions};
 
@@ -50,8 +54,9 @@ pub struct SqlSession {
 /// The job's models as functions, and what the session knows of their answers.
 struct SessionModels {
     functions: ModelFunctions,
-    /// The job's results fingerprint: a committed run with the same one answers calls.
-    job_fingerprint: String,
+    /// The job: a committed run with its results fingerprint answers calls (worked out on
+    /// the first model call: it reads every byte of the models).
+    job: Job,
     /// Whether the committed run's answers were read (once, on the first model call).
     learned: bool,
 }
@@ -96,16 +101,26 @@ impl SqlSession {
     }
 
     /// Registers the job's models as functions (`summarize`, `embed` and their `try_`
-    /// forms); `job_fingerprint` is the job's [`crate::job::Job::results_fingerprint`].
-    pub fn with_models(&mut self, functions: ModelFunctions, job_fingerprint: String) {
+    /// forms).
+    pub fn with_models(&mut self, functions: ModelFunctions, job: Job) {
         for function in functions.udfs() {
             self.ctx.register_udf(function);
         }
         self.models = Some(SessionModels {
             functions,
-            job_fingerprint,
+            job,
             learned: false,
         });
+    }
+
+    /// Writes the answers not yet kept to the cache and logs the session's model use:
+    /// after a query, also one that failed or was interrupted.
+    pub fn keep_answers(&self) -> Result<usize, PipelineError> {
+        let Some(models) = &self.models else {
+            return Ok(0);
+        };
+        models.functions.log_query();
+        models.functions.persist()
     }
 
     /// What the model functions did so far (None without a job's models).
@@ -247,223 +262,76 @@ impl SqlSession {
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(|e| PipelineError::ReadOnly(e.strip_backtrace()))?;
-        let plan = match calls_models(&plan)? {
-            true => {
-                let plan = sort_before_model_calls(plan)?;
-                let plan = group_and_sort_by_model_calls(plan)?;
-                self.prepare_model_calls(&plan).await?;
-                plan
-            }
-            false => plan,
-        };
-        let df = self.ctx.execute_logical_plan(plan).await?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await.map_err(placement_error);
-        // What the models answered is kept even when the query then fails.
-        if let Some(models) = &self.models {
-            models.functions.persist()?;
+        if !calls_models(&plan)? {
+            return self.run(plan).await;
         }
-        Ok((schema, batches?))
+        let plan = sort_before_model_calls(plan)?;
+        let plan = group_and_sort_by_model_calls(plan)?;
+        let plan = lift_nested_model_calls(plan)?;
+        match self.prepare_model_calls(&plan).await? {
+            Some(answered) => Ok(answered),
+            None => {
+                let result = self.run(plan).await;
+                // What the models answered is kept even when the query then fails.
+                if let Some(models) = &self.models {
+                    models.functions.persist()?;
+                }
+                result
+            }
+        }
     }
 
-    /// Before a query calls models: the committed run's answers are learned (once), and
-    /// the query runs once without calling any, counting the inputs it would send; more
-    /// than the limit refuses it.
-    async fn prepare_model_calls(&mut self, plan: &LogicalPlan) -> Result<(), PipelineError> {
+    async fn run(&self, plan: LogicalPlan) -> Result<(SchemaRef, Vec<RecordBatch>), PipelineError> {
+        let df = self.ctx.execute_logical_plan(plan).await?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.collect().await.map_err(placement_error)?;
+        Ok((schema, batches))
+    }
+
+    /// Before a query calls models: the committed run's answers are learned (once), and,
+    /// under `--max-model-rows`, the query runs once calling none, counting the inputs it
+    /// would send ([`plan::counting_plan`]); more than the limit refuses it. When nothing
+    /// was left to call and the counting plan was the query's own, its rows are the
+    /// answer, and the query does not run again.
+    async fn prepare_model_calls(
+        &mut self,
+        plan: &LogicalPlan,
+    ) -> Result<Option<(SchemaRef, Vec<RecordBatch>)>, PipelineError> {
         let Some(models) = &mut self.models else {
-            return Ok(());
+            return Ok(None);
         };
-        let committed = self.registered.iter().any(|t| t == "summaries")
-            && self.latest_fingerprint.as_ref() == Some(&models.job_fingerprint);
+        let committed = self.registered.iter().any(|t| t == "summaries");
         if !models.learned && committed && models.functions.caching() {
             models.learned = true;
-            let rows = self.ctx.table("summaries").await?.collect().await?;
-            models.functions.learn_committed(&rows);
+            if let Some(latest) = &self.latest_fingerprint
+                && *latest == models.job.results_fingerprint()?
+            {
+                let table = self.ctx.table("summaries").await?;
+                let needed = models
+                    .functions
+                    .committed_columns(table.schema().as_arrow());
+                let needed: Vec<&str> = needed.iter().map(String::as_str).collect();
+                let rows = table.select_columns(&needed)?.collect().await?;
+                models.functions.learn_committed(&rows);
+            }
         }
         let max = models.functions.max_model_rows();
         if max == 0 {
-            return Ok(());
+            return Ok(None);
         }
+        let (counting, own) = counting_plan(plan.clone())?;
         models.functions.begin_count();
-        let counted = match self.ctx.execute_logical_plan(plan.clone()).await {
-            Ok(df) => df.collect().await.map(|_| ()),
-            Err(e) => Err(e),
+        let counted = self.run(counting).await;
+        let Some(models) = &self.models else {
+            return Ok(None);
         };
         let rows = models.functions.end_count();
-        counted.map_err(placement_error)?;
+        let counted = counted?;
         if rows > max {
             return Err(PipelineError::TooManyModelRows { rows, max });
         }
-        Ok(())
+        Ok((rows == 0 && own && models.functions.count_answered()).then_some(counted))
     }
-}
-
-/// DataFusion runs async functions (the model functions) in projections, filters and
-/// aggregate arguments, and abridge moves those that group or sort into a projection
-/// ([`group_and_sort_by_model_calls`]); elsewhere (grouping sets, ROLLUP, CUBE) it fails
-/// with an internal error, which is the user's to work around.
-fn placement_error(e: datafusion::error::DataFusionError) -> PipelineError {
-    match e
-        .to_string()
-        .contains("async functions should not be called directly")
-    {
-        true => PipelineError::Query(
-            "a model function (summarize, embed, classify, extract_fields) cannot be computed \
-             here (GROUPING SETS, ROLLUP or CUBE): make it a column of a subquery and group \
-             by that column, e.g. SELECT c, count(*) FROM (SELECT classify(text, ['a', 'b']) \
-             AS c FROM summaries) GROUP BY ROLLUP (c)"
-                .into(),
-        ),
-        false => e.into(),
-    }
-}
-
-/// Whether `plan` calls one of the model functions anywhere (subqueries included).
-fn calls_models(plan: &LogicalPlan) -> Result<bool, PipelineError> {
-    let mut found = false;
-    plan.apply_with_subqueries(|node| {
-        node.apply_expressions(|expr| {
-            found |= calls_model(expr);
-            Ok(match found {
-                true => TreeNodeRecursion::Stop,
-                false => TreeNodeRecursion::Continue,
-            })
-        })
-    })?;
-    Ok(found)
-}
-
-/// Whether `expr` calls one of the model functions.
-fn calls_model(expr: &Expr) -> bool {
-    expr.exists(|e| {
-        Ok(matches!(e, Expr::ScalarFunction(f) if model_functions::NAMES.contains(&f.name())))
-    })
-    .unwrap_or(true)
-}
-
-/// Sorts before the model calls that a sort does not depend on. SQL plans `SELECT id,
-/// summarize(text) FROM t ORDER BY id LIMIT 4` as a sort over the projection that calls
-/// the model, so every row would be summarized before four are kept; sorting the
-/// projection's input by the same keys and projecting after gives the same rows in the
-/// same order, and the optimizer then pushes the `LIMIT` into the sort, so that four rows
-/// reach the model.
-fn sort_before_model_calls(plan: LogicalPlan) -> Result<LogicalPlan, PipelineError> {
-    let rewritten = plan.transform_up(|node| {
-        let LogicalPlan::Sort(sort) = &node else {
-            return Ok(Transformed::no(node));
-        };
-        let LogicalPlan::Projection(projection) = sort.input.as_ref() else {
-            return Ok(Transformed::no(node));
-        };
-        if !projection.expr.iter().any(calls_model) {
-            return Ok(Transformed::no(node));
-        }
-        // The sort keys in terms of the projection's input.
-        let outputs: HashMap<Column, Expr> = projection
-            .schema
-            .columns()
-            .into_iter()
-            .zip(projection.expr.iter().map(|e| e.clone().unalias()))
-            .collect();
-        let mut keys: Vec<SortExpr> = Vec::with_capacity(sort.expr.len());
-        for key in &sort.expr {
-            let expr = key.expr.clone().transform(|e| match &e {
-                Expr::Column(c) => match outputs.get(c) {
-                    Some(source) => Ok(Transformed::yes(source.clone())),
-                    None => Ok(Transformed::no(e)),
-                },
-                _ => Ok(Transformed::no(e)),
-            })?;
-            if calls_model(&expr.data) {
-                return Ok(Transformed::no(node));
-            }
-            keys.push(key.with_expr(expr.data));
-        }
-        let sorted = LogicalPlan::Sort(Sort {
-            expr: keys,
-            input: Arc::clone(&projection.input),
-            fetch: sort.fetch,
-        });
-        let projected = Projection::try_new(projection.expr.clone(), Arc::new(sorted))?;
-        Ok(Transformed::yes(LogicalPlan::Projection(projected)))
-    })?;
-    Ok(rewritten.data)
-}
-
-/// Computes the model calls that a `GROUP BY` groups by, or an `ORDER BY` sorts by, in a
-/// projection under the aggregate or sort, which then uses their columns: DataFusion
-/// evaluates async functions (the model functions) in projections, not in grouping or
-/// sort expressions. Groups keep their names, and a sort is followed by a projection of
-/// its input's columns, so the plan above is unchanged.
-fn group_and_sort_by_model_calls(plan: LogicalPlan) -> Result<LogicalPlan, PipelineError> {
-    let rewritten = plan.transform_up(|node| match &node {
-        LogicalPlan::Aggregate(aggregate) => {
-            let grouping_sets = aggregate
-                .group_expr
-                .iter()
-                .any(|e| matches!(e, Expr::GroupingSet(_)));
-            if grouping_sets || !aggregate.group_expr.iter().any(calls_model) {
-                return Ok(Transformed::no(node));
-            }
-            let (below, groups) = computed_below(&aggregate.input, &aggregate.group_expr)?;
-            let groups = groups
-                .into_iter()
-                .zip(&aggregate.group_expr)
-                .map(|(new, old)| match new == *old {
-                    true => new,
-                    false => new.alias(old.schema_name().to_string()),
-                })
-                .collect();
-            let grouped = Aggregate::try_new(below, groups, aggregate.aggr_expr.clone())?;
-            Ok(Transformed::yes(LogicalPlan::Aggregate(grouped)))
-        }
-        LogicalPlan::Sort(sort) if sort.expr.iter().any(|k| calls_model(&k.expr)) => {
-            let keys: Vec<Expr> = sort.expr.iter().map(|k| k.expr.clone()).collect();
-            let (below, keys) = computed_below(&sort.input, &keys)?;
-            let keys = sort
-                .expr
-                .iter()
-                .zip(keys)
-                .map(|(old, new)| old.with_expr(new))
-                .collect();
-            let sorted = LogicalPlan::Sort(Sort {
-                expr: keys,
-                input: below,
-                fetch: sort.fetch,
-            });
-            let columns = sort.input.schema().columns().into_iter().map(Expr::Column);
-            let projected = Projection::try_new(columns.collect(), Arc::new(sorted))?;
-            Ok(Transformed::yes(LogicalPlan::Projection(projected)))
-        }
-        _ => Ok(Transformed::no(node)),
-    })?;
-    Ok(rewritten.data)
-}
-
-/// `input` with a column for each of `exprs` that calls a model, and `exprs` with those
-/// calls replaced by their columns.
-fn computed_below(
-    input: &Arc<LogicalPlan>,
-    exprs: &[Expr],
-) -> datafusion::error::Result<(Arc<LogicalPlan>, Vec<Expr>)> {
-    let mut below: Vec<Expr> = input
-        .schema()
-        .columns()
-        .into_iter()
-        .map(Expr::Column)
-        .collect();
-    let mut replaced = Vec::with_capacity(exprs.len());
-    for (i, expr) in exprs.iter().enumerate() {
-        if !calls_model(expr) {
-            replaced.push(expr.clone());
-            continue;
-        }
-        let column = format!("__abridge_model_{i}");
-        below.push(expr.clone().alias(&column));
-        replaced.push(Expr::Column(Column::new_unqualified(column)));
-    }
-    let below = Projection::try_new(below, Arc::clone(input))?;
-    Ok((Arc::new(LogicalPlan::Projection(below)), replaced))
 }
 
 /// The union of the files' columns (None for a single file), or which files disagree on

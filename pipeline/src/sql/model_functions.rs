@@ -20,9 +20,8 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::io::Read;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -113,14 +112,17 @@ struct Models {
     cache: ResultCache,
     generator: OnceCell<SharedGenerator>,
     encoder: OnceCell<EncoderWorker>,
-    /// Fingerprints of model files, by path: computed once, before any load.
-    fingerprints: Mutex<HashMap<String, String>>,
+    /// The models' identities (`summarize`, `embed`): worked out once, before any load.
+    identities: Mutex<HashMap<&'static str, String>>,
     /// A summarizer per prompt (None: the job's).
     summarizers: Mutex<HashMap<Option<String>, Arc<Summarizer>>>,
     /// On during the counting pass: functions answer NULL and count.
     counting: AtomicBool,
     /// Distinct uncached inputs the counting pass met.
     would_call: Mutex<HashSet<Key>>,
+    /// Rows the counting pass answered from the cache, and rows it failed.
+    counted_hits: AtomicU64,
+    counted_failed: AtomicU64,
     accounting: Mutex<ModelAccounting>,
     /// The engine's counters when the session began calling it.
     engine_base: Mutex<Option<EngineStats>>,
@@ -166,10 +168,12 @@ impl ModelFunctions {
                 cache,
                 generator: OnceCell::new(),
                 encoder: OnceCell::new(),
-                fingerprints: Mutex::default(),
+                identities: Mutex::default(),
                 summarizers: Mutex::default(),
                 counting: AtomicBool::new(false),
                 would_call: Mutex::default(),
+                counted_hits: AtomicU64::new(0),
+                counted_failed: AtomicU64::new(0),
                 accounting: Mutex::default(),
                 engine_base: Mutex::default(),
             }),
@@ -217,7 +221,38 @@ impl ModelFunctions {
         self.models.cache.enabled()
     }
 
-    /// Takes the answers of a committed run of the job (its rows, every column): each
+    /// The columns of a committed run (of `schema`) that [`ModelFunctions::learn_committed`]
+    /// reads: those the job's templates use, the answers and the row's error.
+    pub fn committed_columns(&self, schema: &Schema) -> Vec<String> {
+        let mut templates = Vec::new();
+        if let Ok(summarizer) = self.models.summarizer(None) {
+            templates.push(summarizer.settings.template.clone());
+        }
+        if let Some(embed) = &self.models.embed {
+            templates.push(embed.input.clone().unwrap_or_else(|| "{text}".into()));
+        }
+        let parsed: Vec<Template> = templates
+            .iter()
+            .filter_map(|t| Template::parse(t, schema).ok())
+            .collect();
+        let answers = [
+            SUMMARY,
+            abridge_operators::embed::EMBEDDING,
+            abridge_schemas::output::ERROR,
+        ];
+        schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(i, f)| {
+                answers.contains(&f.name().as_str()) || parsed.iter().any(|t| t.uses(*i))
+            })
+            .map(|(_, f)| f.name().clone())
+            .collect()
+    }
+
+    /// Takes the answers of a committed run of the job (its rows, with the
+    /// [`ModelFunctions::committed_columns`]): each
     /// row's summary answers `summarize()` of the prompt the job made for it, and its
     /// vector `embed()` of the text the job embedded. Only for a run made with the job's
     /// present settings (the caller checks its fingerprint). A function whose input the
@@ -241,7 +276,7 @@ impl ModelFunctions {
         };
         let summarizer = models.summarizer(None)?;
         let template = Template::parse(&summarizer.settings.template, &batch.schema())?;
-        let fingerprint = models.fingerprint(&config.model)?;
+        let fingerprint = models.generator_identity(config)?;
         let prompts = template.render(batch, &vec![true; batch.num_rows()])?;
         let summaries = cast(summaries, &DataType::Utf8)?;
         let summaries = summaries.as_string::<i32>();
@@ -268,7 +303,7 @@ impl ModelFunctions {
         };
         let template =
             Template::parse(config.input.as_deref().unwrap_or("{text}"), &batch.schema())?;
-        let fingerprint = models.fingerprint(&config.model.display().to_string())?;
+        let fingerprint = models.encoder_identity(config)?;
         let texts = template.render(batch, &vec![true; batch.num_rows()])?;
         let mut learned = 0;
         for (row, text) in texts.iter().enumerate() {
@@ -286,10 +321,24 @@ impl ModelFunctions {
     }
 
     /// Starts the counting pass: until [`ModelFunctions::end_count`], the functions call
-    /// no model and answer NULL.
+    /// no model; they answer from the cache, or a stand-in.
     pub fn begin_count(&self) {
         lock(&self.models.would_call).clear();
+        self.models.counted_hits.store(0, Ordering::SeqCst);
+        self.models.counted_failed.store(0, Ordering::SeqCst);
         self.models.counting.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the counting pass just ended, which called no model, can stand for the
+    /// query (no row failed there: failures are reported, and fail the query under
+    /// `--fail-on-error`, only when the query runs); its cache hits become the query's.
+    pub fn count_answered(&self) -> bool {
+        if self.models.counted_failed.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        let hits = self.models.counted_hits.swap(0, Ordering::SeqCst);
+        lock(&self.models.accounting).cache_hits += hits;
+        true
     }
 
     /// Ends the counting pass: the distinct uncached inputs the query would send to models.
@@ -317,6 +366,14 @@ impl ModelFunctions {
     /// Writes the answers of this session's model calls to the cache folder.
     pub fn persist(&self) -> Result<usize, crate::PipelineError> {
         self.models.cache.persist()
+    }
+
+    /// Notes what the session's queries called and found cached in the cache's log.
+    pub fn log_query(&self) {
+        let a = self.accounting();
+        if a.model_calls + a.cache_hits > 0 {
+            self.models.cache.log_query(a.model_calls, a.cache_hits);
+        }
     }
 }
 
@@ -527,34 +584,65 @@ impl AsyncScalarUDFImpl for ModelFunction {
             other => other.clone(),
         };
         let counting = self.models.counting.load(Ordering::SeqCst);
-        let results = match self.kind {
-            Kind::Summarize => {
-                let prompts = match arrays.get(1) {
-                    Some(p) => Some(cast(p, &DataType::Utf8)?),
-                    None => None,
-                };
-                let prompts = prompts.as_ref().map(|p| p.as_string::<i32>());
-                self.models.summarize(texts, prompts, counting).await?
-            }
-            Kind::Embed => self.models.embed(texts, counting).await?,
-            Kind::Classify => {
-                let labels = arrays[1].as_list_opt::<i32>().ok_or_else(|| {
-                    exec_datafusion_err!(
-                        "classify(text, labels): labels must be a list of texts, e.g. \
-                         ['billing', 'printing']"
-                    )
-                })?;
-                self.models.classify(texts, labels, counting).await?
-            }
-            Kind::Extract => {
-                let DataType::Struct(fields) = &value_type else {
-                    return exec_err!("extract_fields(): its result is not a struct");
-                };
-                let names: Vec<String> = fields.iter().map(|f| f.name().clone()).collect();
-                self.models.extract(texts, &names, counting).await?
-            }
+        let prompts = match (self.kind, arrays.get(1)) {
+            (Kind::Summarize, Some(p)) => Some(cast(p, &DataType::Utf8)?),
+            _ => None,
         };
+        let labels = match self.kind {
+            Kind::Classify => Some(arrays[1].as_list_opt::<i32>().cloned().ok_or_else(|| {
+                exec_datafusion_err!(
+                    "classify(text, labels): labels must be a list of texts, e.g. \
+                     ['billing', 'printing']"
+                )
+            })?),
+            _ => None,
+        };
+        let names: Vec<String> = match (self.kind, &value_type) {
+            (Kind::Extract, DataType::Struct(fields)) => {
+                fields.iter().map(|f| f.name().clone()).collect()
+            }
+            (Kind::Extract, _) => return exec_err!("extract_fields(): its result is not a struct"),
+            _ => Vec::new(),
+        };
+        // Rows go to the model a few waves at a time, and each part's answers are kept
+        // before the next is asked: a query stopped halfway keeps what it paid for.
+        let part = (4 * self.models.in_flight()).max(1);
+        let mut results = Results::new(0);
+        for start in (0..rows).step_by(part) {
+            let len = part.min(rows - start);
+            let texts = texts.slice(start, len);
+            let answered = match self.kind {
+                Kind::Summarize => {
+                    let prompts = prompts
+                        .as_ref()
+                        .map(|p| p.as_string::<i32>().slice(start, len));
+                    self.models
+                        .summarize(&texts, prompts.as_ref(), counting)
+                        .await?
+                }
+                Kind::Embed => self.models.embed(&texts, counting).await?,
+                Kind::Classify => {
+                    let labels = labels.as_ref().map(|l| l.slice(start, len));
+                    let labels =
+                        labels.ok_or_else(|| exec_datafusion_err!("classify(): no labels"))?;
+                    self.models.classify(&texts, &labels, counting).await?
+                }
+                Kind::Extract => self.models.extract(&texts, &names, counting).await?,
+            };
+            results.values.extend(answered.values);
+            results.errors.extend(answered.errors);
+            if !counting && let Err(e) = self.models.cache.persist() {
+                // A cache that cannot be written only costs those answers.
+                tracing::warn!("model result cache: {e} (these answers are not kept)");
+            }
+        }
         let failed = results.errors.iter().flatten().count();
+        if counting {
+            let failed = failed as u64;
+            self.models
+                .counted_failed
+                .fetch_add(failed, Ordering::SeqCst);
+        }
         if failed > 0 && self.models.options.fail_on_error && !counting {
             let first = results
                 .errors
@@ -641,9 +729,16 @@ impl Models {
             .summarize_config()
             .map_err(DataFusionError::Execution)?;
         let fingerprint = self
-            .fingerprint(&config.model)
+            .generator_identity(config)
             .map_err(|e| exec_datafusion_err!("{function}(): {e}"))?;
         Ok((config, fingerprint))
+    }
+
+    /// Requests the generator keeps open (the job's `in_flight`; 8 without `[summarize]`).
+    fn in_flight(&self) -> usize {
+        self.summarize
+            .as_ref()
+            .map_or(8, SummarizeConfig::in_flight)
     }
 
     fn summarize_config(&self) -> Result<&SummarizeConfig, String> {
@@ -652,47 +747,28 @@ impl Models {
         })
     }
 
-    /// A digest of the model at `model` (a file, or every file of a folder; a name that is
-    /// neither, e.g. a hub id, stands for itself): answers are reused only from the same
-    /// weights and tokenizer.
-    fn fingerprint(&self, model: &str) -> Result<String, OperatorError> {
-        if let Some(known) = lock(&self.fingerprints).get(model) {
+    /// [`SummarizeConfig::model_identity`], once per session: answers are reused only from
+    /// the same weights, engine and settings that change numbers.
+    fn generator_identity(&self, config: &SummarizeConfig) -> Result<String, OperatorError> {
+        self.identity("summarize", || config.model_identity())
+    }
+
+    /// [`EmbedConfig::model_identity`], once per session.
+    fn encoder_identity(&self, config: &EmbedConfig) -> Result<String, OperatorError> {
+        self.identity("embed", || config.model_identity())
+    }
+
+    fn identity(
+        &self,
+        model: &'static str,
+        compute: impl FnOnce() -> Result<String, OperatorError>,
+    ) -> Result<String, OperatorError> {
+        if let Some(known) = lock(&self.identities).get(model) {
             return Ok(known.clone());
         }
-        let path = Path::new(model).to_path_buf();
-        let mut hasher = blake3::Hasher::new();
-        let mut files = Vec::new();
-        if path.is_dir() {
-            let entries = std::fs::read_dir(&path).map_err(|e| model_file_error(&path, e))?;
-            files.extend(
-                entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.is_file()),
-            );
-            files.sort();
-        } else if path.is_file() {
-            files.push(path.clone());
-        } else {
-            hasher.update(model.as_bytes());
-        }
-        for file in &files {
-            let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
-            hasher.update(name.unwrap_or_default().as_bytes());
-            let mut reader = std::fs::File::open(file).map_err(|e| model_file_error(file, e))?;
-            let mut buffer = vec![0u8; 1 << 20];
-            loop {
-                let n = reader
-                    .read(&mut buffer)
-                    .map_err(|e| model_file_error(file, e))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buffer[..n]);
-            }
-        }
-        let fingerprint = hasher.finalize().to_hex()[..32].to_string();
-        lock(&self.fingerprints).insert(model.to_string(), fingerprint.clone());
-        Ok(fingerprint)
+        let identity = compute()?;
+        lock(&self.identities).insert(model, identity.clone());
+        Ok(identity)
     }
 
     fn summarizer(&self, prompt: Option<&str>) -> Result<Arc<Summarizer>, OperatorError> {
@@ -792,7 +868,9 @@ impl Models {
                 .iter()
                 .map(|p| key(&["summarize", &fingerprint, &summarizer.version, p]))
                 .collect();
-            let todo = self.look_up(&group, &keys, &mut results, counting);
+            let todo = self.look_up(&group, &keys, &mut results, counting, &|k| {
+                Answer::Text(stand_in_text(k))
+            });
             if todo.is_empty() {
                 continue;
             }
@@ -855,14 +933,16 @@ impl Models {
         let mut results = Results::new(rows);
         let config = self.embed_config().map_err(DataFusionError::Execution)?;
         let fingerprint = self
-            .fingerprint(&config.model.display().to_string())
+            .encoder_identity(config)
             .map_err(|e| exec_datafusion_err!("embed(): {e}"))?;
         let group: Vec<usize> = (0..rows).filter(|&r| texts.is_valid(r)).collect();
         let keys: Vec<Key> = group
             .iter()
             .map(|&r| key(&["embed", &fingerprint, texts.value(r)]))
             .collect();
-        let todo = self.look_up(&group, &keys, &mut results, counting);
+        let dim = embedding_dim(&config.model)?;
+        let zeros = |_: &Key| Answer::Vector(vec![0.0; dim].into());
+        let todo = self.look_up(&group, &keys, &mut results, counting, &zeros);
         if todo.is_empty() {
             return Ok(results);
         }
@@ -921,22 +1001,18 @@ impl Models {
                 }
                 continue;
             }
-            let joined = set.join("\u{1f}");
-            let style = if seqgpt { "seqgpt" } else { "instruct" };
+            // Keyed by the very question asked, so that a changed prompt asks again.
+            let max_input = format!("max_input={}", config.max_input_tokens);
             let keys: Vec<Key> = group
                 .iter()
                 .map(|&r| {
-                    key(&[
-                        "classify",
-                        &fingerprint,
-                        style,
-                        &joined,
-                        &config.max_input_tokens.to_string(),
-                        texts.value(r),
-                    ])
+                    let question = tasks::classification_prompt(texts.value(r), &set, seqgpt);
+                    key(&["classify", &fingerprint, &max_input, &question])
                 })
                 .collect();
-            let todo = self.look_up(&group, &keys, &mut results, counting);
+            let todo = self.look_up(&group, &keys, &mut results, counting, &|k| {
+                Answer::Text(stand_in_text(k))
+            });
             if todo.is_empty() {
                 continue;
             }
@@ -961,20 +1037,27 @@ impl Models {
         let mut results = Results::new(rows);
         let (config, fingerprint) = self.generator_model("extract_fields")?;
         let seqgpt = config.task_settings().seqgpt;
-        // "form": answers are filled-in forms where the engine can constrain decoding.
+        // "form": answers are filled-in forms where the engine can constrain decoding. Keyed
+        // by the very question asked, so that a changed prompt asks again.
         let style = format!(
-            "{} form max_input={} max_new={}",
-            if seqgpt { "seqgpt" } else { "instruct" },
-            config.max_input_tokens,
-            config.max_new_tokens
+            "form max_input={} max_new={}",
+            config.max_input_tokens, config.max_new_tokens
         );
-        let joined = names.join("\u{1f}");
         let group: Vec<usize> = (0..rows).filter(|&r| texts.is_valid(r)).collect();
         let keys: Vec<Key> = group
             .iter()
-            .map(|&r| key(&["extract", &fingerprint, &style, &joined, texts.value(r)]))
+            .map(|&r| {
+                let question = tasks::extraction_prompt(texts.value(r), names, seqgpt);
+                key(&["extract", &fingerprint, &style, &question])
+            })
             .collect();
-        let todo = self.look_up(&group, &keys, &mut results, counting);
+        // A form whose every value is distinct, so that calls over a field are counted.
+        let form = |k: &Key| {
+            let value = stand_in_text(k);
+            let lines: Vec<String> = names.iter().map(|n| format!("{n}: {value}")).collect();
+            Answer::Text(lines.join("\n"))
+        };
+        let todo = self.look_up(&group, &keys, &mut results, counting, &form);
         if !todo.is_empty() {
             let asked = Asking {
                 question: Question::Extract(names.into()),
@@ -1056,13 +1139,15 @@ impl Models {
 
     /// Fills `results` from the cache for the rows of `group` (`keys` in the same order);
     /// returns the distinct keys left to compute, each with the first index into `group`
-    /// that has it. While counting, those are counted instead (and left NULL).
+    /// that has it. While counting, those are counted instead, and answered `stand_in`
+    /// (so that a call over this one's answers is counted too).
     fn look_up(
         &self,
         group: &[usize],
         keys: &[Key],
         results: &mut Results,
         counting: bool,
+        stand_in: &dyn Fn(&Key) -> Answer,
     ) -> Vec<(usize, Key)> {
         let mut todo: Vec<(usize, Key)> = Vec::new();
         let mut seen: HashSet<Key> = HashSet::new();
@@ -1081,7 +1166,13 @@ impl Models {
             }
         }
         if counting {
+            for (&row, k) in group.iter().zip(keys) {
+                if results.values[row].is_none() {
+                    results.values[row] = Some(stand_in(k));
+                }
+            }
             lock(&self.would_call).extend(todo.iter().map(|&(_, k)| k));
+            self.counted_hits.fetch_add(hits, Ordering::SeqCst);
             return Vec::new();
         }
         lock(&self.accounting).cache_hits += hits;
@@ -1124,6 +1215,12 @@ impl Models {
     }
 }
 
+/// The counting pass's answer to a question not yet asked: distinct per question.
+fn stand_in_text(key: &Key) -> String {
+    let id: String = key[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("(not yet asked: {id})")
+}
+
 /// Whether a committed row went through (its answers are the job's, not a failure's).
 fn usable(batch: &RecordBatch, row: usize) -> bool {
     batch
@@ -1146,8 +1243,4 @@ fn input_batch(texts: &StringArray, rows: &[usize]) -> Result<RecordBatch> {
         new_null_array(&DataType::Utf8, n),
     ];
     Ok(RecordBatch::try_new(input_schema(), columns)?)
-}
-
-fn model_file_error(path: &Path, e: std::io::Error) -> OperatorError {
-    OperatorError::config("model", format!("{}: {e}", path.display()))
 }

@@ -7,6 +7,11 @@
 //! crash never leaves half a file under a real name), and the committed rows of the job's
 //! latest run, which are read, never written. Failed calls are not kept: a later query
 //! tries them again.
+//!
+//! Answers are written as they come (after each batch a model answers), so that a query
+//! stopped halfway keeps what it paid for. The folder is held under a size cap: past it,
+//! the oldest files go first. `queries.log` has a line per query that used the cache
+//! (its model calls and cache hits), for `abridge cache`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,10 +48,19 @@ pub enum Answer {
 
 /// Answers by key; see the module's documentation.
 pub struct ResultCache {
-    /// None: the cache is off (`--no-cache`): nothing is looked up or kept.
+    /// None: the cache is off (`--no-cache`): nothing is read or written, and only this
+    /// session's own answers are reused (a question asked twice in one query is asked once).
     dir: Option<PathBuf>,
+    /// The most bytes the folder's answer files may take.
+    max_bytes: u64,
     state: Mutex<State>,
 }
+
+/// The default size cap of the cache folder: 2 GiB (about 4 million summaries).
+pub const DEFAULT_MAX_BYTES: u64 = 2 << 30;
+
+/// The log of queries that used the cache, in its folder.
+const QUERY_LOG: &str = "queries.log";
 
 #[derive(Default)]
 struct State {
@@ -57,10 +71,11 @@ struct State {
 }
 
 impl ResultCache {
-    /// A cache kept in `dir` (read on first use), or none at all.
-    pub fn new(dir: Option<PathBuf>) -> Self {
+    /// A cache kept in `dir` (read on first use) within `max_bytes`, or none at all.
+    pub fn new(dir: Option<PathBuf>, max_bytes: u64) -> Self {
         Self {
             dir,
+            max_bytes,
             state: Mutex::new(State::default()),
         }
     }
@@ -77,9 +92,10 @@ impl ResultCache {
 
     /// The answer to `key`, if one is known.
     pub fn get(&self, key: &Key) -> Option<Answer> {
-        let dir = self.dir.as_ref()?;
         let mut state = self.state();
-        if !state.loaded {
+        if !state.loaded
+            && let Some(dir) = &self.dir
+        {
             state.loaded = true;
             load(dir, &mut state.known);
         }
@@ -95,11 +111,12 @@ impl ResultCache {
 
     /// An answer a model just gave: used, and written by [`ResultCache::persist`].
     pub fn insert(&self, key: Key, answer: Answer) {
-        if self.enabled() {
-            let mut state = self.state();
-            state.known.insert(key, answer.clone());
-            state.fresh.push((key, answer));
+        let enabled = self.enabled();
+        let mut state = self.state();
+        if enabled {
+            state.fresh.push((key, answer.clone()));
         }
+        state.known.insert(key, answer);
     }
 
     /// Writes the answers not yet written, as one new file; returns how many.
@@ -124,8 +141,132 @@ impl ResultCache {
         let file = writer.into_inner()?;
         file.sync_all().map_err(io(&partial))?;
         std::fs::rename(&partial, &path).map_err(io(&path))?;
+        evict(dir, self.max_bytes, &path).map_err(io(dir))?;
         Ok(fresh.len())
     }
+
+    /// Notes a query's model calls and cache hits in the folder's log (nothing when the
+    /// cache is off); a log that cannot be written is passed over.
+    pub fn log_query(&self, calls: u64, hits: u64) {
+        let Some(dir) = &self.dir else { return };
+        let line = format!("{} {calls} {hits}\n", chrono::Utc::now().to_rfc3339());
+        let written = std::fs::create_dir_all(dir).and_then(|_| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(QUERY_LOG))
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+        });
+        if let Err(e) = written {
+            tracing::warn!(
+                "model result cache: cannot log the query in {}: {e}",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// The answer files of `dir`, oldest first (their names begin with the time written).
+fn answer_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("results-") && name.ends_with(".parquet") {
+            files.push((entry.path(), entry.metadata()?.len()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Removes the oldest answer files of `dir` until the rest fit in `max_bytes`, never
+/// `newest` (the one just written).
+fn evict(dir: &Path, max_bytes: u64, newest: &Path) -> std::io::Result<()> {
+    let files = answer_files(dir)?;
+    let mut total: u64 = files.iter().map(|(_, size)| size).sum();
+    for (file, size) in files {
+        if total <= max_bytes {
+            break;
+        }
+        if file != newest {
+            match std::fs::remove_file(&file) {
+                Ok(()) => total -= size,
+                // Another session evicted it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= size,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `abridge cache` shows of a cache folder.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct CacheSummary {
+    /// Answer files, and their bytes.
+    pub files: usize,
+    pub bytes: u64,
+    /// Answers kept (a question answered twice, in two files, counts twice).
+    pub answers: u64,
+    /// Queries that used the cache, and their model calls and cache hits, all told.
+    pub queries: u64,
+    pub model_calls: u64,
+    pub cache_hits: u64,
+}
+
+/// The summary of the cache folder `dir` (empty when there is none yet).
+pub fn summary(dir: &Path) -> Result<CacheSummary, PipelineError> {
+    let mut out = CacheSummary::default();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    let io = |source| PipelineError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for (file, size) in answer_files(dir).map_err(io)? {
+        out.files += 1;
+        out.bytes += size;
+        let rows = std::fs::File::open(&file)
+            .ok()
+            .and_then(|f| ParquetRecordBatchReaderBuilder::try_new(f).ok())
+            .map_or(0, |b| b.metadata().file_metadata().num_rows());
+        out.answers += rows.max(0) as u64;
+    }
+    if let Ok(log) = std::fs::read_to_string(dir.join(QUERY_LOG)) {
+        for line in log.lines() {
+            let mut fields = line.split_whitespace().skip(1).map(str::parse::<u64>);
+            if let (Some(Ok(calls)), Some(Ok(hits))) = (fields.next(), fields.next()) {
+                out.queries += 1;
+                out.model_calls += calls;
+                out.cache_hits += hits;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Removes every answer file and the query log of `dir`; returns the bytes freed.
+pub fn clear(dir: &Path) -> Result<u64, PipelineError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PipelineError::Io { path, source }
+    };
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let mut freed = 0;
+    for (file, size) in answer_files(dir).map_err(io(dir))? {
+        std::fs::remove_file(&file).map_err(io(&file))?;
+        freed += size;
+    }
+    let log = dir.join(QUERY_LOG);
+    if log.exists() {
+        std::fs::remove_file(&log).map_err(io(&log))?;
+    }
+    Ok(freed)
 }
 
 fn schema() -> Schema {
@@ -169,25 +310,26 @@ fn to_batch(answers: &[(Key, Answer)]) -> Result<RecordBatch, PipelineError> {
 /// Every readable file of `dir` into `known`. A file that cannot be read is passed over
 /// with a warning: the cache only saves time, and its answers will be computed again.
 fn load(dir: &Path, known: &mut HashMap<Key, Answer>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let Ok(files) = answer_files(dir) else {
         return;
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
-        .filter(|p| {
-            !p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        })
-        .collect();
-    files.sort();
-    for file in files {
-        if let Err(reason) = load_file(&file, known) {
-            tracing::warn!(
-                file = %file.display(),
-                "model result cache: {}: {reason} (left out; its answers are computed again)",
-                file.display()
-            );
+    for (file, _) in files {
+        // A corrupt file must not take the query down: some make the Parquet reader panic.
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut answers = HashMap::new();
+            load_file(&file, &mut answers).map(|()| answers)
+        }))
+        .unwrap_or_else(|_| Err("the Parquet reader failed on it".into()));
+        match loaded {
+            Ok(answers) => known.extend(answers),
+            Err(reason) => {
+                tracing::warn!(
+                    file = %file.display(),
+                    "model result cache: {}: {reason} (left out; its answers are computed \
+                     again)",
+                    file.display()
+                );
+            }
         }
     }
 }
@@ -254,7 +396,7 @@ mod tests {
     #[test]
     fn answers_survive_a_new_session_and_failed_files_are_passed_over() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = ResultCache::new(Some(dir.path().to_path_buf()));
+        let cache = ResultCache::new(Some(dir.path().to_path_buf()), DEFAULT_MAX_BYTES);
         let (a, b) = (
             key(&["summarize", "m", "v", "x"]),
             key(&["embed", "m", "x"]),
@@ -265,20 +407,47 @@ mod tests {
         cache.insert(b, Answer::Vector(vec![0.5, -1.0].into()));
         assert_eq!(cache.persist().expect("persist"), 2);
         assert_eq!(cache.persist().expect("nothing new"), 0);
-        std::fs::write(dir.path().join("broken.parquet"), b"not parquet").expect("write");
+        std::fs::write(dir.path().join("results-0-broken.parquet"), b"not parquet").expect("write");
 
-        let again = ResultCache::new(Some(dir.path().to_path_buf()));
+        let again = ResultCache::new(Some(dir.path().to_path_buf()), DEFAULT_MAX_BYTES);
         assert_eq!(again.get(&a), Some(Answer::Text("short".into())));
         assert_eq!(again.get(&b), Some(Answer::Vector(vec![0.5, -1.0].into())));
     }
 
     #[test]
-    fn an_off_cache_keeps_nothing() {
-        let cache = ResultCache::new(None);
-        let k = key(&["x"]);
-        cache.insert(k, Answer::Text("t".into()));
-        cache.know(k, Answer::Text("t".into()));
-        assert_eq!(cache.get(&k), None);
+    fn an_off_cache_keeps_only_the_sessions_own_answers() {
+        let cache = ResultCache::new(None, DEFAULT_MAX_BYTES);
+        let (learned, asked) = (key(&["learned"]), key(&["asked"]));
+        cache.know(learned, Answer::Text("t".into()));
+        assert_eq!(cache.get(&learned), None);
+        cache.insert(asked, Answer::Text("a".into()));
+        assert_eq!(cache.get(&asked), Some(Answer::Text("a".into())));
         assert_eq!(cache.persist().expect("persist"), 0);
+    }
+
+    #[test]
+    fn the_oldest_files_go_past_the_cap_and_the_summary_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ResultCache::new(Some(dir.path().to_path_buf()), 1);
+        for i in 0..3 {
+            cache.insert(key(&[&i.to_string()]), Answer::Text("x".repeat(100)));
+            assert_eq!(cache.persist().expect("persist"), 1);
+            cache.log_query(1, i);
+        }
+        let kept = summary(dir.path()).expect("summary");
+        assert_eq!(
+            (kept.files, kept.answers),
+            (1, 1),
+            "only the newest fits: {kept:?}"
+        );
+        assert_eq!((kept.queries, kept.model_calls, kept.cache_hits), (3, 3, 3));
+        let again = ResultCache::new(Some(dir.path().to_path_buf()), 1);
+        assert_eq!(again.get(&key(&["2"])), Some(Answer::Text("x".repeat(100))));
+        assert_eq!(again.get(&key(&["0"])), None);
+        assert_eq!(clear(dir.path()).expect("clear"), kept.bytes);
+        assert_eq!(
+            summary(dir.path()).expect("summary"),
+            CacheSummary::default()
+        );
     }
 }

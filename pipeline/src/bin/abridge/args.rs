@@ -130,6 +130,17 @@ pub enum Command {
     ///   abridge status --output /data/out/nightly --json
     #[command(verbatim_doc_comment)]
     Status(StatusArgs),
+    /// Show or clear the cache of SQL model answers ($ABRIDGE_CACHE/sql-results).
+    ///
+    /// Shows its files, size and answers kept, and, over the queries that used it, their
+    /// model calls and the answers found cached. `abridge sql` keeps answers as they come
+    /// and holds the folder under --cache-max-mib (default 2048), the oldest going first.
+    ///
+    /// Examples:
+    ///   abridge cache
+    ///   abridge cache --clear
+    #[command(verbatim_doc_comment)]
+    Cache(CacheArgs),
 }
 
 #[derive(Args)]
@@ -242,9 +253,24 @@ pub struct SqlArgs {
     /// Fail the query when a model fails on a row, instead of NULL for that row.
     #[arg(long)]
     pub fail_on_error: bool,
-    /// Neither read nor keep cached model answers: every input goes to its model.
+    /// Neither read nor keep cached model answers: every input goes to its model (an
+    /// input repeated within the query is still asked once).
     #[arg(long)]
     pub no_cache: bool,
+    /// The most the answer cache ($ABRIDGE_CACHE/sql-results) may take, in MiB; past it
+    /// the oldest answers go first. See `abridge cache`.
+    #[arg(long, value_name = "MIB", default_value_t = 2048)]
+    pub cache_max_mib: u64,
+}
+
+#[derive(Args)]
+pub struct CacheArgs {
+    /// Remove every cached answer (and the log of queries).
+    #[arg(long)]
+    pub clear: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -3,6 +3,7 @@
 //! What a subcommand prints is formatted in its module; the work is the library's.
 
 mod args;
+mod cache;
 mod eval;
 mod logging;
 mod run;
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
             Command::Eval(args) => eval::eval(args).await,
             Command::Sample(args) => sample::sample(&args),
             Command::Status(args) => status::status(&args),
+            Command::Cache(args) => cache::cache(&args),
         }
     });
     // Whatever a stopped run left on blocking threads (a model still loading, say) has no

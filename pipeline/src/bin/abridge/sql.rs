@@ -35,6 +35,7 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
         };
         let cache = ResultCache::new(
             (!args.no_cache).then(|| abridge_models::cache_dir().join("sql-results")),
+            args.cache_max_mib.saturating_mul(1 << 20),
         );
         let functions = ModelFunctions::new(
             job.config.summarize.clone(),
@@ -42,7 +43,7 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
             options,
             cache,
         );
-        session.with_models(functions, job.results_fingerprint());
+        session.with_models(functions, job);
     }
     for table in &args.tables {
         let (name, path) = table
@@ -50,16 +51,27 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
             .ok_or_else(|| PipelineError::Usage(format!("--table {table}: expected NAME=PATH")))?;
         session.register_path(name.trim(), path.trim()).await?;
     }
-    let result = session.query(&args.query).await;
+    // Ctrl-C or SIGTERM stops the query; the answers the models gave are kept either way.
+    let result = tokio::select! {
+        result = session.query(&args.query) => result,
+        signal = stop_signal() => Err(PipelineError::QueryInterrupted { signal: signal? }),
+    };
+    let kept = session.keep_answers();
     if let Some(accounting) = session.model_accounting() {
         report_models(&accounting);
+    }
+    if let Err(e) = kept {
+        tracing::warn!("model result cache: {e} (the last answers are not kept)");
     }
     let (schema, batches) = match result {
         Ok(result) => result,
         Err(err) => {
             let text = err.to_string();
             let has_defaults = session.tables().iter().any(|t| t == "summaries");
-            if has_defaults || !(text.contains("summaries") || text.contains("runs")) {
+            let missing = ["summaries", "runs"]
+                .iter()
+                .any(|t| text.contains(&format!("{t}' not found")));
+            if has_defaults || !missing {
                 return Err(err.into());
             }
             let hint = match &job_path {
@@ -156,4 +168,15 @@ fn report_models(a: &ModelAccounting) {
             a.failed
         );
     }
+}
+
+/// The first SIGINT or SIGTERM: its number.
+async fn stop_signal() -> anyhow::Result<i32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(tokio::select! {
+        _ = interrupt.recv() => 2,
+        _ = terminate.recv() => 15,
+    })
 }
