@@ -433,6 +433,41 @@ fn missing_and_corrupt_inputs_are_named_with_exit_code_1() -> TestResult {
     Ok(())
 }
 
+/// In `abridge sql` too, a file whose pages are garbage (footer intact) fails the query
+/// by name, without a panic.
+#[test]
+fn sql_names_a_file_with_corrupt_pages() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    sample(dir.path(), "good.parquet", 2000, 1)?;
+    let bad = sample(dir.path(), "bad.parquet", 2000, 2)?;
+    let mut bytes = std::fs::read(&bad)?;
+    let end = bytes.len() * 2 / 3;
+    for b in &mut bytes[64..end] {
+        *b = 0xA5;
+    }
+    std::fs::write(&bad, bytes)?;
+    let tables = [
+        format!("g={}", dir.path().join("good.parquet").display()),
+        format!("b={}", bad.display()),
+    ];
+    let out = abridge(&[
+        "sql",
+        "SELECT count(*), max(body) FROM (SELECT body FROM g UNION ALL SELECT body FROM b)",
+        "--table",
+        &tables[0],
+        "--table",
+        &tables[1],
+    ]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bad.parquet") && !err.contains("good.parquet"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    Ok(())
+}
+
 /// A file whose footer is intact but whose pages are garbage fails mid-stream: it is
 /// skipped and named, the other files' rows are committed, and the exit code (3) says that
 /// the run is complete but for that file.

@@ -298,7 +298,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(256)))]
         /// Bytes of the file changed anywhere in its header, or the file cut anywhere:
         /// the whole load (the check, candle's reader, the model's tensors) answers, and
         /// never panics or aborts.

@@ -37,6 +37,15 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| dirs::home_dir().unwrap_or_default().join(".cache/abridge"))
 }
 
+/// The cases a property test that feeds a reader changed or arbitrary bytes runs:
+/// `$ABRIDGE_FUZZ_CASES` (scripts/fuzz sets it high), else `default` (what CI runs).
+pub fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("ABRIDGE_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The model folder a test or benchmark uses: `$ABRIDGE_MODELS/<name>`, else the cache
 /// that scripts/fetch-models fills.
 pub fn cached_model_dir(name: &str) -> PathBuf {

@@ -419,6 +419,46 @@ pub fn check_file(file: &Path) -> Result<u64, OperatorError> {
     }
 }
 
+/// Reads every page of `file`, as a query that needs all of it would: the rows, or the
+/// file's error (a panic of the reader included), naming it. For telling which of a query's
+/// files a reading failure came from.
+pub fn check_whole_file(file: &Path) -> Result<u64, OperatorError> {
+    check_file(file)?;
+    let corrupt = |source| OperatorError::CorruptParquet {
+        path: file.to_path_buf(),
+        source,
+    };
+    let handle = File::open(file).map_err(|e| OperatorError::InputNotFound {
+        path: file.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let read = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let _reading = Reading::start();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(handle)?
+                .build()?;
+        let mut rows = 0u64;
+        for batch in reader {
+            rows += batch
+                .map_err(|e| ParquetError::External(Box::new(e)))?
+                .num_rows() as u64;
+        }
+        Ok(rows)
+    }));
+    match read {
+        Ok(rows) => rows.map_err(corrupt),
+        Err(panic) => Err(corrupt(ParquetError::General(panicked(panic).to_string()))),
+    }
+}
+
+/// Runs `future` (a query that reads Parquet files), turning a panic of a reader inside
+/// it into an error; see [`check_whole_file`] to name the file.
+pub async fn guard_reads<T>(
+    future: impl Future<Output = Result<T, DataFusionError>>,
+) -> Result<T, DataFusionError> {
+    guarded(future).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,7 +536,7 @@ mod tests {
         let mut corruptions: Vec<Vec<u8>> = (1..64)
             .map(|i| bad[..bad.len() * i / 64].to_vec())
             .collect();
-        for _ in 0..1500 {
+        for _ in 0..abridge_models::fuzz_cases(1500) {
             let mut flipped = bad.clone();
             for _ in 0..=next() % 8 {
                 let at = (next() % flipped.len() as u64) as usize;

@@ -435,18 +435,34 @@ impl RunFiles {
                 source,
             })
         })?;
-        // Publishing is retried: on network filesystems a sync or rename can fail once and
-        // then succeed. The bytes are written; only making them durable and visible is
-        // repeated, and every step is idempotent.
+        // A failed fsync fails the file, never retried: on Linux the kernel may have
+        // dropped the dirty pages it could not write, so a later fsync that succeeds
+        // proves nothing about these bytes.
+        let synced = (|| -> std::io::Result<()> {
+            fail::fail_point!("sink::sync", |_| Err(std::io::Error::other(
+                "injected I/O error (failpoint sink::sync)"
+            )));
+            handle.sync_all()
+        })();
+        if let Err(source) = synced {
+            return Err(abandon(OperatorError::Io {
+                path: file.temp.clone(),
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("cannot make the file durable (fsync): {source}"),
+                ),
+            }));
+        }
+        // The rename is retried: on network filesystems it can fail once and then
+        // succeed, and it is idempotent.
         let publish = || -> std::io::Result<()> {
             fail::fail_point!("sink::publish", |_| Err(std::io::Error::other(
                 "injected I/O error (failpoint sink::publish)"
             )));
-            handle.sync_all()?;
             if file.temp.exists() {
                 std::fs::rename(&file.temp, &file.path)?;
             }
-            File::open(&self.sink.dir)?.sync_all()
+            Ok(())
         };
         let mut attempt = 1;
         while let Err(source) = publish() {
@@ -462,6 +478,16 @@ impl RunFiles {
             std::thread::sleep(PUBLISH_BACKOFF * 4u32.pow(attempt - 1));
             attempt += 1;
         }
+        // The folder's entry, synced once: its failure fails the commit.
+        File::open(&self.sink.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| OperatorError::Io {
+                path: self.sink.dir.clone(),
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("cannot make the folder's new entry durable (fsync): {source}"),
+                ),
+            })?;
         drop(handle);
         self.report.rows += file.counts.rows;
         self.report.rows_failed += file.counts.rows_failed;

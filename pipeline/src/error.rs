@@ -132,6 +132,9 @@ pub enum PipelineError {
     /// A flag's value is malformed or names nothing usable (`--table`, `--format`/`--out`).
     #[error("{0}")]
     Usage(String),
+    /// A query's input file cannot be read to its end (a corrupt data page).
+    #[error(transparent)]
+    UnreadableFile(Box<OperatorError>),
     /// DataFusion failed planning or running a query.
     #[error(transparent)]
     DataFusion(Box<DataFusionError>),

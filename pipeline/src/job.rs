@@ -1119,4 +1119,37 @@ path = "/abs/out"
         assert_eq!(again.config, job.config);
         Ok(())
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            abridge_models::fuzz_cases(256)
+        ))]
+        /// The nightly job file with bytes changed anywhere, or cut anywhere: loading it
+        /// answers (the job, or an error naming the file), and never panics.
+        #[test]
+        fn changed_job_files_never_panic(
+            changes in proptest::collection::vec((0usize..8192, proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::option::of(0usize..8192),
+        ) {
+            let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs/nightly.toml");
+            let mut bytes = std::fs::read(shipped).expect("jobs/nightly.toml");
+            for (at, byte) in changes {
+                if at < bytes.len() {
+                    bytes[at] = byte;
+                }
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut);
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("job.toml");
+            std::fs::write(&path, &bytes).expect("write");
+            match Job::load(&path, &[]) {
+                Ok(job) => {
+                    let _ = job.differences(&job.to_toml());
+                }
+                Err(e) => proptest::prop_assert!(e.to_string().contains("job.toml"), "{}", e),
+            }
+        }
+    }
 }

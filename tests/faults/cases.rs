@@ -571,6 +571,41 @@ fn four_shards_side_by_side_make_the_table_of_one_run() -> TestResult {
         Some(format!("{n},{n}").as_str())
     );
 
+    // The next night, three of four shards have committed: `summaries` stays the last
+    // complete night, and says why; --run-group reads the partial night on purpose.
+    for i in 0..3 {
+        let shard = format!("{i}/4");
+        let out = run(&["run", job_arg, "--shard", &shard, "--run-group", "night-2"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let count = |extra: &[&str]| {
+        let mut args = vec![
+            "sql",
+            "SELECT count(*) AS n FROM summaries",
+            "--job",
+            job_arg,
+            "--format",
+            "csv",
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let n: usize = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(usize::MAX);
+        (n, stderr(&out))
+    };
+    let (whole, note) = count(&[]);
+    assert_eq!(whole, n, "{note}");
+    assert!(
+        note.contains("night-2") && note.contains("3 of 4 shards"),
+        "{note}"
+    );
+    let (partial, _) = count(&["--run-group", "night-2"]);
+    assert!((1..n).contains(&partial), "{partial} of {n}");
+
     let out = run(&["run", job_arg, "--shard", "2/4", "--run-group", "night-1"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
@@ -853,6 +888,29 @@ fn injected_failures_fail_rows_retry_commits_and_survive_a_crash_between_commits
         &table_rows(&[only_run(&dir.path().join("unpublished/out"))?])?,
         &reference,
         "resumed after failed publishes vs reference",
+    );
+
+    // A failed fsync is not retried: the file is dropped and the run fails naming it;
+    // a resume writes those rows again and completes the table.
+    let out = run_failing("sink::sync=1*off->return", &strs(&with("unsynced", &[])));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("part-00001.parquet") && err.contains("(fsync)"),
+        "{err}"
+    );
+    let run_dir = only_run(&dir.path().join("unsynced/out"))?;
+    assert_eq!(
+        published(&run_dir),
+        1,
+        "only the file synced before is published"
+    );
+    let out = run(&strs(&with("unsynced", &["--resume"])));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_rows(
+        &table_rows(&[run_dir])?,
+        &reference,
+        "resumed after a failed fsync vs reference",
     );
 
     // The process dies after publishing its third file, before the index commits it.

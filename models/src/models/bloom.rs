@@ -1152,4 +1152,44 @@ mod tests {
             }
         }
     }
+
+    /// The tiny BLOOM's folder in a temporary copy whose `model.safetensors` is `bytes`.
+    fn with_weights(bytes: &[u8]) -> tempfile::TempDir {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
+        let dir = tempfile::tempdir().expect("tempdir");
+        for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture.join(file), dir.path().join(file)).expect("copy");
+        }
+        std::fs::write(dir.path().join("model.safetensors"), bytes).expect("write");
+        dir
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::fuzz_cases(128)))]
+        /// Bytes of a safetensors file changed in its header (its length, its JSON table of
+        /// names, shapes and offsets), or the file cut anywhere: the load answers (an error
+        /// names the model), and never panics or allocates by a lying header.
+        #[test]
+        fn changed_safetensors_headers_never_panic(
+            changes in proptest::collection::vec((0usize..2048, proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::option::of(0usize..4096),
+        ) {
+            let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/bloom-tiny-4h/model.safetensors");
+            let mut bytes = std::fs::read(fixture).expect("fixture");
+            for (at, byte) in changes {
+                if at < bytes.len() {
+                    bytes[at] = byte;
+                }
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut);
+            }
+            let dir = with_weights(&bytes);
+            if let Err(e) = Bloom::load(dir.path(), &Device::Cpu) {
+                let named = e.to_string().contains(&dir.path().display().to_string());
+                proptest::prop_assert!(named, "{e}");
+            }
+        }
+    }
 }

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use abridge_operators::scan::{check_file, resolve_files};
+use abridge_operators::scan::{check_file, check_whole_file, guard_reads, resolve_files};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
@@ -46,6 +46,8 @@ pub enum OutputFormat {
 pub struct SqlSession {
     ctx: SessionContext,
     registered: Vec<String>,
+    /// Every Parquet file the registered tables read.
+    files: Vec<PathBuf>,
     models: Option<SessionModels>,
     /// The results fingerprint of the latest committed run registered as `summaries`.
     latest_fingerprint: Option<String>,
@@ -95,6 +97,7 @@ impl SqlSession {
         Self {
             ctx,
             registered: Vec::new(),
+            files: Vec::new(),
             models: None,
             latest_fingerprint: None,
         }
@@ -135,39 +138,90 @@ impl SqlSession {
         self.register_files(name, &files).await
     }
 
-    /// Registers an output table: `summaries` is its latest committed run (every committed
-    /// shard of it, when it was split with `--shard`), `runs` all of its committed runs.
-    /// Returns the latest run's folder, if there is one.
+    /// Registers an output table: `summaries` is its latest complete committed run, `runs`
+    /// all of its committed runs. A run split with `--shard` is complete once every shard
+    /// has committed: a newer group still missing shards is left out of `summaries`, with
+    /// a note on stderr naming it, unless `run_group` names it (then `summaries` is that
+    /// group's committed shards). Returns the run folders `summaries` reads.
     pub async fn register_output(
         &mut self,
         output: &Path,
-    ) -> Result<Option<PathBuf>, PipelineError> {
+        run_group: Option<&str>,
+    ) -> Result<Vec<PathBuf>, PipelineError> {
         let runs = committed_runs(output).map_err(|source| PipelineError::Io {
             path: output.to_path_buf(),
             source,
         })?;
-        let Some((latest, newest)) = runs.last() else {
-            return Ok(None);
+        let group_of = |i: usize| {
+            runs[i]
+                .1
+                .shard
+                .as_ref()
+                .map(|s| (s.group.as_str(), s.count))
         };
-        let latest = latest.clone();
-        self.latest_fingerprint = newest.fingerprint.clone();
-        let group = newest.shard.as_ref().map(|s| (s.group.clone(), s.count));
-        let shards: Vec<PathBuf> = runs
-            .iter()
-            .filter(|(_, m)| {
-                let same = m.shard.as_ref().map(|s| (s.group.clone(), s.count));
-                group.is_some() && same == group
-            })
-            .map(|(dir, _)| dir.clone())
-            .collect();
-        let summaries = match shards.is_empty() {
-            true => vec![latest.clone()],
-            false => shards,
+        let members = |group: (&str, u32)| -> Vec<usize> {
+            (0..runs.len())
+                .filter(|&i| group_of(i) == Some(group))
+                .collect()
         };
-        let all: Vec<PathBuf> = runs.into_iter().map(|(dir, _)| dir).collect();
-        self.register_run_dirs("summaries", &summaries).await?;
-        self.register_run_dirs("runs", &all).await?;
-        Ok(Some(latest))
+        let chosen: Vec<usize> = match run_group {
+            Some(name) => {
+                let found: Vec<usize> = (0..runs.len())
+                    .filter(|&i| group_of(i).is_some_and(|(g, _)| g == name))
+                    .collect();
+                if found.is_empty() {
+                    return Err(PipelineError::Usage(format!(
+                        "--run-group {name}: {} has no committed shard of that group",
+                        output.display()
+                    )));
+                }
+                found
+            }
+            None => {
+                let mut chosen = Vec::new();
+                let mut passed: Vec<(&str, u32)> = Vec::new();
+                for i in (0..runs.len()).rev() {
+                    let Some(group) = group_of(i) else {
+                        chosen = vec![i];
+                        break;
+                    };
+                    if passed.contains(&group) {
+                        continue;
+                    }
+                    let shards = members(group);
+                    let mut done: Vec<u32> = shards
+                        .iter()
+                        .filter_map(|&m| runs[m].1.shard.as_ref().map(|s| s.index))
+                        .collect();
+                    done.sort_unstable();
+                    done.dedup();
+                    if done.len() as u32 >= group.1 {
+                        chosen = shards;
+                        break;
+                    }
+                    tracing::warn!(
+                        "shard group {}: {} of {} shards committed; `summaries` is the latest \
+                         complete run until the others have (--run-group {} reads it as it is)",
+                        group.0,
+                        done.len(),
+                        group.1,
+                        group.0
+                    );
+                    passed.push(group);
+                }
+                chosen
+            }
+        };
+        let summaries: Vec<PathBuf> = chosen.iter().map(|&i| runs[i].0.clone()).collect();
+        self.latest_fingerprint = chosen.last().and_then(|&i| runs[i].1.fingerprint.clone());
+        let all: Vec<PathBuf> = runs.iter().map(|(dir, _)| dir.clone()).collect();
+        if !summaries.is_empty() {
+            self.register_run_dirs("summaries", &summaries).await?;
+        }
+        if !all.is_empty() {
+            self.register_run_dirs("runs", &all).await?;
+        }
+        Ok(summaries)
     }
 
     /// Registers the data files of the run folders `dirs` as one table `name`.
@@ -234,6 +288,7 @@ impl SqlSession {
             })?;
         self.ctx.register_table(name, df.into_view())?;
         self.registered.push(name.to_string());
+        self.files.extend(files.iter().cloned());
         Ok(())
     }
 
@@ -284,8 +339,30 @@ impl SqlSession {
     async fn run(&self, plan: LogicalPlan) -> Result<(SchemaRef, Vec<RecordBatch>), PipelineError> {
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await.map_err(placement_error)?;
+        let batches = guard_reads(df.collect())
+            .await
+            .map_err(|e| self.reading_error(e))?;
         Ok((schema, batches))
+    }
+
+    /// A query's failure, naming the file when it came from reading one: DataFusion's
+    /// errors (and the reader's panics) do not say which, so on a reading failure each
+    /// file the tables read is read whole until one fails.
+    fn reading_error(&self, e: datafusion::error::DataFusionError) -> PipelineError {
+        let text = e.to_string();
+        if !["Parquet", "parquet", "Arrow error", "IO error"]
+            .iter()
+            .any(|s| text.contains(s))
+        {
+            return placement_error(e);
+        }
+        self.files
+            .iter()
+            .find_map(|file| check_whole_file(file).err())
+            .map_or_else(
+                || placement_error(e),
+                |bad| PipelineError::UnreadableFile(Box::new(bad)),
+            )
     }
 
     /// Before a query calls models: the committed run's answers are learned (once), and,

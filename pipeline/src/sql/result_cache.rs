@@ -450,4 +450,39 @@ mod tests {
             CacheSummary::default()
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            abridge_models::fuzz_cases(128)
+        ))]
+        /// A cache file with bytes changed anywhere, or cut anywhere, beside a good one:
+        /// loading never panics, and the good file's answers are still found.
+        #[test]
+        fn changed_cache_files_never_panic(
+            changes in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::option::of(0usize..4096),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cache = ResultCache::new(Some(dir.path().to_path_buf()), DEFAULT_MAX_BYTES);
+            let (good, other) = (key(&["good"]), key(&["other"]));
+            cache.insert(good, Answer::Text("kept".into()));
+            cache.persist().expect("persist");
+            cache.insert(other, Answer::Vector(vec![0.25; 8].into()));
+            cache.persist().expect("persist");
+            let files = answer_files(dir.path()).expect("files");
+            let (last, _) = files.last().expect("two files");
+            let mut bytes = std::fs::read(last).expect("read");
+            for (at, byte) in changes {
+                if at < bytes.len() {
+                    bytes[at] = byte;
+                }
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut);
+            }
+            std::fs::write(last, &bytes).expect("write");
+            let again = ResultCache::new(Some(dir.path().to_path_buf()), DEFAULT_MAX_BYTES);
+            proptest::prop_assert_eq!(again.get(&good), Some(Answer::Text("kept".into())));
+        }
+    }
 }

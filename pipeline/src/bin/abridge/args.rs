@@ -257,6 +257,11 @@ pub struct SqlArgs {
     /// input repeated within the query is still asked once).
     #[arg(long)]
     pub no_cache: bool,
+    /// Read this shard group as `summaries`, even before all its shards have committed
+    /// (by default `summaries` is the latest complete run, and a newer group still
+    /// running is named on stderr).
+    #[arg(long, value_name = "NAME")]
+    pub run_group: Option<String>,
     /// The most the answer cache ($ABRIDGE_CACHE/sql-results) may take, in MiB; past it
     /// the oldest answers go first. See `abridge cache`.
     #[arg(long, value_name = "MIB", default_value_t = 2048)]

@@ -28,7 +28,9 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     };
     if let Some(path) = &job_path {
         let job = Job::load(path, &[]).map_err(PipelineError::from)?;
-        session.register_output(&job.config.output.path).await?;
+        session
+            .register_output(&job.config.output.path, args.run_group.as_deref())
+            .await?;
         let options = ModelOptions {
             fail_on_error: args.fail_on_error,
             max_model_rows: args.max_model_rows,
