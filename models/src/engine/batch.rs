@@ -1086,8 +1086,8 @@ mod tests {
             12,
             4,
             config.n_layer,
-            config.n_head,
             config.hidden_size / config.n_head,
+            crate::models::bloom::alibi_slopes(config.n_head),
             &Device::Cpu,
         )
         .expect("pool");

@@ -6,7 +6,7 @@
 //!
 //! On CUDA the blocks are device tensors in the layout of mistral.rs's kernels
 //! (`mistralrs-paged-attn`: `reshape_and_cache` writes a step's keys and values into their
-//! slots, `paged_attention` attends over a sequence's blocks with BLOOM's ALiBi slopes). On
+//! slots, `paged_attention` attends over a sequence's blocks with the model's ALiBi slopes). On
 //! the host the same bookkeeping runs over plain vectors with attention in Rust, so block
 //! tables, slots and admission are tested on machines without a GPU.
 
@@ -132,12 +132,15 @@ enum Store {
     Host { layers: Vec<(Vec<f32>, Vec<f32>)> },
 }
 
-/// The paged key/value cache of a BLOOM model: the pool and its blocks.
+/// The paged key/value cache of a model with a position bias per head (BLOOM's ALiBi):
+/// the pool and its blocks.
 pub struct PagedKv {
     pub pool: BlockPool,
     store: Store,
     heads: usize,
     head_dim: usize,
+    /// The model's position bias per head, from [`PagedKv::new`].
+    slopes: Vec<f32>,
     device: Device,
 }
 
@@ -147,28 +150,32 @@ impl PagedKv {
         2 * layers * block_size * hidden * size_of::<f32>()
     }
 
-    /// A cache of `blocks` blocks for a model of `layers` × `heads` × `head_dim`, on
-    /// `device` (the kernels on CUDA, Rust on the host).
+    /// A cache of `blocks` blocks for a model of `layers` × heads × `head_dim`, on
+    /// `device` (the kernels on CUDA, Rust on the host). `slopes` is the model's position
+    /// bias, one slope per head (BLOOM's ALiBi; zeros for a model that rotates its keys
+    /// itself): the engine knows no model's position scheme.
     pub fn new(
         blocks: usize,
         block_size: usize,
         layers: usize,
-        heads: usize,
         head_dim: usize,
+        slopes: Vec<f32>,
         device: &Device,
     ) -> candle_core::Result<Self> {
+        let heads = slopes.len();
         let store = if device.is_cpu() {
             Store::Host {
                 layers: (0..layers).map(|_| (Vec::new(), Vec::new())).collect(),
             }
         } else {
-            Self::device_store(blocks, block_size, layers, heads, head_dim, device)?
+            Self::device_store(blocks, block_size, layers, &slopes, head_dim, device)?
         };
         Ok(Self {
             pool: BlockPool::new(blocks, block_size),
             store,
             heads,
             head_dim,
+            slopes,
             device: device.clone(),
         })
     }
@@ -178,10 +185,11 @@ impl PagedKv {
         blocks: usize,
         block_size: usize,
         layers: usize,
-        heads: usize,
+        slopes: &[f32],
         head_dim: usize,
         device: &Device,
     ) -> candle_core::Result<Store> {
+        let heads = slopes.len();
         if !KERNEL_HEAD_SIZES.contains(&head_dim) {
             candle_core::bail!(
                 "PagedAttention's kernels take head sizes {KERNEL_HEAD_SIZES:?}, this model's \
@@ -198,7 +206,7 @@ impl PagedKv {
                 ))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let slopes = Tensor::new(crate::models::bloom::alibi_slopes(heads), device)?;
+        let slopes = Tensor::new(slopes, device)?;
         Ok(Store::Cuda { layers, slopes })
     }
 
@@ -207,7 +215,7 @@ impl PagedKv {
         _: usize,
         _: usize,
         _: usize,
-        _: usize,
+        _: &[f32],
         _: usize,
         device: &Device,
     ) -> candle_core::Result<Store> {
@@ -342,7 +350,7 @@ impl PagedKv {
             Store::Host { layers } => {
                 let (cache_k, cache_v) = &layers[layer];
                 let queries = queries.flatten_all()?.to_vec1::<f32>()?;
-                let slopes = crate::models::bloom::alibi_slopes(heads);
+                let slopes = &self.slopes;
                 let mut context = vec![0f32; step.lens.len() * width];
                 for (b, (table, &len)) in step.tables.iter().zip(&step.lens).enumerate() {
                     for (h, &slope) in slopes.iter().enumerate() {

@@ -799,8 +799,8 @@ fn paged_cache(
         blocks,
         block_size,
         config.n_layer,
-        config.n_head,
         head_dim,
+        alibi_slopes(config.n_head),
         device,
     )
     .map(Some)
@@ -887,9 +887,15 @@ mod tests {
         // Caches of their own, and blocks of a pool (3-token blocks: every sequence spans
         // several, handed out in no particular order).
         for paged in [false, true] {
-            let mut pool =
-                PagedKv::new(40, 3, config.n_layer, config.n_head, head_dim, &Device::Cpu)
-                    .expect("pool");
+            let mut pool = PagedKv::new(
+                40,
+                3,
+                config.n_layer,
+                head_dim,
+                alibi_slopes(config.n_head),
+                &Device::Cpu,
+            )
+            .expect("pool");
             let mut seqs: Vec<Vec<u32>> = expected["single"]
                 .as_array()
                 .unwrap()
