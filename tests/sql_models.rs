@@ -30,6 +30,21 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `sql` over the table `NAME=PATH` under `--max-model-rows max`.
+fn limited(cache: &Path, sql: &str, job: &str, table: &str, max: &str) -> Output {
+    let args = [
+        "sql",
+        sql,
+        "--job",
+        job,
+        "--table",
+        table,
+        "--max-model-rows",
+        max,
+    ];
+    abridge(cache, &args)
+}
+
 /// A query's rows (`--format json`) and its model accounting (the `models:` log event).
 fn query(
     cache: &Path,
@@ -362,19 +377,7 @@ fn nested_calls_run_and_the_guard_bounds_every_call() -> TestResult {
     let table = format!("t={}", dir.path().join("t.parquet").display());
     let job_arg = job.to_str().unwrap_or_default();
     let refused = |sql: &str, max: &str| {
-        let out = abridge(
-            &cache,
-            &[
-                "sql",
-                sql,
-                "--job",
-                job_arg,
-                "--table",
-                &table,
-                "--max-model-rows",
-                max,
-            ],
-        );
+        let out = limited(&cache, sql, job_arg, &table, max);
         (out.status.code(), stderr(&out))
     };
 
@@ -760,19 +763,7 @@ fn an_interrupted_query_keeps_its_answers() -> TestResult {
     );
 
     // Counted again: the kept answers are not asked for.
-    let out = abridge(
-        &cache,
-        &[
-            "sql",
-            sql,
-            "--job",
-            job_arg,
-            "--table",
-            &table,
-            "--max-model-rows",
-            "1",
-        ],
-    );
+    let out = limited(&cache, sql, job_arg, &table, "1");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let left: usize = stderr(&out)
         .split_whitespace()

@@ -116,7 +116,8 @@ struct Models {
     identities: Mutex<HashMap<&'static str, String>>,
     /// A summarizer per prompt (None: the job's).
     summarizers: Mutex<HashMap<Option<String>, Arc<Summarizer>>>,
-    /// On during the counting pass: functions answer NULL and count.
+    /// On during the counting pass: functions answer from the cache or a stand-in, and
+    /// count.
     counting: AtomicBool,
     /// Distinct uncached inputs the counting pass met.
     would_call: Mutex<HashSet<Key>>,
@@ -251,9 +252,9 @@ impl ModelFunctions {
             .collect()
     }
 
-    /// Takes the answers of a committed run of the job (its rows, with the
-    /// [`ModelFunctions::committed_columns`]): each
-    /// row's summary answers `summarize()` of the prompt the job made for it, and its
+    /// Takes the answers of a committed run of the job (its rows, with the columns of
+    /// [`ModelFunctions::committed_columns`]): each row's summary answers `summarize()` of
+    /// the prompt the job made for it, and its
     /// vector `embed()` of the text the job embedded. Only for a run made with the job's
     /// present settings (the caller checks its fingerprint). A function whose input the
     /// run's columns cannot render (a template over columns a call does not have) learns
