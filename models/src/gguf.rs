@@ -307,15 +307,7 @@ mod tests {
             changes in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8),
             cut in proptest::option::of(0usize..8192),
         ) {
-            let mut bytes = tiny();
-            for (at, byte) in changes {
-                if at < bytes.len() {
-                    bytes[at] = byte;
-                }
-            }
-            if let Some(cut) = cut {
-                bytes.truncate(cut);
-            }
+            let bytes = crate::changed_bytes(tiny(), &changes, cut);
             let _ = loaded(&bytes);
         }
 

@@ -46,6 +46,20 @@ pub fn fuzz_cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// `bytes` with each `(at, byte)` of `changes` written where it falls inside, then cut to
+/// `cut` bytes: the input the readers' property tests feed them.
+pub fn changed_bytes(mut bytes: Vec<u8>, changes: &[(usize, u8)], cut: Option<usize>) -> Vec<u8> {
+    for &(at, byte) in changes {
+        if let Some(b) = bytes.get_mut(at) {
+            *b = byte;
+        }
+    }
+    if let Some(cut) = cut {
+        bytes.truncate(cut);
+    }
+    bytes
+}
+
 /// The model folder a test or benchmark uses: `$ABRIDGE_MODELS/<name>`, else the cache
 /// that scripts/fetch-models fills.
 pub fn cached_model_dir(name: &str) -> PathBuf {

@@ -372,8 +372,8 @@ fn record(failed: &FailedFiles, path: &Path, error: &OperatorError) {
 }
 
 /// Runs `future`, turning a panic inside it (Parquet and Arrow readers panic on some
-/// corrupt inputs) into an error.
-async fn guarded<T>(
+/// corrupt inputs) into an error; see [`check_whole_file`] to name the file.
+pub async fn guarded<T>(
     future: impl Future<Output = Result<T, DataFusionError>>,
 ) -> Result<T, DataFusionError> {
     let mut future = Box::pin(future);
@@ -449,14 +449,6 @@ pub fn check_whole_file(file: &Path) -> Result<u64, OperatorError> {
         Ok(rows) => rows.map_err(corrupt),
         Err(panic) => Err(corrupt(ParquetError::General(panicked(panic).to_string()))),
     }
-}
-
-/// Runs `future` (a query that reads Parquet files), turning a panic of a reader inside
-/// it into an error; see [`check_whole_file`] to name the file.
-pub async fn guard_reads<T>(
-    future: impl Future<Output = Result<T, DataFusionError>>,
-) -> Result<T, DataFusionError> {
-    guarded(future).await
 }
 
 #[cfg(test)]

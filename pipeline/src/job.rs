@@ -1132,15 +1132,7 @@ path = "/abs/out"
             cut in proptest::option::of(0usize..8192),
         ) {
             let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs/nightly.toml");
-            let mut bytes = std::fs::read(shipped).expect("jobs/nightly.toml");
-            for (at, byte) in changes {
-                if at < bytes.len() {
-                    bytes[at] = byte;
-                }
-            }
-            if let Some(cut) = cut {
-                bytes.truncate(cut);
-            }
+            let bytes = abridge_models::changed_bytes(std::fs::read(shipped).expect("jobs/nightly.toml"), &changes, cut);
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("job.toml");
             std::fs::write(&path, &bytes).expect("write");

@@ -1182,15 +1182,7 @@ mod tests {
         ) {
             let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../tests/fixtures/bloom-tiny-4h/model.safetensors");
-            let mut bytes = std::fs::read(fixture).expect("fixture");
-            for (at, byte) in changes {
-                if at < bytes.len() {
-                    bytes[at] = byte;
-                }
-            }
-            if let Some(cut) = cut {
-                bytes.truncate(cut);
-            }
+            let bytes = crate::changed_bytes(std::fs::read(fixture).expect("fixture"), &changes, cut);
             let dir = with_weights(&bytes);
             if let Err(e) = Bloom::load(dir.path(), &Device::Cpu) {
                 let named = e.to_string().contains(&dir.path().display().to_string());

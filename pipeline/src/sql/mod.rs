@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use abridge_operators::scan::{check_file, check_whole_file, guard_reads, resolve_files};
+use abridge_operators::scan::{check_file, check_whole_file, guarded, resolve_files};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
@@ -339,7 +339,7 @@ impl SqlSession {
     async fn run(&self, plan: LogicalPlan) -> Result<(SchemaRef, Vec<RecordBatch>), PipelineError> {
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = guard_reads(df.collect())
+        let batches = guarded(df.collect())
             .await
             .map_err(|e| self.reading_error(e))?;
         Ok((schema, batches))

@@ -941,7 +941,12 @@ impl Models {
             .iter()
             .map(|&r| key(&["embed", &fingerprint, texts.value(r)]))
             .collect();
-        let dim = embedding_dim(&config.model)?;
+        // The stand-in's length is read from the model's config only while counting: not
+        // on every part of a query that calls the encoder.
+        let dim = match counting {
+            true => embedding_dim(&config.model)?,
+            false => 0,
+        };
         let zeros = |_: &Key| Answer::Vector(vec![0.0; dim].into());
         let todo = self.look_up(&group, &keys, &mut results, counting, &zeros);
         if todo.is_empty() {

@@ -471,15 +471,7 @@ mod tests {
             cache.persist().expect("persist");
             let files = answer_files(dir.path()).expect("files");
             let (last, _) = files.last().expect("two files");
-            let mut bytes = std::fs::read(last).expect("read");
-            for (at, byte) in changes {
-                if at < bytes.len() {
-                    bytes[at] = byte;
-                }
-            }
-            if let Some(cut) = cut {
-                bytes.truncate(cut);
-            }
+            let bytes = abridge_models::changed_bytes(std::fs::read(last).expect("read"), &changes, cut);
             std::fs::write(last, &bytes).expect("write");
             let again = ResultCache::new(Some(dir.path().to_path_buf()), DEFAULT_MAX_BYTES);
             proptest::prop_assert_eq!(again.get(&good), Some(Answer::Text("kept".into())));
