@@ -25,6 +25,7 @@ mod kernels;
 #[cfg(feature = "mistralrs")]
 pub mod mistralrs;
 pub mod models;
+pub mod stall;
 
 use std::path::PathBuf;
 

@@ -57,9 +57,14 @@ impl Deduplicate {
     }
 }
 
+impl Deduplicate {
+    /// The stage's name; its skipped rows are those a resumed run had committed.
+    pub const NAME: &'static str = "dedup";
+}
+
 impl Operator for Deduplicate {
     fn name(&self) -> &'static str {
-        "dedup"
+        Self::NAME
     }
 
     fn schema(&self) -> SchemaRef {

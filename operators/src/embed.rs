@@ -21,6 +21,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use futures::future::BoxFuture;
 
+use crate::stage::{BuildContext, JobView, Stage, StageSection};
 use crate::template::Template;
 use crate::{AsyncBatchTransform, AsyncTransformStage, OperatorError, StageCounters};
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,10 @@ use serde::{Deserialize, Serialize};
 pub const EMBEDDING: &str = "embedding";
 /// The column the stage adds when it embeds summaries ([`Embed::summaries`]).
 pub const SUMMARY_EMBEDDING: &str = "summary_embedding";
+/// [`cut_tokens_column`] of [`EMBEDDING`].
+pub const EMBEDDING_CUT_TOKENS: &str = "embedding_cut_tokens";
+/// [`cut_tokens_column`] of [`SUMMARY_EMBEDDING`].
+pub const SUMMARY_EMBEDDING_CUT_TOKENS: &str = "summary_embedding_cut_tokens";
 
 /// `[embed]`: one vector per ticket from a BERT-family sentence encoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,9 +45,15 @@ pub struct EmbedConfig {
     /// What to embed: a template over the row's columns. Default: `{text}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<String>,
-    /// Texts per forward pass. Default: 32.
+    /// Most texts per forward pass. Default: 32.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Most tokens per forward pass, padding included: texts are sorted by length and
+    /// batched until the longest times the count reaches this, as
+    /// text-embeddings-inference does (short texts many at a time, long ones few).
+    /// Default: 8192 on CPU, 65536 on a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<usize>,
     /// Where the encoder runs: `cpu` (default), `cuda` or `cuda:N` (a build with the
     /// `cuda` feature and an NVIDIA GPU).
     #[serde(default = "default_device")]
@@ -66,13 +77,19 @@ impl EmbedConfig {
                 "must be at least 1",
             ));
         }
+        if self.max_batch_tokens == Some(0) {
+            return Err(OperatorError::config(
+                "embed.max_batch_tokens",
+                "must be at least 1",
+            ));
+        }
         Ok(())
     }
 
     /// Loads the encoder (on a blocking thread: minutes for a large model), starts its
     /// worker and makes the stage over `input`. The worker is returned too: the filter,
     /// the index and the summaries' vectors use the same encoder.
-    pub async fn build(
+    pub async fn operator(
         &self,
         input: &SchemaRef,
     ) -> Result<(AsyncTransformStage<Embed>, EncoderWorker), OperatorError> {
@@ -100,13 +117,51 @@ impl EmbedConfig {
         let model_error = |e| OperatorError::Encoder(Box::new(e));
         let device = abridge_models::device(&self.device)
             .map_err(|message| OperatorError::config("embed.device", message))?;
-        let (dir, batch_size) = (self.model.clone(), self.batch_size);
-        let encoder =
-            tokio::task::spawn_blocking(move || BertEncoder::load(&dir, &device, batch_size))
-                .await
-                .map_err(|_| model_error(EncoderError::WorkerGone))?
-                .map_err(model_error)?;
+        let (dir, batch_size, tokens) =
+            (self.model.clone(), self.batch_size, self.max_batch_tokens);
+        let encoder = tokio::task::spawn_blocking(move || {
+            let encoder = BertEncoder::load(&dir, &device, batch_size)?;
+            Ok(match tokens {
+                Some(tokens) => encoder.with_max_batch_tokens(tokens),
+                None => encoder,
+            })
+        })
+        .await
+        .map_err(|_| model_error(EncoderError::WorkerGone))?
+        .map_err(model_error)?;
         EncoderWorker::spawn(Arc::new(encoder)).map_err(model_error)
+    }
+}
+
+impl StageSection for EmbedConfig {
+    const SECTION: &'static str = "embed";
+    const PATH_KEYS: &'static [&'static str] = &["model"];
+    // Padding is masked: the batch never changes a vector.
+    const SPEED_KEYS: &'static [&'static str] = &["batch_size", "max_batch_tokens", "device"];
+    const COLUMNS: &'static [&'static str] = &[EMBEDDING, EMBEDDING_CUT_TOKENS];
+}
+
+impl Stage for EmbedConfig {
+    fn validate(&self, _job: &JobView<'_>) -> Result<(), OperatorError> {
+        EmbedConfig::validate(self)
+    }
+
+    fn model_identity(&self) -> Option<Result<String, OperatorError>> {
+        Some(EmbedConfig::model_identity(self))
+    }
+
+    /// The `embed` stage; its encoder serves the stages after it (filter, index, the
+    /// summaries' vectors).
+    fn build<'a>(
+        &'a self,
+        ctx: &'a mut BuildContext<'_>,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(async move {
+            let (stage, encoder) = self.operator(&ctx.schema()).await?;
+            ctx.set_encoder(encoder);
+            ctx.push(stage);
+            Ok(())
+        })
     }
 }
 

@@ -105,9 +105,15 @@ pub enum OperatorError {
     /// A stage was wired after stages that do not produce the columns it needs.
     #[error("{0}")]
     StageSchema(String),
-    /// The tantivy index could not be opened or written.
-    #[error(transparent)]
-    Index(Box<crate::index::IndexError>),
+    /// Something the sink keeps in step with its files (the run's index) could not take a
+    /// published file. Boxed as any error, so that this type depends on no one stage's.
+    #[error("{source}")]
+    Observer {
+        /// What failed, for logs and tests ("index").
+        observer: &'static str,
+        /// Its error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// An Arrow compute kernel failed.
     #[error(transparent)]
     Arrow(#[from] ArrowError),
@@ -132,12 +138,6 @@ impl OperatorError {
             key: key.into(),
             message: message.into(),
         }
-    }
-}
-
-impl From<crate::index::IndexError> for OperatorError {
-    fn from(err: crate::index::IndexError) -> Self {
-        OperatorError::Index(Box::new(err))
     }
 }
 

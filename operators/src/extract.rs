@@ -21,6 +21,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::filter::KEPT;
+use crate::stage::{BuildContext, JobView, Stage, StageSection};
 use crate::tasks::{TaskSettings, check_field_names, extract_each, fields_array, parse_fields};
 use crate::{AsyncBatchTransform, AsyncTransformStage, OperatorError, StageCounters};
 
@@ -47,6 +48,41 @@ fn default_max_value_tokens() -> usize {
     16
 }
 
+impl StageSection for ExtractConfig {
+    const SECTION: &'static str = "extract";
+    const COLUMNS: &'static [&'static str] = &[EXTRACTED, EXTRACT_ERROR];
+}
+
+impl Stage for ExtractConfig {
+    fn validate(&self, job: &JobView<'_>) -> Result<(), OperatorError> {
+        ExtractConfig::validate(self)?;
+        job.require(
+            "summarize",
+            "extract",
+            "asks the summarizer model: add a [summarize] section",
+        )
+    }
+
+    /// Asks the summarizer's model, after the summary and its measures.
+    fn build<'a>(
+        &'a self,
+        ctx: &'a mut BuildContext<'_>,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(async move {
+            let summarize = ctx.job.summarize.ok_or_else(|| {
+                OperatorError::config(
+                    "extract",
+                    "asks the summarizer model: add a [summarize] section",
+                )
+            })?;
+            let generator = ctx.generator().await?;
+            let stage = self.operator(generator, summarize.task_settings(), &ctx.schema())?;
+            ctx.push(stage);
+            Ok(())
+        })
+    }
+}
+
 impl ExtractConfig {
     /// Why this section cannot be used, naming the key.
     pub fn validate(&self) -> Result<(), OperatorError> {
@@ -63,7 +99,7 @@ impl ExtractConfig {
 
     /// The stage over `input`, asking `generator` (the summarizer's) as `settings` say,
     /// each value within `max_value_tokens`.
-    pub fn build(
+    pub fn operator(
         &self,
         generator: SharedGenerator,
         settings: TaskSettings,

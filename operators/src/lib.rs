@@ -21,6 +21,7 @@ pub mod quality;
 pub mod scan;
 pub mod scope;
 pub mod sink;
+pub mod stage;
 pub mod stop;
 pub mod summarize;
 pub mod tasks;

@@ -27,14 +27,15 @@ pub struct Normalize {
 
 impl Normalize {
     /// Checks `mapping` against `input` (named `source_name` in errors); `drop` lists input
-    /// columns not to carry through.
+    /// columns not to carry through; `stage_columns` are those the stages write.
     pub fn try_new(
         mapping: &ColumnMapping,
         input: &SchemaRef,
         source_name: &str,
         drop: &[String],
+        stage_columns: &[&str],
     ) -> Result<TransformStage<Self>, OperatorError> {
-        let mapping = mapping.resolve(input, source_name, drop)?;
+        let mapping = mapping.resolve(input, source_name, drop, stage_columns)?;
         Ok(TransformStage::new("normalize", Self { mapping }))
     }
 }
@@ -177,7 +178,7 @@ mod tests {
         batch: RecordBatch,
         mapping: ColumnMapping,
     ) -> Result<(RecordBatch, u64), OperatorError> {
-        let op = Normalize::try_new(&mapping, &batch.schema(), "test", &[])?;
+        let op = Normalize::try_new(&mapping, &batch.schema(), "test", &[], &[])?;
         let metrics = StageCounters::default();
         let out = op.inner().transform(batch, &metrics)?;
         Ok((out, metrics.snapshot().rows_failed))

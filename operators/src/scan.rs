@@ -74,8 +74,9 @@ impl InputConfig {
     pub fn normalize(
         &self,
         schema: &SchemaRef,
+        stage_columns: &[&str],
     ) -> Result<TransformStage<Normalize>, OperatorError> {
-        Normalize::try_new(&self.columns, schema, &self.path, &self.drop)
+        Normalize::try_new(&self.columns, schema, &self.path, &self.drop, stage_columns)
     }
 }
 

@@ -78,6 +78,9 @@ pub struct RunScope {
 }
 
 impl RunScope {
+    /// The stage's name; its skipped rows are those earlier runs did (`skip_done`).
+    pub const NAME: &'static str = "scope";
+
     /// The stage over normalized rows of `schema` (Utf8 `id`, and `content_hash`
     /// when `done` is not empty).
     pub fn try_new(
@@ -90,7 +93,7 @@ impl RunScope {
             schema.index_of(CONTENT_HASH)?;
         }
         Ok(TransformStage::new(
-            "scope",
+            Self::NAME,
             Self {
                 schema: Arc::clone(schema),
                 shard,

@@ -9,30 +9,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use abridge_models::encoder::EncoderWorker;
-use abridge_models::generator::SharedGenerator;
 use abridge_operators::dedup::Deduplicate;
-use abridge_operators::embed::Embed;
 use abridge_operators::index::RunIndexer;
 use abridge_operators::scan::OpenScan;
 use abridge_operators::scope::{DoneTickets, RunScope, Shard};
 use abridge_operators::sink::{ParquetSink, PublishObserver};
+use abridge_operators::stage::BuildContext;
 use abridge_operators::stop::{StopLevel, StopSignal};
-use abridge_operators::summarize::Summarize;
-use abridge_operators::{
-    CountersSnapshot, Operator, OperatorError, SendableRecordBatchStream, StageCounters,
-};
-use arrow::datatypes::{Schema, SchemaRef};
+use abridge_operators::{Operator, OperatorError, SendableRecordBatchStream, StageCounters};
+use arrow::datatypes::SchemaRef;
 use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
 use futures::StreamExt;
 
 use crate::error::PipelineError;
-use crate::job::{Job, JobError, StageConfig};
+use crate::job::{Job, JobError, reserved_columns};
 use crate::table::manifest::{
-    InputFileFailure, QueryOutcome, RunManifest, RunStatus, ShardRecord, StageSummary, now_rfc3339,
+    InputFileFailure, QueryOutcome, RunManifest, RunStart, ShardRecord, StageSummary, now_rfc3339,
 };
 use crate::table::plan::{self, ResumeMode};
-use crate::table::{self, TableRun};
+use crate::table::{self, RunRecord, TableRun};
 
 /// Options of one run that are not part of the job.
 #[derive(Debug, Clone, Default)]
@@ -64,6 +59,8 @@ pub struct PreparedRun {
     /// The run's place in the output table, and its lock until it ends.
     table: TableRun,
     job: Job,
+    /// What the table records of the job.
+    record: RunRecord,
     options: RunOptions,
     fingerprint: String,
     scan: OpenScan,
@@ -94,9 +91,12 @@ fn refuse_input_topic(job: &Job, input: &SchemaRef) -> Result<(), PipelineError>
     Ok(())
 }
 
-/// Opens the job's input and builds its stages, one [`StageConfig`] after another.
+/// Opens the job's input and builds its stages: the input's (scan, normalize), the run's
+/// (scope, dedup), then the job's table of stages ([`crate::job::STAGES`]) in order, and
+/// the index the sink commits with.
 pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, PipelineError> {
     let input = &job.config.input;
+    let fail = |e| stage_error(&job.path, e);
     let read = StageCounters::default();
     let scan = input
         .scan(options.limit, job.config.run.batch_size)
@@ -113,41 +113,99 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             },
         })?;
     let normalize = input
-        .normalize(&scan.schema)
-        .map_err(|e| stage_error(&job.path, e))?;
+        .normalize(&scan.schema, &reserved_columns())
+        .map_err(fail)?;
+    let record = job.record();
     // Before anything of the output is read: a second live run is refused here, by name.
-    let (table, notes) = TableRun::open(
-        &job,
+    let (mut table, mut notes) = TableRun::open(
+        &record,
         options.resume,
         options.limit,
         options.shard.as_ref(),
         &options.stop,
     )?;
-    let mut chain = Chain {
-        job: &job,
-        options,
-        input_schema: Arc::clone(&scan.schema),
-        fingerprint: job.results_fingerprint()?,
-        table,
-        stages: vec![(Box::new(normalize), StageCounters::default())],
-        encoder: None,
-        generator: None,
-        index: None,
-        queries: Vec::new(),
-        notes,
+    let fingerprint = job.results_fingerprint()?;
+
+    // This shard's rows, less those done by earlier runs (`run.skip_done`) and those a
+    // resumed run committed.
+    let done = match job.config.run.skip_done {
+        true => {
+            let done = plan::done_tickets(&record.output, &fingerprint)?;
+            notes.push(format!(
+                "skip_done: {} tickets were processed by earlier runs with these settings; \
+                 unchanged ones are skipped",
+                done.len()
+            ));
+            done
+        }
+        false => DoneTickets::default(),
     };
-    for stage in job.config.stages() {
-        chain.add(stage).await?;
+    let shard = options.shard.as_ref().map(|s| Shard {
+        index: s.index,
+        count: s.count,
+    });
+    let normalized = normalize.schema();
+    let scope = RunScope::try_new(&normalized, shard, done).map_err(fail)?;
+    let dedup = Deduplicate::try_new(scope.schema())
+        .map_err(fail)?
+        .resuming(table.take_committed_keys());
+    let run_stages: [Box<dyn Operator>; 3] =
+        [Box::new(normalize), Box::new(scope), Box::new(dedup)];
+
+    if job
+        .config
+        .filter
+        .as_ref()
+        .is_some_and(|f| f.topics.is_some())
+    {
+        refuse_input_topic(&job, &scan.schema)?;
     }
-    let Chain {
-        fingerprint,
-        table,
-        stages,
-        index,
-        queries,
-        notes,
-        ..
-    } = chain;
+    let sections = job.config.sections();
+    let schema = run_stages[2].schema();
+    let mut context = BuildContext::new(job.config.view(&sections), schema);
+    for (_, stage) in job.config.stages() {
+        stage.build(&mut context).await.map_err(fail)?;
+    }
+    let built = context.finish();
+    notes.extend(built.notes);
+    let index = match (&job.config.index, &job.config.embed, &built.encoder) {
+        (Some(config), ..) if options.shard.is_some() => {
+            notes.push(format!(
+                "shard runs do not write the index ({}): the next unsharded run of the job \
+                 rebuilds it from the table",
+                config.path.display()
+            ));
+            None
+        }
+        (Some(config), Some(embed), Some(encoder)) => {
+            let (committer, rebuilt) = table::index::open_index_for_run(
+                &config.path,
+                encoder.dim(),
+                &embed.model,
+                encoder.fingerprint(),
+                &record.output,
+                table.resuming(),
+            )?;
+            if let Some(rows) = rebuilt {
+                notes.push(format!(
+                    "index {} did not match the output table (new index, or a run \
+                     interrupted between a file's commit and the index's): brought in \
+                     step from the table's files ({rows} tickets)",
+                    config.path.display()
+                ));
+            }
+            Some(Arc::new(RunIndexer {
+                committer,
+                run_id: table.run_id().to_string(),
+            }))
+        }
+        _ => None,
+    };
+    let stages = run_stages
+        .into_iter()
+        .map(|op| (op, StageCounters::default()))
+        .chain(built.operators)
+        .collect();
     let expected_rows = match options.limit {
         Some(limit) => scan.file_rows.min(limit as u64),
         None => scan.file_rows,
@@ -155,12 +213,13 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     Ok(PreparedRun {
         table,
         job,
+        record,
         options: options.clone(),
         fingerprint,
         scan,
         stages,
         index,
-        queries,
+        queries: built.queries,
         notes,
         progress: Progress {
             expected_rows,
@@ -168,196 +227,6 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
             written: StageCounters::default(),
         },
     })
-}
-
-/// The stages built so far, and what later stages take from earlier ones.
-struct Chain<'a> {
-    job: &'a Job,
-    options: &'a RunOptions,
-    /// The input files' own columns (before normalize).
-    input_schema: SchemaRef,
-    fingerprint: String,
-    table: TableRun,
-    stages: Vec<(Box<dyn Operator>, StageCounters)>,
-    /// The `embed` stage's encoder, which the filter, the index and the summaries'
-    /// vectors use too.
-    encoder: Option<EncoderWorker>,
-    /// The `[summarize]` model, loaded once for every stage that asks it (the topic
-    /// classifier, summarize, extract).
-    generator: Option<SharedGenerator>,
-    index: Option<Arc<RunIndexer>>,
-    /// The similarity queries and their thresholds, for the run's summary.
-    queries: Vec<(String, f32)>,
-    notes: Vec<String>,
-}
-
-impl Chain<'_> {
-    /// The schema the next stage reads.
-    fn schema(&self) -> SchemaRef {
-        self.stages
-            .last()
-            .map(|(s, _)| s.schema())
-            .unwrap_or_else(|| Arc::new(Schema::empty()))
-    }
-
-    fn push(&mut self, stage: impl Operator + 'static) {
-        self.stages
-            .push((Box::new(stage), StageCounters::default()));
-    }
-
-    fn encoder(&self) -> Result<EncoderWorker, PipelineError> {
-        self.encoder.clone().ok_or_else(|| {
-            JobError::Invalid {
-                path: self.job.path.clone(),
-                key: "embed".into(),
-                message: "the stages that work on vectors need an [embed] section".into(),
-            }
-            .into()
-        })
-    }
-
-    /// The `[summarize]` model, loaded by the first stage that asks for it.
-    async fn generator(&mut self) -> Result<SharedGenerator, PipelineError> {
-        if let Some(generator) = &self.generator {
-            return Ok(Arc::clone(generator));
-        }
-        let job = self.job;
-        let config = job
-            .config
-            .summarize
-            .as_ref()
-            .ok_or_else(|| JobError::Invalid {
-                path: job.path.clone(),
-                key: "summarize".into(),
-                message: "a stage asks the summarizer model, but there is no [summarize] section"
-                    .into(),
-            })?;
-        let (generator, note) = config
-            .load_generator()
-            .await
-            .map_err(|e| stage_error(&job.path, e))?;
-        self.notes.push(note);
-        self.generator = Some(Arc::clone(&generator));
-        Ok(generator)
-    }
-
-    async fn add(&mut self, stage: StageConfig<'_>) -> Result<(), PipelineError> {
-        let job = self.job;
-        let fail = |e| stage_error(&job.path, e);
-        let input = self.schema();
-        match stage {
-            StageConfig::Scope(run) => {
-                let done = match run.skip_done {
-                    true => plan::done_tickets(job, &self.fingerprint)?,
-                    false => DoneTickets::default(),
-                };
-                if run.skip_done {
-                    self.notes.push(format!(
-                        "skip_done: {} tickets were processed by earlier runs with these \
-                         settings; unchanged ones are skipped",
-                        done.len()
-                    ));
-                }
-                let shard = self.options.shard.as_ref().map(|s| Shard {
-                    index: s.index,
-                    count: s.count,
-                });
-                self.push(RunScope::try_new(&input, shard, done).map_err(fail)?);
-            }
-            StageConfig::Dedup => {
-                let committed = self.table.take_committed_keys();
-                self.push(
-                    Deduplicate::try_new(input)
-                        .map_err(fail)?
-                        .resuming(committed),
-                );
-            }
-            StageConfig::Embed(config) => {
-                let (stage, encoder) = config.build(&input).await.map_err(fail)?;
-                self.encoder = Some(encoder);
-                self.push(stage);
-            }
-            StageConfig::Filter(config) => {
-                if config.topics.is_some() {
-                    refuse_input_topic(job, &self.input_schema)?;
-                }
-                let stage = config.build(&self.encoder()?, &input).await.map_err(fail)?;
-                self.queries = stage
-                    .inner()
-                    .queries()
-                    .iter()
-                    .map(|q| (q.text.clone(), q.threshold))
-                    .collect();
-                self.push(stage);
-            }
-            StageConfig::Topics(config, summarize) => {
-                let generator = self.generator().await?;
-                let queries: Vec<String> = self.queries.iter().map(|(q, _)| q.clone()).collect();
-                let stage = config
-                    .build_classifier(generator, summarize.task_settings(), &queries, &input)
-                    .await
-                    .map_err(fail)?;
-                let mut topics: Vec<_> = stage.inner().query_topics().iter().collect();
-                topics.sort();
-                for (query, topic) in topics {
-                    self.notes
-                        .push(format!("topics: the query {query:?} is of topic {topic:?}"));
-                }
-                self.push(stage);
-            }
-            StageConfig::Index(config, _) if self.options.shard.is_some() => {
-                self.notes.push(format!(
-                    "shard runs do not write the index ({}): the next unsharded run of the \
-                     job rebuilds it from the table",
-                    config.path.display()
-                ));
-            }
-            StageConfig::Index(config, embed) => {
-                let encoder = self.encoder()?;
-                let (committer, rebuilt) = table::index::open_index_for_run(
-                    &config.path,
-                    encoder.dim(),
-                    &embed.model,
-                    encoder.fingerprint(),
-                    &job.config.output.path,
-                    self.table.resuming(),
-                )?;
-                if let Some(rows) = rebuilt {
-                    self.notes.push(format!(
-                        "index {} did not match the output table (new index, or a run \
-                         interrupted between a file's commit and the index's): brought in \
-                         step from the table's files ({rows} tickets)",
-                        config.path.display()
-                    ));
-                }
-                self.index = Some(Arc::new(RunIndexer {
-                    committer,
-                    run_id: self.table.run_id().to_string(),
-                }));
-            }
-            StageConfig::Summarize(config, metrics) => {
-                // The settings and template are checked before a model loads.
-                let settings = config
-                    .checked_settings(metrics.stability_samples, &input)
-                    .map_err(fail)?;
-                let generator = self.generator().await?;
-                self.push(Summarize::try_new(generator, settings, &input).map_err(fail)?);
-            }
-            StageConfig::EmbedSummaries => {
-                let stage = Embed::summaries(self.encoder()?, &input).map_err(fail)?;
-                self.push(stage);
-            }
-            StageConfig::Metrics(config) => self.push(config.build(&input).map_err(fail)?),
-            StageConfig::Extract(config, summarize) => {
-                let generator = self.generator().await?;
-                let stage = config
-                    .build(generator, summarize.task_settings(), &input)
-                    .map_err(fail)?;
-                self.push(stage);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A stage that could not be built: a setting (exit code 2, by key), a model, or the
@@ -413,44 +282,18 @@ impl PreparedRun {
     pub async fn execute(self) -> Result<RunManifest, PipelineError> {
         let stop = &self.options.stop;
         let started = Instant::now();
-        let mut manifest = RunManifest {
-            run_id: self.table.run_id().to_string(),
-            job: self.job.name(),
-            status: RunStatus::Running,
-            abridge_version: env!("CARGO_PKG_VERSION").to_string(),
-            job_file: self.job.path.display().to_string(),
-            overrides: self.job.overrides.clone(),
-            started_at: now_rfc3339(),
-            finished_at: None,
-            elapsed_s: 0.0,
-            input_files: self
-                .scan
-                .files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect(),
-            input_files_failed: Vec::new(),
-            rows_read: 0,
-            rows_written: 0,
-            rows_failed: 0,
-            rows_filtered: 0,
-            duplicates_dropped: 0,
-            rows_resumed: 0,
-            rows_skipped_done: 0,
-            rows_other_shards: 0,
-            attempts: 1,
-            fingerprint: Some(self.fingerprint.clone()),
-            limit: self.options.limit,
-            shard: self.options.shard.clone(),
-            files: Vec::new(),
-            updated_at: Some(now_rfc3339()),
-            rows_per_s: None,
-            eta_s: None,
-            queries: Vec::new(),
-            stages: Vec::new(),
-            error: None,
-        };
-        self.table.begin(&self.job, &mut manifest)?;
+        let input_files = self.scan.files.iter().map(|f| f.display().to_string());
+        let mut manifest = RunManifest::start(
+            self.table.run_id(),
+            &self.record,
+            input_files.collect(),
+            RunStart {
+                fingerprint: self.fingerprint.clone(),
+                limit: self.options.limit,
+                shard: self.options.shard.clone(),
+            },
+        );
+        self.table.begin(&self.record, &mut manifest)?;
 
         let grace = Duration::from_secs_f64(self.job.config.run.stop_grace_s);
         let grace_timer = {
@@ -500,21 +343,14 @@ impl PreparedRun {
             cut.load(Ordering::Acquire) || matches!(outcome, Err(OperatorError::Stopped));
 
         // Counts are final here: every stage task has finished or been dropped.
-        manifest.stages.push(StageSummary {
-            stage: "scan".into(),
-            metrics: self.progress.read.snapshot(),
-        });
-        for (stage, metrics) in &self.stages {
-            manifest.stages.push(StageSummary {
-                stage: stage.name().into(),
-                metrics: metrics.snapshot(),
-            });
-        }
-        manifest.stages.push(StageSummary {
-            stage: "sink".into(),
-            metrics: self.progress.written.snapshot(),
-        });
-        manifest.rows_read = self.progress.read.snapshot().rows_out;
+        let named = |stage: &str, counters: &StageCounters| StageSummary {
+            stage: stage.into(),
+            metrics: counters.snapshot(),
+        };
+        let stages = std::iter::once(named("scan", &self.progress.read))
+            .chain(self.stages.iter().map(|(op, c)| named(op.name(), c)))
+            .chain([named("sink", &self.progress.written)]);
+        manifest.count(stages.collect());
         if let Ok(failed) = self.scan.failed.lock() {
             manifest.input_files_failed = failed
                 .iter()
@@ -524,17 +360,6 @@ impl PreparedRun {
                 })
                 .collect();
         }
-        let stage_sum = |name: Option<&str>, count: fn(&CountersSnapshot) -> u64| -> u64 {
-            self.stages
-                .iter()
-                .filter(|(s, _)| name.is_none_or(|n| s.name() == n))
-                .map(|(_, m)| count(&m.snapshot()))
-                .sum()
-        };
-        manifest.duplicates_dropped = stage_sum(None, |m| m.rows_dropped);
-        manifest.rows_resumed = stage_sum(Some("dedup"), |m| m.rows_skipped);
-        manifest.rows_skipped_done = stage_sum(Some("scope"), |m| m.rows_skipped);
-        manifest.rows_other_shards = stage_sum(None, |m| m.rows_elsewhere);
         manifest.finished_at = Some(now_rfc3339());
         manifest.updated_at = manifest.finished_at.clone();
         manifest.elapsed_s = started.elapsed().as_secs_f64();

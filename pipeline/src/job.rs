@@ -18,8 +18,62 @@ use abridge_operators::extract::ExtractConfig;
 use abridge_operators::filter::FilterConfig;
 use abridge_operators::quality::MetricsConfig;
 use abridge_operators::scan::InputConfig;
-use abridge_operators::summarize::{Backend, SummarizeConfig};
+use abridge_operators::stage::{JobView, Stage, StageSection};
+use abridge_operators::summarize::SummarizeConfig;
 use serde::{Deserialize, Serialize};
+
+/// A row of [`STAGES`]: what the job knows of a stage, and where its section sits in
+/// [`JobConfig`].
+#[derive(Clone, Copy)]
+pub struct StageRow {
+    /// Its section (`[embed]`).
+    pub section: &'static str,
+    /// Keys of the section holding paths ([`StageSection::PATH_KEYS`]).
+    pub path_keys: &'static [&'static str],
+    /// Keys left out of the results fingerprint ([`StageSection::SPEED_KEYS`]).
+    pub speed_keys: &'static [&'static str],
+    /// The output columns it adds ([`StageSection::COLUMNS`]).
+    pub columns: &'static [&'static str],
+    /// The section in a job, if the job runs the stage.
+    pub stage: fn(&JobConfig) -> Option<&dyn Stage>,
+    /// The section in its TOML form, for the fingerprint.
+    settings: fn(&JobConfig) -> Option<toml::Value>,
+}
+
+/// A [`StageRow`] for the section type `$section`, found in a job by `$get`.
+macro_rules! stage_row {
+    ($section:ty, $get:expr) => {
+        StageRow {
+            section: <$section as StageSection>::SECTION,
+            path_keys: <$section as StageSection>::PATH_KEYS,
+            speed_keys: <$section as StageSection>::SPEED_KEYS,
+            columns: <$section as StageSection>::COLUMNS,
+            stage: |job| {
+                let get: fn(&JobConfig) -> Option<&$section> = $get;
+                get(job).map(|s| s as &dyn Stage)
+            },
+            settings: |job| {
+                let get: fn(&JobConfig) -> Option<&$section> = $get;
+                get(job).and_then(|s| toml::Value::try_from(s).ok())
+            },
+        }
+    };
+}
+
+/// The job's stages in the order rows flow through them (after the input's scan and
+/// normalize, the run's scope and dedup). The executor builds them in this order; the
+/// results fingerprint, the keys that hold paths and the reserved output columns are
+/// derived from it. A new stage is its module in abridge-operators, a field of
+/// [`JobConfig`] and a line here.
+pub const STAGES: [StageRow; 5] = [
+    stage_row!(EmbedConfig, |job| job.embed.as_ref()),
+    // With `method = "classifier"`, the topics stage after it.
+    stage_row!(FilterConfig, |job| job.filter.as_ref()),
+    stage_row!(SummarizeConfig, |job| job.summarize.as_ref()),
+    // The summaries' vectors (for drift) and the measures, whenever summarize runs.
+    stage_row!(MetricsConfig, |job| Some(&job.metrics)),
+    stage_row!(ExtractConfig, |job| job.extract.as_ref()),
+];
 
 /// Everything a run needs to know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,22 +229,35 @@ fn diff_values(path: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<Strin
 }
 
 /// Keys that change how a run commits, buffers and stops, never a row's result.
-const OPERATIONAL_KEYS: [&str; 5] = [
+const OPERATIONAL_KEYS: [&str; 6] = [
     "output.commit_every_rows",
     "output.commit_every_s",
     "output.row_group_rows",
     "run.channel_capacity",
     "run.stop_grace_s",
+    "summarize.stall_timeout_s",
 ];
 
-/// Keys whose values are filesystem paths, resolved against the job file's folder.
-const PATH_KEYS: [&str; 5] = [
-    "input.path",
-    "output.path",
-    "embed.model",
-    "index.path",
-    "summarize.model",
-];
+/// Keys whose values are filesystem paths, resolved against the job file's folder: the
+/// job's own and its stages'.
+fn path_keys() -> Vec<String> {
+    let own = ["input.path", "output.path", "index.path"].map(String::from);
+    let stages = STAGES.iter().flat_map(|row| {
+        row.path_keys
+            .iter()
+            .map(move |key| format!("{}.{key}", row.section))
+    });
+    own.into_iter().chain(stages).collect()
+}
+
+/// Column names the output's rows are written with, by abridge rather than carried from
+/// the input: the table's own (`run_id`, `content_hash`, `error`) and every stage's,
+/// whether or not this job runs it. An input column of one of these names is refused.
+pub fn reserved_columns() -> Vec<&'static str> {
+    let own = abridge_schemas::output::RESERVED.iter().copied();
+    own.chain(STAGES.iter().flat_map(|row| row.columns.iter().copied()))
+        .collect()
+}
 
 /// Why a job file could not be used. All of these are the user's to fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +343,7 @@ impl Job {
         let cwd = std::env::current_dir().unwrap_or_default();
         for arg in overrides {
             let (key, value) = parse_override(arg)?;
-            let value = if PATH_KEYS.contains(&key.as_str()) {
+            let value = if path_keys().contains(&key) {
                 match value {
                     toml::Value::String(s) => {
                         toml::Value::String(resolve_path(&cwd, &s, may_download(&tree, &key)))
@@ -332,50 +399,32 @@ impl Job {
     pub fn results_fingerprint(&self) -> Result<String, JobError> {
         let c = &self.config;
         let mut value = toml::Table::new();
-        let mut put = |key: &str, v: Result<toml::Value, toml::ser::Error>| {
+        for (key, v) in [
+            ("columns", toml::Value::try_from(&c.input.columns)),
+            ("drop", toml::Value::try_from(&c.input.drop)),
+        ] {
             if let Ok(v) = v {
                 value.insert(key.into(), v);
             }
-        };
-        put("columns", toml::Value::try_from(&c.input.columns));
-        put("drop", toml::Value::try_from(&c.input.drop));
-        let identity = |key: &str, id: Result<String, OperatorError>| {
-            id.map_err(|source| JobError::Model {
-                path: self.path.clone(),
-                key: key.into(),
-                source: Box::new(source),
-            })
-        };
-        if let Some(embed) = &c.embed {
-            put("embed", toml::Value::try_from(embed));
-            put(
-                "embed_identity",
-                Ok(identity("embed.model", embed.model_identity())?.into()),
-            );
         }
-        if let Some(filter) = &c.filter {
-            put("filter", toml::Value::try_from(filter));
-        }
-        if let Some(summarize) = &c.summarize {
-            put("summarize", toml::Value::try_from(summarize));
-            put(
-                "summarize_identity",
-                Ok(identity("summarize.model", summarize.model_identity())?.into()),
-            );
-        }
-        if let Some(extract) = &c.extract {
-            put("extract", toml::Value::try_from(extract));
-        }
-        put("metrics", toml::Value::try_from(c.metrics));
-        for (section, key) in [
-            ("embed", "batch_size"),
-            ("embed", "device"),
-            ("summarize", "device"),
-            ("summarize", "in_flight"),
-            ("summarize", "paged_attention"),
-        ] {
-            if let Some(toml::Value::Table(t)) = value.get_mut(section) {
-                t.remove(key);
+        for row in &STAGES {
+            let Some(mut settings) = (row.settings)(c) else {
+                continue;
+            };
+            if let toml::Value::Table(t) = &mut settings {
+                for key in row.speed_keys {
+                    t.remove(*key);
+                }
+            }
+            value.insert(row.section.into(), settings);
+            let identity = (row.stage)(c).and_then(|stage| stage.model_identity());
+            if let Some(identity) = identity {
+                let identity = identity.map_err(|source| JobError::Model {
+                    path: self.path.clone(),
+                    key: format!("{}.model", row.section),
+                    source: Box::new(source),
+                })?;
+                value.insert(format!("{}_identity", row.section), identity.into());
             }
         }
         let text = toml::to_string(&value).unwrap_or_default();
@@ -387,18 +436,18 @@ impl Job {
     /// commits and stops, not what it computes ([`OPERATIONAL_KEYS`]), are left out: a
     /// run resumed with another commit interval or grace period writes the same rows.
     pub fn differences(&self, recorded: &str) -> Vec<String> {
-        // Both sides through the same text form, so that floats compare as written.
-        let parse = |text: &str| text.parse::<toml::Table>().map(toml::Value::Table);
-        let now = toml::to_string_pretty(&self.config)
-            .map_err(|e| e.to_string())
-            .and_then(|text| parse(&text).map_err(|e| e.to_string()));
-        let (Ok(now), Ok(then)) = (now, parse(recorded)) else {
-            return vec!["(the recorded job does not parse)".into()];
-        };
-        let mut out = Vec::new();
-        diff_values("", &now, &then, &mut out);
-        out.retain(|key| !OPERATIONAL_KEYS.contains(&key.as_str()));
-        out
+        record_differences(&self.to_toml(), recorded)
+    }
+
+    /// What the table protocol needs of this job ([`crate::table::RunRecord`]).
+    pub fn record(&self) -> crate::table::RunRecord {
+        crate::table::RunRecord {
+            name: self.name(),
+            overrides: self.overrides.clone(),
+            output: self.config.output.path.clone(),
+            job_file: self.path.clone(),
+            job_text: self.to_toml(),
+        }
     }
 
     /// The resolved configuration as TOML, every default spelled out: the record of a run.
@@ -413,6 +462,18 @@ impl Job {
         out.push_str(&toml::to_string_pretty(&self.config).unwrap_or_default());
         out
     }
+}
+
+/// [`Job::differences`] between two records of resolved jobs ([`Job::to_toml`]).
+pub fn record_differences(now: &str, recorded: &str) -> Vec<String> {
+    let parse = |text: &str| text.parse::<toml::Table>().map(toml::Value::Table);
+    let (Ok(now), Ok(then)) = (parse(now), parse(recorded)) else {
+        return vec!["(the recorded job does not parse)".into()];
+    };
+    let mut out = Vec::new();
+    diff_values("", &now, &then, &mut out);
+    out.retain(|key| !OPERATIONAL_KEYS.contains(&key.as_str()));
+    out
 }
 
 impl JobConfig {
@@ -446,134 +507,55 @@ impl JobConfig {
             }
         }
         self.input.validate().map_err(section)?;
-        if let Some(embed) = &self.embed {
-            embed.validate().map_err(section)?;
+        let sections = self.sections();
+        let view = self.view(&sections);
+        for (_, stage) in self.stages() {
+            stage.validate(&view).map_err(section)?;
         }
-        if let Some(filter) = &self.filter {
-            filter.validate().map_err(section)?;
-        }
-        let no_embed = "needs an [embed] section: it works on the tickets' vectors";
-        if self.embed.is_none() {
-            if self.filter.is_some() {
-                return Err(("filter".into(), no_embed.into()));
-            }
-            if self.index.is_some() {
-                return Err(("index".into(), no_embed.into()));
-            }
-        }
-        if let Some(summarize) = &self.summarize {
-            summarize.validate().map_err(section)?;
-        }
-        if let Some(extract) = &self.extract {
-            extract.validate().map_err(section)?;
-        }
-        let classifier = self.filter.as_ref().is_some_and(FilterConfig::classifies);
-        let asks_the_model = [
-            ("filter.topics.method", classifier),
-            ("extract", self.extract.is_some()),
-        ];
-        for (key, asks) in asks_the_model {
-            if asks && self.summarize.is_none() {
-                let message = "asks the summarizer model: add a [summarize] section";
-                return Err((key.into(), message.into()));
-            }
-        }
-        if classifier
-            && self
-                .summarize
-                .as_ref()
-                .is_some_and(|s| s.backend == Backend::Mistralrs)
-        {
+        if self.index.is_some() && self.embed.is_none() {
             return Err((
-                "filter.topics.method".into(),
-                "`classifier` restricts decoding to the labels' tokens, which abridge's own \
-                 engine does: set summarize.backend to `llama` (Llama or Qwen2 GGUF) or `seqgpt` \
-                 (BLOOM, SeqGPT-560M)"
-                    .into(),
-            ));
-        }
-        self.metrics.validate().map_err(section)?;
-        let samples = self.metrics.stability_samples;
-        if samples > 1
-            && self
-                .summarize
-                .as_ref()
-                .is_some_and(|s| s.temperature == 0.0)
-        {
-            return Err((
-                "metrics.stability_samples".into(),
-                format!(
-                    "is {samples}, but summarize.temperature is 0: greedy decoding draws the \
-                     same summary every time, so stability would be 0 for {samples}x the work; \
-                     raise the temperature or set stability_samples = 1"
-                ),
+                "index".into(),
+                "needs an [embed] section: it works on the tickets' vectors".into(),
             ));
         }
         Ok(())
     }
 
-    /// The stages after the input's (scan and normalize) in the order rows flow through
-    /// them, each with the section that configures it: what the executor builds.
-    pub fn stages(&self) -> Vec<StageConfig<'_>> {
-        let mut stages = vec![StageConfig::Scope(&self.run), StageConfig::Dedup];
-        if let Some(embed) = &self.embed {
-            stages.push(StageConfig::Embed(embed));
-            if let Some(filter) = &self.filter {
-                stages.push(StageConfig::Filter(filter));
-                if let Some(summarize) = self.summarize.as_ref().filter(|_| filter.classifies()) {
-                    stages.push(StageConfig::Topics(filter, summarize));
-                }
-            }
-            if let Some(index) = &self.index {
-                stages.push(StageConfig::Index(index, embed));
-            }
+    /// The stages the job runs, in flow order ([`STAGES`]), each with its section.
+    pub fn stages(&self) -> impl Iterator<Item = (&'static StageRow, &dyn Stage)> {
+        STAGES
+            .iter()
+            .filter_map(|row| (row.stage)(self).map(|stage| (row, stage)))
+    }
+
+    /// The sections the job has, by name.
+    pub fn sections(&self) -> Vec<&'static str> {
+        let mut sections = vec!["input", "output", "run"];
+        sections.extend(self.stages().map(|(row, _)| row.section));
+        if self.index.is_some() {
+            sections.push("index");
         }
-        if let Some(summarize) = &self.summarize {
-            stages.push(StageConfig::Summarize(summarize, &self.metrics));
-            if self.embed.is_some() {
-                stages.push(StageConfig::EmbedSummaries);
-            }
-            stages.push(StageConfig::Metrics(&self.metrics));
-            if let Some(extract) = &self.extract {
-                stages.push(StageConfig::Extract(extract, summarize));
-            }
+        sections
+    }
+
+    /// What a stage may know of this job ([`JobView`]); `sections` are
+    /// [`JobConfig::sections`].
+    pub fn view<'a>(&'a self, sections: &'a [&'static str]) -> JobView<'a> {
+        JobView {
+            sections,
+            summarize: self.summarize.as_ref(),
+            stability_samples: self.metrics.stability_samples,
         }
-        stages
     }
 }
 
-/// A stage of a job and the section it is built from ([`JobConfig::stages`]).
-#[derive(Debug, Clone, Copy)]
-pub enum StageConfig<'a> {
-    /// This shard's rows, less those done by earlier runs (`run.skip_done`).
-    Scope(&'a RunConfig),
-    /// Repeated ids and rows a resumed run committed, dropped.
-    Dedup,
-    /// The tickets' vectors; the encoder serves the stages after it too.
-    Embed(&'a EmbedConfig),
-    Filter(&'a FilterConfig),
-    /// The topics of the filter's kept tickets by the `[summarize]` model
-    /// (`[filter.topics] method = "classifier"`).
-    Topics(&'a FilterConfig, &'a SummarizeConfig),
-    /// Not a stream stage: the index the sink commits with each published file, with
-    /// the encoder's section (the index records which encoder made its vectors).
-    Index(&'a IndexConfig, &'a EmbedConfig),
-    /// With `[metrics]` for `stability_samples`.
-    Summarize(&'a SummarizeConfig, &'a MetricsConfig),
-    /// The summaries' vectors, by the `embed` encoder, for `drift`.
-    EmbedSummaries,
-    Metrics(&'a MetricsConfig),
-    /// With `[summarize]`, whose model answers.
-    Extract(&'a ExtractConfig, &'a SummarizeConfig),
-}
-
 fn resolve_paths(tree: &mut toml::Table, base: &Path) {
-    for key in PATH_KEYS {
+    for key in path_keys() {
         let mut parts = key.split('.');
         let (Some(section), Some(field)) = (parts.next(), parts.next()) else {
             continue;
         };
-        let hub_ok = may_download(tree, key);
+        let hub_ok = may_download(tree, &key);
         if let Some(toml::Value::String(value)) = tree
             .get_mut(section)
             .and_then(|s| s.as_table_mut())
@@ -701,6 +683,90 @@ path = "/abs/out"
     fn load(text: &str, sets: &[&str]) -> Result<Job, JobError> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         Job::from_str(text, Path::new("/jobs/x.toml"), &sets)
+    }
+
+    /// What the stage table derives: the keys holding paths, and the reserved output
+    /// columns, which must cover every column a stage writes (the names the output's
+    /// schema held when they were listed by hand).
+    #[test]
+    fn the_stage_table_gives_path_keys_and_reserved_columns() {
+        let mut paths = path_keys();
+        paths.sort();
+        let expected = [
+            "embed.model",
+            "index.path",
+            "input.path",
+            "output.path",
+            "summarize.model",
+        ];
+        assert_eq!(paths, expected);
+        let reserved = reserved_columns();
+        let written = [
+            "run_id",
+            "content_hash",
+            "error",
+            "embedding",
+            "embedding_cut_tokens",
+            "similarity",
+            "matched_query",
+            "topic_score",
+            "kept",
+            "filter_reason",
+            "summary",
+            "model",
+            "prompt_version",
+            "prompt_tokens",
+            "completion_tokens",
+            "finish_reason",
+            "latency_ms",
+            "glossary_missed",
+            "text_cut_tokens",
+            "text_cut_chars",
+            "summary_samples",
+            "summary_embedding",
+            "summary_embedding_cut_tokens",
+            "drift",
+            "compression",
+            "stability",
+            "rouge1",
+            "rouge2",
+            "rouge_l",
+            "alerts",
+            "extracted",
+            "extract_error",
+        ];
+        for name in written {
+            assert!(reserved.contains(&name), "{name} is not reserved");
+        }
+        assert_eq!(reserved.len(), written.len(), "{reserved:?}");
+    }
+
+    /// The stages' speed keys leave the results fingerprint as it is; a setting that
+    /// changes results, or the model's bytes, changes it.
+    #[test]
+    fn speed_keys_leave_the_fingerprint_and_results_keys_change_it()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir(dir.path().join("encoder"))?;
+        std::fs::write(dir.path().join("encoder/model.safetensors"), b"weights")?;
+        std::fs::write(dir.path().join("m.gguf"), b"gguf")?;
+        let text = format!(
+            "{MINIMAL}[embed]\nmodel = \"encoder\"\n\
+             [summarize]\nbackend = \"llama\"\nmodel = \"m.gguf\"\n"
+        );
+        let path = dir.path().join("job.toml");
+        let fingerprint = |sets: &[&str]| -> Result<String, JobError> {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Job::from_str(&text, &path, &sets)?.results_fingerprint()
+        };
+        let plain = fingerprint(&[])?;
+        let speed = ["embed.batch_size=7", "summarize.in_flight=3"];
+        assert_eq!(fingerprint(&speed)?, plain);
+        assert_ne!(fingerprint(&["summarize.temperature=0.5"])?, plain);
+        assert_ne!(fingerprint(&["embed.input={title}"])?, plain);
+        std::fs::write(dir.path().join("m.gguf"), b"GGUF")?;
+        assert_ne!(fingerprint(&[])?, plain, "the model's bytes");
+        Ok(())
     }
 
     /// The shipped jobs load, and both forms of the nightly job run every stage.
@@ -930,6 +996,23 @@ path = "/abs/out"
         }
         let job = load(MINIMAL, &["output.rows_per_file=7"]).expect("the former name");
         assert_eq!(job.config.output.commit_every_rows, 7);
+        let models = format!(
+            "{MINIMAL}[embed]\nmodel = \"e\"\n[summarize]\nbackend = \"llama\"\nmodel = \"m\"\n"
+        );
+        for (set, key) in [
+            ("embed.max_batch_tokens=0", "embed.max_batch_tokens"),
+            ("summarize.stall_timeout_s=-1", "summarize.stall_timeout_s"),
+        ] {
+            let msg = load(&models, &[set])
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+                .unwrap_err();
+            assert!(msg.contains(key), "{set}: {msg}");
+        }
+        let job = load(&models, &[]).expect("defaults");
+        let summarize = job.config.summarize.expect("[summarize]");
+        assert_eq!(summarize.stall_timeout_s, 300.0);
+        assert_eq!(job.config.embed.and_then(|e| e.max_batch_tokens), None);
     }
 
     #[test]
@@ -987,8 +1070,8 @@ path = "/abs/out"
         }
     }
 
-    /// The model's tasks are stages in flow order; the keys they need are checked by
-    /// name; and the defaults they add leave the fingerprint of older jobs as it was.
+    /// The model's tasks are stages in flow order (the topics within the filter's, the
+    /// summaries' vectors within the metrics'); the keys they need are checked by name; and the defaults they add leave the fingerprint of older jobs as it was.
     #[test]
     fn classifier_and_extract_stages_and_their_checks() -> Result<(), JobError> {
         let sections = |topics: &str, rest: &str| {
@@ -1005,31 +1088,10 @@ path = "/abs/out"
             ),
             &[],
         )?;
-        let names: Vec<String> = job
-            .config
-            .stages()
-            .iter()
-            .map(|s| {
-                format!("{s:?}")
-                    .split('(')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string()
-            })
-            .collect();
+        let names: Vec<&str> = job.config.stages().map(|(row, _)| row.section).collect();
         assert_eq!(
             names,
-            [
-                "Scope",
-                "Dedup",
-                "Embed",
-                "Filter",
-                "Topics",
-                "Summarize",
-                "EmbedSummaries",
-                "Metrics",
-                "Extract"
-            ]
+            ["embed", "filter", "summarize", "metrics", "extract"]
         );
         let plain = load(&sections("", ""), &[])?.results_fingerprint()?;
         let explicit = load(

@@ -49,12 +49,15 @@ impl ColumnMapping {
     }
 
     /// Checks the mapping against an input schema. `source_name` names the input in errors;
-    /// `drop` lists input columns not to carry into the output.
+    /// `drop` lists input columns not to carry into the output; `stage_columns` are the
+    /// columns the stages write (beside [`RESERVED`] and the ticket's), which no carried
+    /// column may be named.
     pub fn resolve(
         &self,
         input: &Schema,
         source_name: &str,
         drop: &[String],
+        stage_columns: &[&str],
     ) -> Result<ResolvedMapping, SchemaError> {
         let available = || {
             input
@@ -109,7 +112,10 @@ impl ColumnMapping {
                 continue;
             }
             let name = field.name().as_str();
-            if RESERVED.contains(&name) || TicketColumn::ALL.iter().any(|c| c.name() == name) {
+            if RESERVED.contains(&name)
+                || stage_columns.contains(&name)
+                || TicketColumn::ALL.iter().any(|c| c.name() == name)
+            {
                 return Err(SchemaError::ReservedName {
                     source_name: source_name.to_string(),
                     column: name.to_string(),
@@ -207,7 +213,7 @@ mod tests {
                 text: text.map(str::to_string),
                 ..Default::default()
             };
-            if let Ok(resolved) = mapping.resolve(&input, "p", &[]) {
+            if let Ok(resolved) = mapping.resolve(&input, "p", &[], &[]) {
                 let mut uses = vec![0; input.fields().len()];
                 for role in TicketColumn::ALL {
                     if let Some(i) = resolved.source(role) {
@@ -235,7 +241,7 @@ mod tests {
             ("priority", DataType::Utf8),
             ("reference", DataType::LargeUtf8),
         ]);
-        let resolved = ColumnMapping::default().resolve(&input, "t.parquet", &[])?;
+        let resolved = ColumnMapping::default().resolve(&input, "t.parquet", &[], &[])?;
         assert_eq!(resolved.source(TicketColumn::Id), Some(0));
         assert_eq!(resolved.source(TicketColumn::Reference), Some(3));
         assert_eq!(resolved.source(TicketColumn::Title), None);
@@ -275,7 +281,7 @@ mod tests {
             text: Some("body".into()),
             ..Default::default()
         };
-        let resolved = mapping.resolve(&input, "t.parquet", &["secret".into()])?;
+        let resolved = mapping.resolve(&input, "t.parquet", &["secret".into()], &[])?;
         assert_eq!(resolved.source(TicketColumn::Text), Some(1));
         assert!(resolved.carried().is_empty());
         Ok(())
@@ -289,7 +295,7 @@ mod tests {
             ..Default::default()
         };
         let err = mapping
-            .resolve(&input, "in/tickets.parquet", &[])
+            .resolve(&input, "in/tickets.parquet", &[], &[])
             .map(|_| ())
             .unwrap_err()
             .to_string();
@@ -303,7 +309,7 @@ mod tests {
     fn wrong_type_is_rejected_for_mapped_columns() {
         let input = schema(&[("id", DataType::Utf8), ("text", DataType::Float64)]);
         let err = ColumnMapping::default()
-            .resolve(&input, "x.parquet", &[])
+            .resolve(&input, "x.parquet", &[], &[])
             .map(|_| ())
             .unwrap_err();
         assert!(
@@ -319,12 +325,12 @@ mod tests {
             ("text", DataType::Utf8),
             ("topic", DataType::Int32),
         ]);
-        let err = ColumnMapping::default().resolve(&input, "x.parquet", &[]);
+        let err = ColumnMapping::default().resolve(&input, "x.parquet", &[], &[]);
         assert!(matches!(
             err,
             Err(SchemaError::WrongType { role: "topic", .. })
         ));
-        let ok = ColumnMapping::default().resolve(&input, "x.parquet", &["topic".into()])?;
+        let ok = ColumnMapping::default().resolve(&input, "x.parquet", &["topic".into()], &[])?;
         assert_eq!(ok.source(TicketColumn::Topic), None);
         Ok(())
     }
@@ -337,7 +343,10 @@ mod tests {
             title: Some("body".into()),
             ..Default::default()
         };
-        let err = mapping.resolve(&input, "x", &[]).map(|_| ()).unwrap_err();
+        let err = mapping
+            .resolve(&input, "x", &[], &[])
+            .map(|_| ())
+            .unwrap_err();
         assert!(matches!(err, SchemaError::MappedTwice { .. }), "{err}");
     }
 
@@ -349,7 +358,7 @@ mod tests {
             ("summary", DataType::Utf8),
         ]);
         let err = ColumnMapping::default()
-            .resolve(&input, "x", &[])
+            .resolve(&input, "x", &[], &["summary"])
             .map(|_| ())
             .unwrap_err();
         assert!(err.to_string().contains("`summary`"), "{err}");

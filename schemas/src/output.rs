@@ -15,42 +15,10 @@ pub const CONTENT_HASH: &str = "content_hash";
 /// Why a row could not be processed; null for rows that went through.
 pub const ERROR: &str = "error";
 
-/// Names abridge writes itself (now or in its documented stages): an input column with one
-/// of these names cannot be carried through unchanged.
-pub const RESERVED: &[&str] = &[
-    RUN_ID,
-    CONTENT_HASH,
-    ERROR,
-    "embedding",
-    "embedding_cut_tokens",
-    "similarity",
-    "matched_query",
-    "topic_score",
-    "kept",
-    "filter_reason",
-    "summary",
-    "model",
-    "prompt_version",
-    "prompt_tokens",
-    "completion_tokens",
-    "finish_reason",
-    "latency_ms",
-    "glossary_missed",
-    "text_cut_tokens",
-    "text_cut_chars",
-    "summary_samples",
-    "summary_embedding",
-    "summary_embedding_cut_tokens",
-    "drift",
-    "compression",
-    "stability",
-    "rouge1",
-    "rouge2",
-    "rouge_l",
-    "alerts",
-    "extracted",
-    "extract_error",
-];
+/// The columns the table itself writes in every row: an input column of one of these
+/// names cannot be carried through unchanged. The stages' own columns are theirs to list
+/// (abridge-operators' `StageSection::COLUMNS`).
+pub const RESERVED: &[&str] = &[RUN_ID, CONTENT_HASH, ERROR];
 
 /// The `run_id` field.
 pub fn run_id_field() -> Field {

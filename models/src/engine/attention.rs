@@ -1,8 +1,90 @@
 //! Attention of one decoding query over a head's cached keys and values, on the CPU.
 
-use pulp::{Arch, Simd, WithSimd};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
+use candle_core::Device;
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+use crate::engine::kv::HeadsKv;
 use crate::kernels;
+
+/// Nanoseconds the engines of this process spent in attention, counted while
+/// [`step_times`] is on: the engine reads it around each decoding step.
+pub(crate) static ATTENTION_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether decoding steps are timed part by part (`ABRIDGE_STEP_TIMES` set): then each
+/// engine prints where its steps' time goes, every `ABRIDGE_STEP_TIMES` steps (a number;
+/// 100 otherwise), and the GPU is synchronized after each part so that the figures are
+/// the parts' own, not their launches'.
+pub(crate) fn step_times() -> Option<u64> {
+    static EVERY: OnceLock<Option<u64>> = OnceLock::new();
+    *EVERY.get_or_init(|| {
+        let value = std::env::var("ABRIDGE_STEP_TIMES").ok()?;
+        Some(value.trim().parse().unwrap_or(100).max(1))
+    })
+}
+
+/// `attention()`, its time counted in [`ATTENTION_NANOS`] when steps are timed.
+pub(crate) fn timed<T>(device: &Device, attention: impl FnOnce() -> T) -> T {
+    if step_times().is_none() {
+        return attention();
+    }
+    let started = Instant::now();
+    let out = attention();
+    if !device.is_cpu() {
+        let _ = device.synchronize();
+    }
+    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    ATTENTION_NANOS.fetch_add(nanos, Ordering::Relaxed);
+    out
+}
+
+/// Where each head's query sits in a batch's rows of projected queries: row `r`, head `h`
+/// starts at `r × row + h × head`. BLOOM's fused projection interleaves `[q, k, v]` per
+/// head (`head = 3 × head_dim`); Llama's puts every query head first (`head = head_dim`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueryLayout {
+    /// Values from one row's start to the next's.
+    pub row: usize,
+    /// Values from one head's query to the next's within a row.
+    pub head: usize,
+}
+
+/// The context rows of a CPU attention step, `rows.len() × heads × dim` values: every
+/// (row, head) attends over the first `tokens` of its cache `rows[r] = (cache, tokens)`,
+/// in parallel. A query head reads key/value head `h / (heads / kv_heads)` (grouped-query
+/// attention; BLOOM has as many of each); `slopes` are the model's ALiBi slopes, one per
+/// head, or `None` where positions are in the queries and keys already (rotary).
+///
+/// The one attention loop of the models on CPU, for prefill (a row per prompt token) and
+/// decoding (a row per sequence) alike: the model says where its queries are and which
+/// cache each row reads, the engine does the rest.
+pub(crate) fn attend_rows(
+    queries: &[f32],
+    layout: QueryLayout,
+    rows: &[(&HeadsKv, usize)],
+    (heads, kv_heads, dim): (usize, usize, usize),
+    slopes: Option<&[f32]>,
+) -> Vec<f32> {
+    let group = (heads / kv_heads.max(1)).max(1);
+    let scale = 1.0 / (dim as f32).sqrt();
+    let mut context = vec![0f32; rows.len() * heads * dim];
+    context
+        .par_chunks_mut(dim)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let (r, h) = (i / heads, i % heads);
+            let (kv, tokens) = rows[r];
+            let (keys, values) = kv.head(h / group, tokens);
+            let query = &queries[r * layout.row + h * layout.head..][..dim];
+            let slope = slopes.map_or(0.0, |s| s[h]);
+            attend(query, keys, values, slope, scale, out);
+        });
+    context
+}
 
 /// Attention of one head's `query` over that head's cached `keys`/`values` (token after
 /// token) with an ALiBi bias (BLOOM's; 0 for models without one) `slope × position`, written into `out`. Positions count

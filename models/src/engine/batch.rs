@@ -19,11 +19,12 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 use futures::channel::oneshot;
 use futures::future::BoxFuture;
 use tokenizers::Tokenizer;
 
+use super::attention;
 use super::chat::render_chat;
 use super::kv::SequenceCache;
 use super::paged::{BlockTable, PagedKv};
@@ -263,6 +264,7 @@ impl BatchGenerator {
             max_batch,
             paged,
             counters: Arc::clone(&counters),
+            step_times: StepTimes::default(),
         };
         let family = engine.model.family();
         let context_length = engine.model.context_length();
@@ -491,6 +493,50 @@ struct Engine<M> {
     /// The block pool of the keys and values, when attention is paged.
     paged: Option<PagedKv>,
     counters: Arc<EngineCounters>,
+    /// Where decoding steps' time went, when they are timed (`ABRIDGE_STEP_TIMES`).
+    step_times: StepTimes,
+}
+
+/// The parts of decoding steps, summed over the steps since the last report: the
+/// forward pass (attention included, and counted apart), picking the next tokens, and
+/// the engine's own bookkeeping (advancing, answering, freeing).
+#[derive(Debug, Default)]
+struct StepTimes {
+    steps: u64,
+    rows: u64,
+    forward: Duration,
+    attention: Duration,
+    sampling: Duration,
+    host: Duration,
+}
+
+impl StepTimes {
+    /// Adds a step; every `every` steps, prints the split and starts over.
+    fn add(&mut self, family: &str, every: u64, rows: usize, parts: [Duration; 4]) {
+        let [forward, attention, sampling, host] = parts;
+        self.steps += 1;
+        self.rows += rows as u64;
+        self.forward += forward;
+        self.attention += attention;
+        self.sampling += sampling;
+        self.host += host;
+        if self.steps < every {
+            return;
+        }
+        let per_step = |d: Duration| d.as_secs_f64() * 1e3 / self.steps as f64;
+        eprintln!(
+            "abridge {family} engine: {} steps, {:.1} sequences each: {:.2} ms per step = \
+             forward {:.2} (attention {:.2}) + sampling {:.2} + host {:.2}",
+            self.steps,
+            self.rows as f64 / self.steps as f64,
+            per_step(self.forward + self.sampling + self.host),
+            per_step(self.forward),
+            per_step(self.attention),
+            per_step(self.sampling),
+            per_step(self.host),
+        );
+        *self = Self::default();
+    }
 }
 
 /// What picking a sequence's next token needs to know.
@@ -500,6 +546,25 @@ struct Draw<'a> {
     labels: Option<&'a Labels>,
     /// The token the engine writes itself (a form's heading), whatever the logits.
     forced: Option<u32>,
+}
+
+/// Each row's argmax of `logits` `(rows, vocab)`, `None` where the row holds a NaN,
+/// worked out where the logits are: on a GPU a row of logits is a megabyte (BLOOM's
+/// 250,880 words) to copy to the host per token; only the argmax and a sum (NaN when a
+/// logit is) cross, for the whole batch in one copy: one host sync per step. Token ids
+/// are exact in f32 (below 2^24).
+fn greedy_in_place(logits: &Tensor) -> candle_core::Result<Vec<Option<u32>>> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let best = logits.argmax_keepdim(D::Minus1)?.to_dtype(DType::F32)?;
+    let sums = logits.sum_keepdim(D::Minus1)?;
+    let picked = Tensor::cat(&[best, sums], D::Minus1)?.to_vec2::<f32>()?;
+    Ok(picked
+        .into_iter()
+        .map(|row| match row[..] {
+            [best, sum] if !sum.is_nan() => Some(best as u32),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Prompts joining the batch, each with its blocks when attention is paged.
@@ -693,12 +758,24 @@ impl<M: BatchModel> Engine<M> {
             .iter()
             .map(|s| s.generated.last().copied().unwrap_or_default())
             .collect();
+        let timing = attention::step_times();
+        let started = Instant::now();
+        let attention_before = attention::ATTENTION_NANOS.load(Ordering::Relaxed);
         let logits = {
             let mut caches: Vec<&mut SequenceCache> =
                 running.iter_mut().map(|s| &mut s.cache).collect();
             self.model
                 .decode_step(&tokens, &mut caches, self.paged.as_mut())
         };
+        if timing.is_some()
+            && let Ok(logits) = &logits
+            && !logits.device().is_cpu()
+        {
+            let _ = logits.device().synchronize();
+        }
+        let forward = started.elapsed();
+        let attention_nanos = attention::ATTENTION_NANOS.load(Ordering::Relaxed) - attention_before;
+        let rows = running.len();
         let draws: Vec<Draw<'_>> = running
             .iter()
             .map(|s| Draw {
@@ -709,6 +786,7 @@ impl<M: BatchModel> Engine<M> {
             })
             .collect();
         let next = logits.and_then(|logits| self.next_tokens(&draws, &logits));
+        let sampling = started.elapsed() - forward;
         let next = match next {
             Ok(next) => next,
             Err(e) => {
@@ -728,6 +806,13 @@ impl<M: BatchModel> Engine<M> {
             }
         }
         *running = still;
+        if let Some(every) = timing {
+            let host = started.elapsed() - forward - sampling;
+            let attention = Duration::from_nanos(attention_nanos);
+            let parts = [forward, attention, sampling, host];
+            let family = self.model.family();
+            self.step_times.add(family, every, rows, parts);
+        }
     }
 
     /// The next token of each row of `logits` `(rows, vocab)`, drawn for its request at
@@ -742,15 +827,7 @@ impl<M: BatchModel> Engine<M> {
             d.request.sampling.temperature <= 0.0 && d.labels.is_none() && d.forced.is_none()
         });
         if greedy && !logits.device().is_cpu() {
-            // On a GPU a row of logits is a megabyte (BLOOM's 250,880 words) to copy to
-            // the host per token; only the argmax and a sum (NaN when a logit is) cross.
-            let best = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let sums = logits.sum(D::Minus1)?.to_vec1::<f32>()?;
-            return Ok(best
-                .into_iter()
-                .zip(sums)
-                .map(|(best, sum)| (!sum.is_nan()).then_some(best))
-                .collect());
+            return greedy_in_place(logits);
         }
         let rows = logits.to_vec2::<f32>()?;
         let end = self.model.eos_token_id();
@@ -891,6 +968,22 @@ mod tests {
     use super::*;
     use crate::generator::{PagedAttention, Sampling};
     use crate::models::bloom::Bloom;
+
+    /// The device-side greedy pick: the first maximum of each row (as transformers), and
+    /// no token for a row with a NaN.
+    #[test]
+    fn greedy_in_place_picks_each_rows_first_maximum_and_refuses_nan() -> candle_core::Result<()> {
+        let rows = [
+            [0.5f32, 2.0, 2.0, -1.0],
+            [f32::NAN, 1.0, 0.0, 0.0],
+            [-3.0, -2.0, -9.0, -2.5],
+        ];
+        let logits = Tensor::new(&rows, &Device::Cpu)?;
+        assert_eq!(greedy_in_place(&logits)?, [Some(1), None, Some(1)]);
+        let half = greedy_in_place(&logits.to_dtype(DType::F16)?)?;
+        assert_eq!(half, [Some(1), None, Some(1)]);
+        Ok(())
+    }
 
     #[test]
     fn a_value_ends_where_the_model_starts_another_field() {

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod batch;
 pub mod chat;
+pub mod check;
 pub mod kv;
 pub mod packed;
 pub mod paged;

@@ -29,7 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
-use crate::engine::attention::attend;
+use crate::engine::attention::{QueryLayout, attend_rows, timed};
 use crate::engine::batch::{BatchGenerator, BatchModel, Chat};
 use crate::engine::chat::render_chat;
 use crate::engine::kv::{HeadsKv, SequenceCache, SequenceKv};
@@ -536,7 +536,7 @@ impl Llama {
                 attending.push((&layers[layer], cache.len + 1));
             }
             layer += 1;
-            self.attention(&qkv, &attending)
+            timed(&Device::Cpu, || self.attention(&qkv, &attending))
         })?;
         for cache in caches.iter_mut() {
             cache.len += 1;
@@ -645,20 +645,12 @@ impl Llama {
         attending: &[(&HeadsKv, usize)],
     ) -> candle_core::Result<Tensor> {
         let (heads, dim) = (self.config.heads, self.config.head_dim);
-        let group = heads / self.config.kv_heads;
-        let scale = 1.0 / (dim as f32).sqrt();
-        let width = self.qkv_width();
-        let mut context = vec![0f32; attending.len() * heads * dim];
-        context
-            .par_chunks_mut(dim)
-            .enumerate()
-            .for_each(|(i, out)| {
-                let (t, h) = (i / heads, i % heads);
-                let (kv, tokens) = attending[t];
-                let (keys, values) = kv.head(h / group, tokens);
-                let query = &qkv[t * width + h * dim..][..dim];
-                attend(query, keys, values, 0.0, scale, out);
-            });
+        let layout = QueryLayout {
+            row: self.qkv_width(),
+            head: dim,
+        };
+        let shape = (heads, self.config.kv_heads, dim);
+        let context = attend_rows(qkv, layout, attending, shape, None);
         Tensor::from_vec(context, (attending.len(), heads * dim), &Device::Cpu)
     }
 }

@@ -4,11 +4,15 @@
 use abridge_models::encoder::{EncoderError, EncoderWorker};
 use abridge_models::generator::SharedGenerator;
 use arrow::datatypes::SchemaRef;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ClassifierRule, OTHER_TOPIC, Query, SemanticFilter, Topic, TopicClassifier, TopicRule, Topics,
+    ClassifierRule, FILTER_REASON, KEPT, MATCHED_QUERY, OTHER_TOPIC, Query, SIMILARITY,
+    SemanticFilter, TOPIC_SCORE, Topic, TopicClassifier, TopicRule, Topics,
 };
+use crate::stage::{BuildContext, JobView, Stage, StageSection};
+use crate::summarize::Backend;
 use crate::tasks::TaskSettings;
 use crate::{AsyncTransformStage, OperatorError, TransformStage};
 
@@ -205,7 +209,7 @@ impl FilterConfig {
 
     /// Embeds the rules' queries and topics with `encoder` (the `embed` stage's) and makes
     /// the stage over `input`.
-    pub async fn build(
+    pub async fn operator(
         &self,
         encoder: &EncoderWorker,
         input: &SchemaRef,
@@ -223,7 +227,7 @@ impl FilterConfig {
     }
 
     /// Whether topics are the summarizer model's (`[filter.topics] method = "classifier"`):
-    /// then [`FilterConfig::build_classifier`] makes the stage after the filter.
+    /// then [`FilterConfig::classifier`] makes the stage after the filter.
     pub fn classifies(&self) -> bool {
         self.topics
             .as_ref()
@@ -233,7 +237,7 @@ impl FilterConfig {
     /// The stage after the filter that classifies the kept tickets with `generator` (the
     /// summarizer's); `queries` are the similarity rule's, whose topics `match = "query"`
     /// compares with.
-    pub async fn build_classifier(
+    pub async fn classifier(
         &self,
         generator: SharedGenerator,
         settings: TaskSettings,
@@ -250,6 +254,76 @@ impl FilterConfig {
             match_query: topics.match_rule == TopicMatch::Query,
         };
         TopicClassifier::try_new(generator, rule, queries, settings, input).await
+    }
+}
+
+impl StageSection for FilterConfig {
+    const SECTION: &'static str = "filter";
+    const COLUMNS: &'static [&'static str] =
+        &[SIMILARITY, MATCHED_QUERY, TOPIC_SCORE, KEPT, FILTER_REASON];
+}
+
+impl Stage for FilterConfig {
+    fn validate(&self, job: &JobView<'_>) -> Result<(), OperatorError> {
+        FilterConfig::validate(self)?;
+        job.require(
+            "embed",
+            "filter",
+            "needs an [embed] section: it works on the tickets' vectors",
+        )?;
+        if !self.classifies() {
+            return Ok(());
+        }
+        match job.summarize {
+            None => Err(OperatorError::config(
+                "filter.topics.method",
+                "asks the summarizer model: add a [summarize] section",
+            )),
+            Some(summarize) if summarize.backend == Backend::Mistralrs => {
+                Err(OperatorError::config(
+                    "filter.topics.method",
+                    "`classifier` restricts decoding to the labels' tokens, which abridge's own \
+                     engine does: set summarize.backend to `llama` (Llama or Qwen2 GGUF) or \
+                     `seqgpt` (BLOOM, SeqGPT-560M)",
+                ))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The filter; with `method = "classifier"`, the `topics` stage after it, asking the
+    /// summarizer's model.
+    fn build<'a>(
+        &'a self,
+        ctx: &'a mut BuildContext<'_>,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(async move {
+            let stage = self.operator(&ctx.encoder()?, &ctx.schema()).await?;
+            let queries = stage.inner().queries();
+            ctx.set_queries(
+                queries
+                    .iter()
+                    .map(|q| (q.text.clone(), q.threshold))
+                    .collect(),
+            );
+            ctx.push(stage);
+            let Some(summarize) = ctx.job.summarize.filter(|_| self.classifies()) else {
+                return Ok(());
+            };
+            let generator = ctx.generator().await?;
+            let queries: Vec<String> = ctx.queries().iter().map(|(q, _)| q.clone()).collect();
+            let settings = summarize.task_settings();
+            let stage = self
+                .classifier(generator, settings, &queries, &ctx.schema())
+                .await?;
+            let mut topics: Vec<_> = stage.inner().query_topics().iter().collect();
+            topics.sort();
+            for (query, topic) in topics {
+                ctx.note(format!("topics: the query {query:?} is of topic {topic:?}"));
+            }
+            ctx.push(stage);
+            Ok(())
+        })
     }
 }
 

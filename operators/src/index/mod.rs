@@ -637,7 +637,7 @@ impl IndexCommitter {
             )));
         };
         let dim = vectors.value_length() as usize;
-        let writer = self.lock().map_err(OperatorError::from)?;
+        let writer = self.lock().map_err(published_error)?;
         let mut added = 0;
         let mut bytes = Vec::with_capacity(dim * 4);
         for row in 0..batch.num_rows() {
@@ -673,7 +673,7 @@ impl IndexCommitter {
             writer.delete_term(Term::from_field_text(f.id, id));
             writer
                 .add_document(doc)
-                .map_err(|e| OperatorError::from(self.err(e)))?;
+                .map_err(|e| published_error(self.err(e)))?;
             added += 1;
         }
         Ok(added)
@@ -725,6 +725,14 @@ pub struct RunIndexer {
     pub run_id: String,
 }
 
+/// The index's failure as the sink reports it.
+fn published_error(source: IndexError) -> OperatorError {
+    OperatorError::Observer {
+        observer: "index",
+        source: Box::new(source),
+    }
+}
+
 impl PublishObserver for RunIndexer {
     fn staged(&self, batch: &RecordBatch) -> Result<(), OperatorError> {
         self.committer.add_batch(batch, &self.run_id).map(drop)
@@ -737,7 +745,7 @@ impl PublishObserver for RunIndexer {
             run_id: self.run_id.clone(),
             files: Some(report.files.len()),
         };
-        Ok(self.committer.commit(&position)?)
+        self.committer.commit(&position).map_err(published_error)
     }
 }
 

@@ -32,9 +32,11 @@ use arrow::record_batch::RecordBatch;
 
 pub use measures::AlertThresholds;
 
-use crate::embed::{EMBEDDING, SUMMARY_EMBEDDING};
+use crate::embed::{EMBEDDING, Embed, SUMMARY_EMBEDDING, SUMMARY_EMBEDDING_CUT_TOKENS};
+use crate::stage::{BuildContext, JobView, Stage, StageSection};
 use crate::summarize::{SUMMARY, SUMMARY_SAMPLES, TEXT_CUT_CHARS};
 use crate::{BatchTransform, OperatorError, StageCounters, TransformStage};
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 /// Column: ROUGE-1 F1 against the reference.
@@ -101,6 +103,59 @@ struct Columns {
     text_cut_chars: Option<usize>,
 }
 
+impl StageSection for MetricsConfig {
+    const SECTION: &'static str = "metrics";
+    const COLUMNS: &'static [&'static str] = &[
+        SUMMARY_EMBEDDING,
+        SUMMARY_EMBEDDING_CUT_TOKENS,
+        DRIFT,
+        COMPRESSION,
+        STABILITY,
+        ROUGE1,
+        ROUGE2,
+        ROUGE_L,
+        ALERTS,
+    ];
+}
+
+impl Stage for MetricsConfig {
+    fn validate(&self, job: &JobView<'_>) -> Result<(), OperatorError> {
+        MetricsConfig::validate(self)?;
+        let samples = self.stability_samples;
+        if samples > 1 && job.summarize.is_some_and(|s| s.temperature == 0.0) {
+            return Err(OperatorError::config(
+                "metrics.stability_samples",
+                format!(
+                    "is {samples}, but summarize.temperature is 0: greedy decoding draws the \
+                     same summary every time, so stability would be 0 for {samples}x the work; \
+                     raise the temperature or set stability_samples = 1"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The measures run whenever `[summarize]` does: the summaries' vectors by the
+    /// `embed` encoder (for `drift`), where there is one, then `metrics`.
+    fn build<'a>(
+        &'a self,
+        ctx: &'a mut BuildContext<'_>,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(async move {
+            if !ctx.job.has("summarize") {
+                return Ok(());
+            }
+            if ctx.has_encoder() {
+                let stage = Embed::summaries(ctx.encoder()?, &ctx.schema())?;
+                ctx.push(stage);
+            }
+            let stage = self.operator(&ctx.schema())?;
+            ctx.push(stage);
+            Ok(())
+        })
+    }
+}
+
 impl MetricsConfig {
     /// Why this section cannot be used, naming the key.
     pub fn validate(&self) -> Result<(), OperatorError> {
@@ -116,7 +171,7 @@ impl MetricsConfig {
     }
 
     /// The `metrics` stage over streams of `input`, which must hold `text` and `summary`.
-    pub fn build(
+    pub fn operator(
         &self,
         input: &SchemaRef,
     ) -> Result<TransformStage<QualityMetrics>, OperatorError> {
@@ -355,7 +410,7 @@ mod tests {
 
     /// `batch` through the metrics stage with the default settings.
     fn measure_default(schema: &SchemaRef, batch: RecordBatch) -> RecordBatch {
-        let stage = MetricsConfig::default().build(schema).unwrap();
+        let stage = MetricsConfig::default().operator(schema).unwrap();
         stage
             .inner()
             .transform(batch, &StageCounters::default())
@@ -442,6 +497,6 @@ mod tests {
     #[test]
     fn refuses_inputs_without_text_or_summary() {
         let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, true)]));
-        assert!(MetricsConfig::default().build(&schema).is_err());
+        assert!(MetricsConfig::default().operator(&schema).is_err());
     }
 }

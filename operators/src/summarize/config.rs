@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use abridge_models::engine::BatchGenerator;
 use abridge_models::generator::{
@@ -11,12 +12,15 @@ use abridge_models::generator::{
 };
 #[cfg(feature = "mistralrs")]
 use abridge_models::mistralrs::{MistralRsGenerator, MistralRsOptions};
+use abridge_models::stall::StallGuard;
 use arrow::datatypes::SchemaRef;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::{Rewrite, SummarizeSettings};
+use super::{Rewrite, Summarize, SummarizeSettings};
 use crate::OperatorError;
 use crate::embed::default_device;
+use crate::stage::{BuildContext, JobView, Stage, StageSection};
 use crate::tasks::TaskSettings;
 use crate::template::Template;
 
@@ -101,6 +105,16 @@ pub struct SummarizeConfig {
     /// PagedAttention's KV cache (CUDA, both backends; on by default there).
     #[serde(default)]
     pub paged_attention: PagedAttention,
+    /// Seconds the engine may go without answering any request while some wait, before
+    /// those rows fail as stalled, and every later one at once, naming the engine: a run
+    /// over a stuck engine ends, with its rows failed, instead of hanging. 0: wait
+    /// forever. Default: 300, longer than any one answer takes.
+    #[serde(default = "default_stall_timeout_s")]
+    pub stall_timeout_s: f64,
+}
+
+fn default_stall_timeout_s() -> f64 {
+    300.0
 }
 
 /// `[summarize.seqgpt]`: the instruction of the `seqgpt` prompt preset,
@@ -314,6 +328,12 @@ impl SummarizeConfig {
         {
             return invalid("summarize.device", message);
         }
+        if !(self.stall_timeout_s.is_finite() && self.stall_timeout_s >= 0.0) {
+            return invalid(
+                "summarize.stall_timeout_s",
+                "must be a number of seconds, 0 or more".into(),
+            );
+        }
         self.paged_attention
             .validate()
             .or_else(|(key, message)| invalid(&format!("summarize.paged_attention.{key}"), message))
@@ -441,11 +461,53 @@ impl SummarizeConfig {
             }
         };
         let note = format!("summarize: {} gets prompts {how}", self.model);
+        let generator = if self.stall_timeout_s > 0.0 {
+            let engine = format!("{:?}", self.backend).to_lowercase();
+            let timeout = Duration::from_secs_f64(self.stall_timeout_s);
+            StallGuard::wrap(generator, &engine, timeout)
+        } else {
+            generator
+        };
         Ok((generator, note))
     }
 }
 
 /// The GGUF file `model` names: the file, or the only `.gguf` file in a folder.
+impl StageSection for SummarizeConfig {
+    const SECTION: &'static str = "summarize";
+    const PATH_KEYS: &'static [&'static str] = &["model"];
+    // A row's answer never depends on its batch (sampling is keyed by seed, row and
+    // position), nor on which GPU of a kind runs it.
+    const SPEED_KEYS: &'static [&'static str] =
+        &["device", "in_flight", "paged_attention", "stall_timeout_s"];
+    const COLUMNS: &'static [&'static str] = &super::COLUMNS;
+}
+
+impl Stage for SummarizeConfig {
+    fn validate(&self, _job: &JobView<'_>) -> Result<(), OperatorError> {
+        SummarizeConfig::validate(self)
+    }
+
+    fn model_identity(&self) -> Option<Result<String, OperatorError>> {
+        Some(SummarizeConfig::model_identity(self))
+    }
+
+    /// The `summarize` stage: its settings and template are checked against the schema
+    /// before the model loads.
+    fn build<'a>(
+        &'a self,
+        ctx: &'a mut BuildContext<'_>,
+    ) -> BoxFuture<'a, Result<(), OperatorError>> {
+        Box::pin(async move {
+            let input = ctx.schema();
+            let settings = self.checked_settings(ctx.job.stability_samples, &input)?;
+            let generator = ctx.generator().await?;
+            ctx.push(Summarize::try_new(generator, settings, &input)?);
+            Ok(())
+        })
+    }
+}
+
 fn gguf_file(model: &Path) -> Result<PathBuf, String> {
     if model.is_file() {
         return Ok(model.to_path_buf());

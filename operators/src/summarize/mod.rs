@@ -65,6 +65,21 @@ pub const TEXT_CUT_CHARS: &str = "text_cut_chars";
 /// Column (when `samples` > 1): the other sampled summaries of the row, for `stability`.
 pub const SUMMARY_SAMPLES: &str = "summary_samples";
 
+/// Every column the stage writes (`summary_samples` with stability samples only).
+pub const COLUMNS: [&str; 11] = [
+    SUMMARY,
+    MODEL,
+    PROMPT_VERSION,
+    PROMPT_TOKENS,
+    COMPLETION_TOKENS,
+    FINISH_REASON,
+    LATENCY_MS,
+    GLOSSARY_MISSED,
+    TEXT_CUT_TOKENS,
+    TEXT_CUT_CHARS,
+    SUMMARY_SAMPLES,
+];
+
 /// One post-processing rule: every match of `pattern` becomes `replacement` (`$1` and
 /// `${name}` refer to capture groups).
 #[derive(Debug, Clone)]
@@ -144,17 +159,7 @@ impl Summarize {
                 reason: "does not use {text}, the ticket to summarize".into(),
             });
         }
-        for name in [
-            SUMMARY,
-            MODEL,
-            PROMPT_VERSION,
-            PROMPT_TOKENS,
-            COMPLETION_TOKENS,
-            FINISH_REASON,
-            LATENCY_MS,
-            GLOSSARY_MISSED,
-            SUMMARY_SAMPLES,
-        ] {
+        for name in COLUMNS {
             if input.index_of(name).is_ok() {
                 return Err(OperatorError::StageSchema(format!(
                     "the input already has a `{name}` column, which summarize writes"

@@ -18,7 +18,22 @@
 use std::path::{Path, PathBuf};
 
 use abridge_operators::CountersSnapshot;
+use abridge_operators::dedup::Deduplicate;
+use abridge_operators::scope::RunScope;
 use serde::{Deserialize, Serialize};
+
+use crate::table::RunRecord;
+
+/// What a run's manifest records of how it was started, beside its job.
+#[derive(Debug, Clone, Default)]
+pub struct RunStart {
+    /// [`crate::job::Job::results_fingerprint`].
+    pub fingerprint: String,
+    /// `--limit`.
+    pub limit: Option<usize>,
+    /// `--shard`.
+    pub shard: Option<ShardRecord>,
+}
 
 /// The manifest's file name inside a run folder.
 pub const MANIFEST: &str = "_run.json";
@@ -177,6 +192,68 @@ pub struct InputFileFailure {
 }
 
 impl RunManifest {
+    /// A run's manifest as it begins: what it reads and how, no rows yet.
+    pub fn start(
+        run_id: &str,
+        job: &RunRecord,
+        input_files: Vec<String>,
+        started: RunStart,
+    ) -> Self {
+        let now = now_rfc3339();
+        RunManifest {
+            run_id: run_id.to_string(),
+            job: job.name.clone(),
+            status: RunStatus::Running,
+            abridge_version: env!("CARGO_PKG_VERSION").to_string(),
+            job_file: job.job_file.display().to_string(),
+            overrides: job.overrides.clone(),
+            started_at: now.clone(),
+            finished_at: None,
+            elapsed_s: 0.0,
+            input_files,
+            input_files_failed: Vec::new(),
+            rows_read: 0,
+            rows_written: 0,
+            rows_failed: 0,
+            rows_filtered: 0,
+            duplicates_dropped: 0,
+            rows_resumed: 0,
+            rows_skipped_done: 0,
+            rows_other_shards: 0,
+            attempts: 1,
+            fingerprint: Some(started.fingerprint),
+            limit: started.limit,
+            shard: started.shard,
+            files: Vec::new(),
+            updated_at: Some(now),
+            rows_per_s: None,
+            eta_s: None,
+            queries: Vec::new(),
+            stages: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Records every stage's final counts, in flow order from the scan (`stages[0]`) to
+    /// the sink (the last), and the run's totals drawn from them: rows read, duplicates
+    /// dropped anywhere, rows other shards process, rows a resumed run had committed
+    /// (dedup's skipped) and rows done by earlier runs (scope's skipped).
+    pub fn count(&mut self, stages: Vec<StageSummary>) {
+        let sum = |name: Option<&str>, count: fn(&CountersSnapshot) -> u64| -> u64 {
+            stages
+                .iter()
+                .filter(|s| name.is_none_or(|n| s.stage == n))
+                .map(|s| count(&s.metrics))
+                .sum()
+        };
+        self.rows_read = stages.first().map_or(0, |s| s.metrics.rows_out);
+        self.duplicates_dropped = sum(None, |m| m.rows_dropped);
+        self.rows_resumed = sum(Some(Deduplicate::NAME), |m| m.rows_skipped);
+        self.rows_skipped_done = sum(Some(RunScope::NAME), |m| m.rows_skipped);
+        self.rows_other_shards = sum(None, |m| m.rows_elsewhere);
+        self.stages = stages;
+    }
+
     /// Writes the manifest atomically and durably: a temporary file, synced, renamed over
     /// the old one, and the folder synced so that the rename survives a power cut (the
     /// manifest is the run's commit point).

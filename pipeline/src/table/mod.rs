@@ -39,10 +39,25 @@ use abridge_operators::{OperatorError, StageCounters};
 use arrow::record_batch::RecordBatch;
 
 use crate::error::PipelineError;
-use crate::job::Job;
 use lock::OutputLock;
 use manifest::{JOB_RECORD, RunManifest, RunStatus, ShardRecord};
 use plan::{Attempt, ResumeMode};
+
+/// What the table protocol needs of a job.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    /// The job's name ([`crate::job::Job::name`]).
+    pub name: String,
+    /// The `--set` overrides, as given.
+    pub overrides: Vec<String>,
+    /// The output table's folder.
+    pub output: PathBuf,
+    /// The job file, named in messages.
+    pub job_file: PathBuf,
+    /// The resolved job ([`crate::job::Job::to_toml`]): recorded beside a new run, and
+    /// compared with the record of an unfinished one before it is resumed.
+    pub job_text: String,
+}
 
 /// One run of an output table, from its lock to its end; see the module documentation.
 pub struct TableRun {
@@ -57,18 +72,15 @@ impl TableRun {
     /// folder. Returns the run and what the user should be told (a stale lock cleared, a
     /// run resumed). A lost lock later stops the run through `stop`.
     pub fn open(
-        job: &Job,
+        job: &RunRecord,
         mode: ResumeMode,
         limit: Option<usize>,
         shard: Option<&ShardRecord>,
         stop: &StopSignal,
     ) -> Result<(Self, Vec<String>), PipelineError> {
         let fresh_id = shard.map_or_else(manifest::new_run_id, ShardRecord::run_id);
-        let (lock, cleared) = OutputLock::acquire(
-            &job.config.output.path,
-            &fresh_id,
-            shard.map(|s| (s.index, s.count)),
-        )?;
+        let (lock, cleared) =
+            OutputLock::acquire(&job.output, &fresh_id, shard.map(|s| (s.index, s.count)))?;
         lock.stop_on_loss(stop.clone());
         let attempt = plan::plan(job, mode, limit, shard, &fresh_id)?;
         if attempt.resumed.is_some() {
@@ -119,7 +131,7 @@ impl TableRun {
     /// **begin**: a new run's folder appears with `job`'s record and `manifest` in it, or
     /// not at all (a run killed here leaves only a hidden folder, which the next run
     /// removes); a resumed run's `manifest` keeps its start and counts one more attempt.
-    pub fn begin(&self, job: &Job, manifest: &mut RunManifest) -> Result<(), PipelineError> {
+    pub fn begin(&self, job: &RunRecord, manifest: &mut RunManifest) -> Result<(), PipelineError> {
         let run_dir = &self.attempt.run_dir;
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -145,7 +157,7 @@ impl TableRun {
                 let staged = manifest::staged_dir(run_dir);
                 std::fs::create_dir_all(&staged).map_err(io(&staged))?;
                 let record = staged.join(JOB_RECORD);
-                std::fs::write(&record, job.to_toml()).map_err(io(&record))?;
+                std::fs::write(&record, &job.job_text).map_err(io(&record))?;
                 manifest.write(&staged).map_err(io(&staged))?;
                 std::fs::rename(&staged, run_dir).map_err(io(run_dir))?;
                 let output = run_dir.parent().unwrap_or(Path::new("."));
@@ -297,12 +309,15 @@ mod tests {
     use super::*;
 
     /// A job writing to `dir/out`, and a run of it opened (automatic resume).
-    fn open(dir: &Path, stop: &StopSignal) -> Result<(Job, TableRun, Vec<String>), PipelineError> {
+    fn open(
+        dir: &Path,
+        stop: &StopSignal,
+    ) -> Result<(RunRecord, TableRun, Vec<String>), PipelineError> {
         let text = format!(
             "[input]\npath = \"in.parquet\"\n[output]\npath = \"{}\"\n",
             dir.join("out").display()
         );
-        let job = Job::from_str(&text, &dir.join("job.toml"), &[])?;
+        let job = crate::job::Job::from_str(&text, &dir.join("job.toml"), &[])?.record();
         let (run, notes) = TableRun::open(&job, ResumeMode::Auto, None, None, stop)?;
         Ok((job, run, notes))
     }

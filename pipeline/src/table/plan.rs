@@ -7,7 +7,7 @@
 //! again with their rows' keys (`dedup::row_key`) skipped; the finished run holds each
 //! input row once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use abridge_operators::scope::DoneTickets;
 use abridge_operators::sink::{SinkReport, published_files, read_columns};
@@ -15,7 +15,8 @@ use abridge_schemas::output::{CONTENT_HASH, ERROR};
 use arrow::array::{Array, StringArray};
 
 use crate::error::PipelineError;
-use crate::job::Job;
+use crate::job::record_differences;
+use crate::table::RunRecord;
 use crate::table::manifest::{
     self as run, JOB_RECORD, RUN_DIR_PREFIX, RunManifest, RunStatus, ShardRecord, committed_runs,
 };
@@ -49,12 +50,8 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    fn fresh(job: &Job, run_id: String, note: Option<String>) -> Self {
-        let run_dir = job
-            .config
-            .output
-            .path
-            .join(format!("{RUN_DIR_PREFIX}{run_id}"));
+    fn fresh(job: &RunRecord, run_id: String, note: Option<String>) -> Self {
+        let run_dir = job.output.join(format!("{RUN_DIR_PREFIX}{run_id}"));
         Self {
             run_id,
             run_dir,
@@ -94,13 +91,13 @@ impl Attempt {
 /// the output's lock (or the shard's).
 /// `fresh_id` is the id of a new run, if one is started.
 pub fn plan(
-    job: &Job,
+    job: &RunRecord,
     mode: ResumeMode,
     limit: Option<usize>,
     shard: Option<&ShardRecord>,
     fresh_id: &str,
 ) -> Result<Attempt, PipelineError> {
-    let output = &job.config.output.path;
+    let output = &job.output;
     let io = |source| PipelineError::Io {
         path: output.clone(),
         source,
@@ -132,7 +129,7 @@ pub fn plan(
             return Err(PipelineError::Usage(format!(
                 "--resume: job {} has no unfinished run to continue (its last run, {}, is \
                  committed); run it without --resume for a new run",
-                job.path.display(),
+                job.job_file.display(),
                 last.run_id
             )));
         }
@@ -141,7 +138,7 @@ pub fn plan(
         return Ok(Attempt::fresh(job, fresh_id.to_string(), note));
     };
     let recorded = std::fs::read_to_string(run_dir.join(JOB_RECORD)).unwrap_or_default();
-    let mut changed = job.differences(&recorded);
+    let mut changed = record_differences(&job.job_text, &recorded);
     if manifest.limit != limit {
         changed.push("--limit".into());
     }
@@ -199,10 +196,9 @@ pub fn plan(
 
 /// The tickets that committed runs of the job's output table processed with the same
 /// results fingerprint: what `run.skip_done` skips.
-pub fn done_tickets(job: &Job, fingerprint: &str) -> Result<DoneTickets, PipelineError> {
-    let output = &job.config.output.path;
+pub fn done_tickets(output: &Path, fingerprint: &str) -> Result<DoneTickets, PipelineError> {
     let runs = committed_runs(output).map_err(|source| PipelineError::Io {
-        path: output.clone(),
+        path: output.to_path_buf(),
         source,
     })?;
     let mut done = DoneTickets::default();

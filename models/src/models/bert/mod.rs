@@ -37,6 +37,8 @@ pub struct BertEncoder {
     pooling: Pooling,
     dim: usize,
     batch_size: usize,
+    /// Most tokens of one forward pass, padding included ([`token_batches`]).
+    max_batch_tokens: usize,
     pool: rayon::ThreadPool,
     device: Device,
     fingerprint: String,
@@ -127,6 +129,7 @@ impl BertEncoder {
             pooling,
             dim: config.hidden_size,
             batch_size: batch_size.max(1),
+            max_batch_tokens: default_batch_tokens(device),
             pool: rayon::ThreadPoolBuilder::new()
                 .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
                 .thread_name(|i| format!("abridge-encoder-{i}"))
@@ -135,6 +138,13 @@ impl BertEncoder {
             device: device.clone(),
             fingerprint,
         })
+    }
+
+    /// At most `tokens` tokens (padding included) per forward pass, instead of the
+    /// device's default ([`default_batch_tokens`]).
+    pub fn with_max_batch_tokens(mut self, tokens: usize) -> Self {
+        self.max_batch_tokens = tokens.max(1);
+        self
     }
 
     /// The pooling this model uses.
@@ -205,7 +215,8 @@ impl Encoder for BertEncoder {
         // Batches run in parallel, one per core: candle parallelizes its matmuls but not
         // its other kernels, and small batches' matmuls split poorly; whole batches keep
         // every core busy. Nested matmul parallelism shares the same rayon pool.
-        let chunks: Vec<&[usize]> = order.chunks(self.batch_size).collect();
+        let length = |i: usize| encodings[i].len();
+        let chunks = token_batches(&order, length, self.batch_size, self.max_batch_tokens);
         let vectors: Vec<Vec<Vec<f32>>> = self.pool.install(|| {
             chunks
                 .par_iter()
@@ -235,6 +246,42 @@ impl Encoder for BertEncoder {
             .map_err(|e| EncoderError::Tokenizer(e.to_string()))?;
         Ok(encoding.len())
     }
+}
+
+/// Tokens per forward pass where a job sets none (`embed.max_batch_tokens`): on a GPU
+/// enough for 128 texts of 512 tokens, which keeps it busy; on the CPU 32 of 256 (MiniLM's
+/// limit), where larger batches only wait longer for their longest text.
+pub fn default_batch_tokens(device: &Device) -> usize {
+    match device {
+        Device::Cpu => 8192,
+        _ => 65536,
+    }
+}
+
+/// `order` (texts sorted by token count, `length` of each) cut into forward passes of at
+/// most `cap` texts and `budget` tokens once padded to their longest text, as
+/// text-embeddings-inference batches: short texts go many at a time, long ones few; a
+/// text longer than the budget goes alone.
+fn token_batches(
+    order: &[usize],
+    length: impl Fn(usize) -> usize,
+    cap: usize,
+    budget: usize,
+) -> Vec<&[usize]> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        while end < order.len()
+            && end - start < cap
+            && (end + 1 - start) * length(order[end]) <= budget
+        {
+            end += 1;
+        }
+        batches.push(&order[start..end]);
+        start = end;
+    }
+    batches
 }
 
 /// Pooling and max sequence length from the sentence-transformers files, with the
@@ -387,6 +434,45 @@ mod tests {
             let c = cosine(&single, &batched[i * model.dim()..(i + 1) * model.dim()]);
             assert!(c >= 0.99999, "text {i}: cosine {c}");
         }
+    }
+
+    /// A small token budget splits the texts into more passes; vectors do not change.
+    #[test]
+    fn a_token_budget_changes_the_batches_not_the_vectors() {
+        let fixture = fixture();
+        let texts: Vec<&str> = fixture.texts.iter().map(String::as_str).collect();
+        let wide = model().encode(&texts).unwrap().vectors;
+        let narrow = model()
+            .with_max_batch_tokens(16)
+            .encode(&texts)
+            .unwrap()
+            .vectors;
+        let dim = model().dim();
+        for (i, (a, b)) in wide.chunks(dim).zip(narrow.chunks(dim)).enumerate() {
+            assert!(cosine(a, b) >= 0.99999, "text {i}");
+        }
+    }
+
+    /// Passes cover every text once, in order, within the cap and, padded, the budget
+    /// (a text over the budget alone).
+    #[test]
+    fn token_batches_keep_the_cap_and_the_budget() {
+        let lengths = [1, 2, 2, 3, 5, 8, 8, 9, 40];
+        let order: Vec<usize> = (0..lengths.len()).collect();
+        for (cap, budget) in [(4, 16), (2, 100), (32, 10), (1, 1), (32, 1000)] {
+            let batches = token_batches(&order, |i| lengths[i], cap, budget);
+            let flat: Vec<usize> = batches.concat();
+            assert_eq!(flat, order);
+            for batch in &batches {
+                let padded = batch.len() * batch.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+                assert!(batch.len() <= cap, "{batches:?}");
+                assert!(
+                    batch.len() == 1 || padded <= budget,
+                    "{cap} {budget}: {batches:?}"
+                );
+            }
+        }
+        assert_eq!(token_batches(&order, |i| lengths[i], 4, 16).len(), 5);
     }
 
     #[test]

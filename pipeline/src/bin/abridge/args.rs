@@ -141,6 +141,10 @@ pub enum Command {
     ///   abridge cache --clear
     #[command(verbatim_doc_comment)]
     Cache(CacheArgs),
+    /// Check the paged KV cache and PagedAttention's kernels on a device against plain
+    /// attention on the host (a GPU build's first check, `scripts/gpu-check`).
+    #[command(hide = true)]
+    CheckKernels(CheckKernelsArgs),
 }
 
 #[derive(Args)]
@@ -276,6 +280,16 @@ pub struct CacheArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args)]
+pub struct CheckKernelsArgs {
+    /// Where the cache lives: `cuda`, `cuda:N`, or `cpu` (the host's own block gather).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// The largest difference allowed.
+    #[arg(long, default_value_t = 1e-4)]
+    pub tolerance: f32,
 }
 
 #[derive(Args)]

@@ -4,6 +4,7 @@
 
 mod args;
 mod cache;
+mod check;
 mod eval;
 mod logging;
 mod run;
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
             Command::Sample(args) => sample::sample(&args),
             Command::Status(args) => status::status(&args),
             Command::Cache(args) => cache::cache(&args),
+            Command::CheckKernels(args) => check::check_kernels(&args),
         }
     });
     // Whatever a stopped run left on blocking threads (a model still loading, say) has no
