@@ -3,9 +3,11 @@
 //!
 //! Data enters through [`scan::ParquetScan`] (DataFusion reading the user's Parquet) and
 //! leaves through [`sink::ParquetSink`] (the run's output files). Operators know nothing of
-//! job files or the CLI: the pipeline crate builds them from its configuration, wires them
-//! with bounded channels and reads their [`StageCounters`]. The models the stages call
-//! (encoders, generators) are abridge-models'.
+//! job files or the CLI; beside each stage, its job-file section's config implements the
+//! stage contract ([`stage`]) that builds it, and the pipeline crate keeps the table of
+//! those sections, wires the operators with bounded channels and reads their
+//! [`StageCounters`]. The models the stages call (encoders, generators) are
+//! abridge-models'.
 
 mod compaction;
 mod counters;

@@ -149,6 +149,7 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
     let dedup = Deduplicate::try_new(scope.schema())
         .map_err(fail)?
         .resuming(table.take_committed_keys());
+    let schema = dedup.schema();
     let run_stages: [Box<dyn Operator>; 3] =
         [Box::new(normalize), Box::new(scope), Box::new(dedup)];
 
@@ -161,7 +162,6 @@ pub async fn prepare(job: Job, options: &RunOptions) -> Result<PreparedRun, Pipe
         refuse_input_topic(&job, &scan.schema)?;
     }
     let sections = job.config.sections();
-    let schema = run_stages[2].schema();
     let mut context = BuildContext::new(job.config.view(&sections), schema);
     for (_, stage) in job.config.stages() {
         stage.build(&mut context).await.map_err(fail)?;
