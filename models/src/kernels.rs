@@ -15,12 +15,17 @@
 //! - a linear layer's bias added to each row of its product (candle's broadcast add walks a
 //!   strided index per value).
 
-use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Tensor};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
 /// `x · Φ(x)` over `x`, in place on the CPU (candle's own kernel elsewhere).
 pub(crate) fn gelu_erf(x: Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    if is_half_on_cpu(&x) {
+        // In f32, rounded back, as torch computes a half type's GELU.
+        let half = x.dtype();
+        return gelu_erf(x.to_dtype(DType::F32)?)?.to_dtype(half);
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return x.gelu_erf();
     }
     let x = x.contiguous()?;
@@ -31,7 +36,7 @@ pub(crate) fn gelu_erf(x: Tensor) -> candle_core::Result<Tensor> {
 /// BLOOM's tanh-approximated GELU over `x`, in place on the CPU (candle's own kernel
 /// elsewhere).
 pub(crate) fn gelu_tanh(x: Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return x.gelu();
     }
     let x = x.contiguous()?;
@@ -63,6 +68,13 @@ pub(crate) fn swiglu(gate_up: &Tensor) -> candle_core::Result<Tensor> {
 /// `x · weightᵀ + bias` for `x` `(rows, in)`, the bias added in place on the CPU.
 pub(crate) fn linear(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     use candle_core::Module;
+    if is_half_on_cpu(x) && x.rank() == 2 {
+        let product = matmul(x, &layer.weight().t()?)?;
+        return match layer.bias() {
+            Some(bias) => product.broadcast_add(bias),
+            None => Ok(product),
+        };
+    }
     match layer.bias() {
         Some(bias) if x.device().is_cpu() && x.rank() == 2 => {
             add_rows(x.matmul(&layer.weight().t()?)?, bias)
@@ -71,10 +83,27 @@ pub(crate) fn linear(layer: &candle_nn::Linear, x: &Tensor) -> candle_core::Resu
     }
 }
 
+fn is_half_on_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16)
+}
+
+/// `a · b`; in a half type on the CPU, whose matmul candle lacks there (bfloat16) or runs
+/// slowly, as torch computes it: the half operands widened, summed in f32, the product
+/// rounded back to the half type.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if !is_half_on_cpu(a) {
+        return a.matmul(b);
+    }
+    let half = a.dtype();
+    a.to_dtype(DType::F32)?
+        .matmul(&b.to_dtype(DType::F32)?)?
+        .to_dtype(half)
+}
+
 /// `product (rows, n) + bias (n)` added to every row: in place on the CPU, a broadcast add
 /// elsewhere.
 pub(crate) fn add_rows(product: Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    if !product.device().is_cpu() || product.dtype() != candle_core::DType::F32 {
+    if !product.device().is_cpu() || product.dtype() != DType::F32 {
         return product.broadcast_add(bias);
     }
     let product = product.contiguous()?;

@@ -70,6 +70,47 @@ pub fn cached_model_dir(name: &str) -> PathBuf {
     models.join(name)
 }
 
+/// The floating-point type a model computes in (`dtype` of `[embed]`): on CUDA half types
+/// halve its memory and traffic; on the CPU they are exact but slower (candle's CPU
+/// kernels widen them), there for checking a half forward against its peer's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The checkpoint's own type on CUDA, float32 on the CPU.
+    #[default]
+    Auto,
+    Float32,
+    Float16,
+    Bfloat16,
+}
+
+impl Precision {
+    /// Whether this is the default, [`Precision::Auto`] (left out of recorded settings,
+    /// so that jobs which never set it keep their fingerprints).
+    pub fn is_auto(&self) -> bool {
+        *self == Precision::Auto
+    }
+
+    /// The type to compute in on `device` for a checkpoint stored in `stored`.
+    pub fn dtype(
+        self,
+        device: &candle_core::Device,
+        stored: candle_core::DType,
+    ) -> candle_core::DType {
+        use candle_core::DType;
+        match self {
+            Precision::Auto if device.is_cpu() => DType::F32,
+            Precision::Auto => match stored {
+                DType::F16 | DType::BF16 | DType::F32 => stored,
+                _ => DType::F32,
+            },
+            Precision::Float32 => DType::F32,
+            Precision::Float16 => DType::F16,
+            Precision::Bfloat16 => DType::BF16,
+        }
+    }
+}
+
 /// The device `cpu`, `cuda` or `cuda:N` names, or why it cannot be used.
 pub fn device(name: &str) -> Result<candle_core::Device, String> {
     match name.trim() {

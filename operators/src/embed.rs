@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use abridge_models::Precision;
 use abridge_models::encoder::{Encoded, EncoderError, EncoderWorker};
 use abridge_models::models::bert::BertEncoder;
 use abridge_schemas::output::ERROR;
@@ -58,6 +59,11 @@ pub struct EmbedConfig {
     /// `cuda` feature and an NVIDIA GPU).
     #[serde(default = "default_device")]
     pub device: String,
+    /// What it computes in: `auto` (default: the checkpoint's type on CUDA, float32 on the
+    /// CPU), `float32`, `float16` or `bfloat16`. Half types are for GPUs; on the CPU they
+    /// are exact but slower. Vectors of another type differ slightly, so it keys reuse.
+    #[serde(default, skip_serializing_if = "Precision::is_auto")]
+    pub dtype: Precision,
 }
 
 fn default_batch_size() -> usize {
@@ -105,9 +111,13 @@ impl EmbedConfig {
     pub fn model_identity(&self) -> Result<String, OperatorError> {
         let content = abridge_models::fingerprint::model_digest(&self.model.to_string_lossy())?;
         let numbers = format!(
-            "{content} {} device={}",
+            "{content} {} device={}{}",
             abridge_models::fingerprint::engine_version(),
             abridge_models::fingerprint::device_class(&self.device),
+            match self.dtype {
+                Precision::Auto => String::new(),
+                other => format!(" dtype={other:?}"),
+            },
         );
         Ok(blake3::hash(numbers.as_bytes()).to_hex()[..32].to_string())
     }
@@ -119,8 +129,9 @@ impl EmbedConfig {
             .map_err(|message| OperatorError::config("embed.device", message))?;
         let (dir, batch_size, tokens) =
             (self.model.clone(), self.batch_size, self.max_batch_tokens);
+        let precision = self.dtype;
         let encoder = tokio::task::spawn_blocking(move || {
-            let encoder = BertEncoder::load(&dir, &device, batch_size)?;
+            let encoder = BertEncoder::load_in(&dir, &device, batch_size, precision)?;
             Ok(match tokens {
                 Some(tokens) => encoder.with_max_batch_tokens(tokens),
                 None => encoder,

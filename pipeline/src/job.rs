@@ -670,6 +670,7 @@ fn set_key(tree: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use abridge_models::Precision;
     use abridge_operators::filter::{RelativeThreshold, Threshold};
     use abridge_operators::summarize::Backend;
 
@@ -1012,7 +1013,19 @@ path = "/abs/out"
         let job = load(&models, &[]).expect("defaults");
         let summarize = job.config.summarize.expect("[summarize]");
         assert_eq!(summarize.stall_timeout_s, 300.0);
-        assert_eq!(job.config.embed.and_then(|e| e.max_batch_tokens), None);
+        let embed = job.config.embed.expect("[embed]");
+        assert_eq!(
+            (embed.max_batch_tokens, embed.dtype),
+            (None, Precision::Auto)
+        );
+        let half = load(&models, &["embed.dtype=bfloat16"]).expect("a dtype");
+        let dtype = half.config.embed.map(|e| e.dtype);
+        assert_eq!(dtype, Some(Precision::Bfloat16));
+        let msg = load(&models, &["embed.dtype=float8"])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+            .unwrap_err();
+        assert!(msg.contains("embed.dtype"), "{msg}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use self::net::{BertNet, l2_normalize, pool};
+use crate::Precision;
 use crate::encoder::{Encoded, Encoder, EncoderError};
 
 /// How token vectors become one sentence vector.
@@ -71,6 +72,16 @@ struct SentenceBertConfig {
 impl BertEncoder {
     /// Loads the model in `dir` on `device`; `batch_size` texts go through one forward pass.
     pub fn load(dir: &Path, device: &Device, batch_size: usize) -> Result<Self, EncoderError> {
+        Self::load_in(dir, device, batch_size, Precision::Auto)
+    }
+
+    /// As [`BertEncoder::load`], computing in `precision`'s type.
+    pub fn load_in(
+        dir: &Path,
+        device: &Device,
+        batch_size: usize,
+        precision: Precision,
+    ) -> Result<Self, EncoderError> {
         let config_text = read(dir, "config.json")?;
         let raw: serde_json::Value = json(dir, "config.json", &config_text)?;
         let model_type = raw
@@ -117,7 +128,14 @@ impl BertEncoder {
                 reason: e.to_string(),
             }
         })?;
-        let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+        let stored = weights.values().next().map_or(DType::F32, Tensor::dtype);
+        let dtype = precision.dtype(device, stored);
+        // Vectors of another type differ (slightly): the index must tell them apart.
+        let fingerprint = match dtype {
+            DType::F32 => fingerprint,
+            other => format!("{fingerprint}-{other:?}").to_lowercase(),
+        };
+        let vb = VarBuilder::from_tensors(weights, dtype, device);
         let model = BertNet::load(vb, &config).map_err(|e| EncoderError::BadFile {
             dir: dir.to_path_buf(),
             file: "model.safetensors".into(),
@@ -173,6 +191,8 @@ impl BertEncoder {
         let hidden = self
             .model
             .forward(&ids, &types, padded.then_some(&mask), &lens)?;
+        // Pooled and normalized in f32 whatever the model computed in.
+        let hidden = hidden.to_dtype(DType::F32)?;
         let pooled = pool(&hidden, &mask, self.pooling == Pooling::Mean)?;
         Ok(l2_normalize(&pooled)?)
     }
@@ -434,6 +454,42 @@ mod tests {
             let c = cosine(&single, &batched[i * model.dim()..(i + 1) * model.dim()]);
             assert!(c >= 0.99999, "text {i}: cosine {c}");
         }
+    }
+
+    /// In bfloat16 (on the CPU: exact, slower) the vectors are sentence-transformers' in
+    /// bfloat16, and not the float32 ones: the type is really used.
+    #[test]
+    fn bfloat16_matches_sentence_transformers_in_bfloat16() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/minilm-l6-v2-embeddings-bfloat16.json");
+        let text = std::fs::read_to_string(&path).expect("fixture present");
+        let theirs: Fixture = serde_json::from_str(&text).expect("fixture parses");
+        let dir = cached_model_dir("minilm-l6-v2");
+        let half = BertEncoder::load_in(&dir, &Device::Cpu, 4, Precision::Bfloat16)
+            .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models)"));
+        assert!(
+            half.fingerprint().ends_with("-bf16"),
+            "{}",
+            half.fingerprint()
+        );
+        let texts: Vec<&str> = theirs.texts.iter().map(String::as_str).collect();
+        let ours = half.encode(&texts).unwrap().vectors;
+        let full = model().encode(&texts).unwrap().vectors;
+        let dim = half.dim();
+        let mut worst = (1.0f32, 1.0f32);
+        for (i, expected) in theirs.embeddings.iter().enumerate() {
+            let vector = &ours[i * dim..(i + 1) * dim];
+            worst.0 = worst.0.min(cosine(vector, expected));
+            worst.1 = worst.1.min(cosine(vector, &full[i * dim..(i + 1) * dim]));
+        }
+        assert!(
+            worst.0 >= 0.9995,
+            "against sentence-transformers bfloat16: {worst:?}"
+        );
+        assert!(
+            worst.1 < 0.99999,
+            "bfloat16 equals float32: the type is not used ({worst:?})"
+        );
     }
 
     /// A small token budget splits the texts into more passes; vectors do not change.

@@ -46,7 +46,21 @@ fn layer_norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<Lay
         (Ok(w), Ok(b)) => (w, b),
         _ => (vb.get(size, "gamma")?, vb.get(size, "beta")?),
     };
-    Ok(LayerNorm::new(weight, bias, eps))
+    // In f32 whatever the model computes in: see [`norm`].
+    Ok(LayerNorm::new(
+        weight.to_dtype(DType::F32)?,
+        bias.to_dtype(DType::F32)?,
+        eps,
+    ))
+}
+
+/// `layer` over `x`, computed in f32 and rounded back to `x`'s type, as torch computes a
+/// half type's layer norm.
+fn norm(layer: &LayerNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F32 => layer.forward(x),
+        half => layer.forward(&x.to_dtype(DType::F32)?)?.to_dtype(half),
+    }
 }
 
 impl BertNet {
@@ -145,7 +159,7 @@ impl BertNet {
         let positions = Tensor::arange(0u32, seq as u32, device)?;
         let x = (self.word.forward(ids)? + self.token_type.forward(types)?)?
             .broadcast_add(&self.position.forward(&positions)?)?;
-        let mut x = self.norm.forward(&x)?.reshape((batch * seq, self.hidden))?;
+        let mut x = norm(&self.norm, &x)?.reshape((batch * seq, self.hidden))?;
         // Additive mask, (batch, 1, 1, seq): 0 for tokens, f32::MIN for padding, as
         // transformers' extended attention mask.
         let mask = match mask {
@@ -177,29 +191,40 @@ impl BertNet {
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let scores = q.matmul(&k.t()?)?;
+        let scores = kernels::matmul(&q, &k.t()?)?;
         let probs = match mask {
-            _ if scores.device().is_cpu() => kernels::masked_softmax(scores, lens)?,
-            Some(mask) => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?,
+            _ if scores.device().is_cpu() && scores.dtype() == DType::F32 => {
+                kernels::masked_softmax(scores, lens)?
+            }
+            // A half type on the CPU: in f32, rounded back, as torch does.
+            _ if scores.device().is_cpu() => {
+                let half = scores.dtype();
+                kernels::masked_softmax(scores.to_dtype(DType::F32)?, lens)?.to_dtype(half)?
+            }
+            Some(mask) => {
+                let mask = mask.to_dtype(scores.dtype())?;
+                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?
+            }
             None => candle_nn::ops::softmax_last_dim(&scores)?,
         };
-        let context = probs
-            .matmul(&v)?
+        let context = kernels::matmul(&probs, &v)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((batch * seq, self.hidden))?;
-        let attended = layer
-            .attention_norm
-            .forward(&(kernels::linear(&layer.attention_out, &context)? + x)?)?;
+        let attended = norm(
+            &layer.attention_norm,
+            &(kernels::linear(&layer.attention_out, &context)? + x)?,
+        )?;
         let up = kernels::linear(&layer.up, &attended)?;
         let up = match layer.act {
             HiddenAct::Gelu => kernels::gelu_erf(up)?,
             HiddenAct::GeluApproximate => up.gelu()?,
             HiddenAct::Relu => up.relu()?,
         };
-        layer
-            .out_norm
-            .forward(&(kernels::linear(&layer.down, &up)? + &attended)?)
+        norm(
+            &layer.out_norm,
+            &(kernels::linear(&layer.down, &up)? + &attended)?,
+        )
     }
 }
 
