@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(list.value_length(), 384);
         assert!(list.is_valid(0) && list.is_null(1) && list.is_valid(2));
         let cut = out[0]
-            .column_by_name("embedding_cut_tokens")
+            .column_by_name(EMBEDDING_CUT_TOKENS)
             .unwrap()
             .as_any()
             .downcast_ref::<arrow::array::UInt32Array>()

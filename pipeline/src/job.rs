@@ -341,9 +341,10 @@ impl Job {
         resolve_paths(&mut tree, &base);
 
         let cwd = std::env::current_dir().unwrap_or_default();
+        let paths = path_keys();
         for arg in overrides {
             let (key, value) = parse_override(arg)?;
-            let value = if path_keys().contains(&key) {
+            let value = if paths.contains(&key) {
                 match value {
                     toml::Value::String(s) => {
                         toml::Value::String(resolve_path(&cwd, &s, may_download(&tree, &key)))

@@ -212,6 +212,9 @@ pub struct Bloom {
     blocks: Vec<Block>,
     final_norm: LayerNorm,
     device: Device,
+    /// ALiBi's slope per head ([`alibi_slopes`]), worked out once for every step's
+    /// attention.
+    slopes: Vec<f32>,
     /// The tied embeddings packed for decoding steps on CPU.
     embeddings_packed: Option<PackedRows>,
 }
@@ -277,6 +280,7 @@ impl Bloom {
             embeddings_norm: norm(vb.pp("word_embeddings_layernorm"))?,
             final_norm: norm(vb.pp("ln_f"))?,
             blocks,
+            slopes: alibi_slopes(config.n_head),
             config,
             device: device.clone(),
             embeddings_packed: None,
@@ -616,8 +620,13 @@ impl Bloom {
             row: 3 * hidden_size,
             head: 3 * head_dim,
         };
-        let slopes = alibi_slopes(heads);
-        attend_rows(qkv, layout, rows, (heads, heads, head_dim), Some(&slopes))
+        attend_rows(
+            qkv,
+            layout,
+            rows,
+            (heads, heads, head_dim),
+            Some(&self.slopes),
+        )
     }
 
     /// A prefill's attention over caches of their own: each prompt's keys and values
