@@ -7,6 +7,7 @@ with what transformers computes for them, which abridge's BLOOM must reproduce (
     (any Python with torch, transformers and tokenizers)
     ... make-bloom-fixture.py --shape-560m DIR   # BLOOM-560m's shape, random (benchmarks)
     ... make-bloom-fixture.py --shape LAYERS HIDDEN HEADS DIR   # any shape, random (std 0.2)
+    ... make-bloom-fixture.py --half   # expected-half.json beside each fixture's expected.json
 
 Two shapes: 4 heads (a power of two) and 6 heads (not: ALiBi slopes then interleave a
 second series). Each folder holds config.json, tokenizer.json (a small byte-level BPE
@@ -122,6 +123,38 @@ def random_shape(out, layers, hidden, heads, half=False, vocab=0, std=0.0):
     print(f"{out}: BLOOM with {layers} layers, hidden {hidden}, {heads} heads, random weights")
 
 
+def half(name):
+    """expected-half.json: what transformers computes for a fixture's checkpoint loaded in
+    float16 and bfloat16 on the CPU (every position's logits of the single prompts, widened
+    to float32 exactly, and 20 greedy tokens with the smallest margin between the best and
+    the second-best logit over the steps: a step whose margin is within rounding may go
+    either way in another implementation, so the test compares only greedy runs whose
+    margins allow it)."""
+    out = Path(__file__).resolve().parent.parent / "tests/fixtures" / name
+    expected = json.loads((out / "expected.json").read_text())
+    result = {"torch": torch.__version__}
+    for dtype in ("float16", "bfloat16"):
+        model = BloomForCausalLM.from_pretrained(out, torch_dtype=getattr(torch, dtype)).eval()
+        single, greedy = [], []
+        with torch.no_grad():
+            for case in expected["single"]:
+                logits = model(torch.tensor([case["ids"]])).logits[0].float()
+                single.append({"ids": case["ids"], "logits": rounded(logits)})
+            for case in expected["greedy"]:
+                generated = model.generate(torch.tensor([case["ids"]]), max_new_tokens=20,
+                                           min_new_tokens=20, do_sample=False,
+                                           output_scores=True, return_dict_in_generate=True,
+                                           pad_token_id=model.config.pad_token_id)
+                margins = [float(s[0].float().topk(2).values.diff().abs()[0])
+                           for s in generated.scores]
+                greedy.append({"ids": case["ids"],
+                               "tokens": generated.sequences[0, len(case["ids"]):].tolist(),
+                               "smallest_margin": min(margins)})
+        result[dtype] = {"single": single, "greedy": greedy}
+    (out / "expected-half.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
+    print(f"{out}/expected-half.json")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--shape-560m":
         # BLOOM-560m's shape (SeqGPT-560M's), stored in float16 as SeqGPT-560M is.
@@ -130,6 +163,9 @@ if __name__ == "__main__":
         layers, hidden, heads = (int(x) for x in sys.argv[2:5])
         # Weights at std 0.2, as the fixtures': clear argmaxes, attention that matters.
         random_shape(Path(sys.argv[5]), layers, hidden, heads, std=0.2)
+    elif sys.argv[1:] == ["--half"]:
+        half("bloom-tiny-4h")
+        half("bloom-tiny-6h")
     else:
         make("bloom-tiny-4h", heads=4, hidden=64, weights="safetensors")
         make("bloom-tiny-6h", heads=6, hidden=96, weights="bin")

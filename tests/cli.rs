@@ -2098,6 +2098,26 @@ fn seqgpt_backend_summarizes_with_a_bloom_checkpoint() -> TestResult {
         summaries(&c),
         "paged attention, same summaries"
     );
+    // In bfloat16 (a half forward on the CPU, rounded as transformers rounds it): every row
+    // summarized, and the paged pool gives the same summaries as caches of their own.
+    let half = ["--set", "summarize.dtype=bfloat16"];
+    let bf16 = run_json(&job, &half)?;
+    let bf16_paged = run_json(
+        &job,
+        &[
+            half[0],
+            half[1],
+            "--set",
+            "summarize.paged_attention.enabled=true",
+        ],
+    )?;
+    assert_eq!((bf16.rows_failed, bf16_paged.rows_failed), (0, 0));
+    let (e, f) = (
+        run_rows(&job, &bf16.run_id)?,
+        run_rows(&job, &bf16_paged.run_id)?,
+    );
+    assert_eq!(summaries(&e), summaries(&f), "bfloat16, paged or not");
+    assert_eq!(e.as_array().map(Vec::len), Some(5));
 
     // Rules that leave nothing of any answer: every row fails as empty, yet keeps the
     // tokens and time its answer took (the same answers as the first run's).

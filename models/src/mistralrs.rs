@@ -18,9 +18,9 @@ use either::Either;
 use futures::future::BoxFuture;
 use mistralrs::core::RequestMessage;
 use mistralrs::{
-    Constraint, CustomLogitsProcessor, GgufModelBuilder, MemoryGpuConfig, Model, NormalRequest,
-    PagedAttentionMetaBuilder, Request, RequestLike, Response, SamplingParams, TextMessageRole,
-    TextMessages, TextModelBuilder, TokenSource,
+    Constraint, CustomLogitsProcessor, GgufModelBuilder, MemoryGpuConfig, Model, ModelDType,
+    NormalRequest, PagedAttentionMetaBuilder, Request, RequestLike, Response, SamplingParams,
+    TextMessageRole, TextMessages, TextModelBuilder, TokenSource,
 };
 
 use crate::generator::{
@@ -49,6 +49,9 @@ pub struct MistralRsOptions {
     pub max_num_seqs: usize,
     pub paged_attention: PagedAttention,
     pub prompt_format: PromptFormat,
+    /// The type a safetensors model loads in (`Auto`: mistral.rs's choice); a GGUF file's
+    /// compute type is mistral.rs's own.
+    pub dtype: crate::Precision,
 }
 
 /// A model loaded in a mistral.rs engine.
@@ -153,6 +156,13 @@ impl MistralRsGenerator {
                             .into(),
                     ));
                 }
+                if !options.dtype.is_auto() {
+                    return Err(fail(
+                        "summarize.dtype applies to safetensors models; mistral.rs chooses a \
+                         GGUF file's compute type itself (leave dtype at auto)"
+                            .into(),
+                    ));
+                }
                 let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file])
                     .with_token_source(TokenSource::None)
                     .with_max_num_seqs(sequences)
@@ -185,6 +195,12 @@ impl MistralRsGenerator {
                 } else {
                     builder = builder.with_device(options.device.clone());
                 }
+                builder = builder.with_dtype(match options.dtype {
+                    crate::Precision::Auto => ModelDType::Auto,
+                    crate::Precision::Float32 => ModelDType::F32,
+                    crate::Precision::Float16 => ModelDType::F16,
+                    crate::Precision::Bfloat16 => ModelDType::BF16,
+                });
                 if let Some(isq) = &options.isq {
                     let isq = mistralrs::core::parse_isq_value(isq, Some(&options.device))
                         .map_err(|e| fail(format!("isq `{isq}`: {e}")))?;
@@ -613,6 +629,7 @@ mod tests {
             max_num_seqs,
             paged_attention: PagedAttention::default(),
             prompt_format: PromptFormat::Auto,
+            dtype: crate::Precision::Auto,
         };
         MistralRsGenerator::load(options)
             .await

@@ -966,6 +966,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::Precision;
     use crate::generator::{PagedAttention, Sampling};
     use crate::models::bloom::Bloom;
 
@@ -999,9 +1000,14 @@ mod tests {
 
     fn fixture() -> (BatchGenerator, serde_json::Value, std::path::PathBuf) {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-4h");
-        let generator =
-            BatchGenerator::load_bloom(&dir, &Device::Cpu, 4, &PagedAttention::default())
-                .expect("fixture model");
+        let generator = BatchGenerator::load_bloom(
+            &dir,
+            &Device::Cpu,
+            4,
+            &PagedAttention::default(),
+            Precision::Auto,
+        )
+        .expect("fixture model");
         let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
         (generator, serde_json::from_str(&text).expect("JSON"), dir)
     }
@@ -1027,8 +1033,14 @@ mod tests {
                 let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
                     .join("../tests/fixtures")
                     .join(fixture);
-                BatchGenerator::load_bloom(&dir, &Device::Cpu, 4, &PagedAttention::default())
-                    .expect("fixture model")
+                BatchGenerator::load_bloom(
+                    &dir,
+                    &Device::Cpu,
+                    4,
+                    &PagedAttention::default(),
+                    Precision::Auto,
+                )
+                .expect("fixture model")
             })
             .collect()
     }
@@ -1160,8 +1172,10 @@ mod tests {
     async fn a_batch_answers_as_one_sequence_at_a_time_does() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bloom-tiny-6h");
         let own = PagedAttention::default();
-        let serial = BatchGenerator::load_bloom(&dir, &Device::Cpu, 1, &own).expect("model");
-        let batched = BatchGenerator::load_bloom(&dir, &Device::Cpu, 3, &own).expect("model");
+        let serial = BatchGenerator::load_bloom(&dir, &Device::Cpu, 1, &own, Precision::Auto)
+            .expect("model");
+        let batched = BatchGenerator::load_bloom(&dir, &Device::Cpu, 3, &own, Precision::Auto)
+            .expect("model");
         // The same batch with its keys and values in the blocks of a pool: one large
         // enough for all (the job file's way), and one of 12 blocks of 4 tokens, where
         // prompts wait for the blocks of finished sequences, and a prompt longer than the
@@ -1172,7 +1186,8 @@ mod tests {
             block_size: Some(8),
             ..PagedAttention::default()
         };
-        let paged = BatchGenerator::load_bloom(&dir, &Device::Cpu, 3, &pool).expect("model");
+        let paged = BatchGenerator::load_bloom(&dir, &Device::Cpu, 3, &pool, Precision::Auto)
+            .expect("model");
         let model = Bloom::load(&dir, &Device::Cpu).expect("model");
         let config = model.config().clone();
         let small = PagedKv::new(
@@ -1181,6 +1196,7 @@ mod tests {
             config.n_layer,
             config.hidden_size / config.n_head,
             crate::models::bloom::alibi_slopes(config.n_head),
+            DType::F32,
             &Device::Cpu,
         )
         .expect("pool");
@@ -1256,9 +1272,14 @@ mod tests {
         weights.insert(name.into(), broken);
         candle_core::safetensors::save(&weights, copy.path().join("model.safetensors"))
             .expect("save");
-        let generator =
-            BatchGenerator::load_bloom(copy.path(), &Device::Cpu, 2, &PagedAttention::default())
-                .expect("model");
+        let generator = BatchGenerator::load_bloom(
+            copy.path(),
+            &Device::Cpu,
+            2,
+            &PagedAttention::default(),
+            Precision::Auto,
+        )
+        .expect("model");
         for _ in 0..2 {
             let err = generator
                 .generate(request("The printer is offline", 0.0, 1))

@@ -10,7 +10,7 @@
 //! the host the same bookkeeping runs over plain vectors with attention in Rust, so block
 //! tables, slots and admission are tested on machines without a GPU.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::attention::attend;
 
@@ -145,21 +145,36 @@ pub struct PagedKv {
 }
 
 impl PagedKv {
-    /// f32 bytes one block takes over all layers, keys and values.
-    pub fn block_bytes(layers: usize, hidden: usize, block_size: usize) -> usize {
-        2 * layers * block_size * hidden * size_of::<f32>()
+    /// Bytes one block takes over all layers, keys and values, on `device` for a model
+    /// computing in `dtype` (the host keeps f32, whatever the model's type).
+    pub fn block_bytes(
+        layers: usize,
+        hidden: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> usize {
+        let element = if device.is_cpu() {
+            size_of::<f32>()
+        } else {
+            dtype.size_in_bytes()
+        };
+        2 * layers * block_size * hidden * element
     }
 
     /// A cache of `blocks` blocks for a model of `layers` × heads × `head_dim`, on
     /// `device` (the kernels on CUDA, Rust on the host). `slopes` is the model's position
     /// bias, one slope per head (BLOOM's ALiBi; zeros for a model that rotates its keys
-    /// itself): the engine knows no model's position scheme.
+    /// itself): the engine knows no model's position scheme. On a device the blocks hold
+    /// `dtype`, the model's keys' and values' type; the host holds them widened to f32
+    /// (exact), where its attention computes.
     pub fn new(
         blocks: usize,
         block_size: usize,
         layers: usize,
         head_dim: usize,
         slopes: Vec<f32>,
+        dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
         let heads = slopes.len();
@@ -168,7 +183,8 @@ impl PagedKv {
                 layers: (0..layers).map(|_| (Vec::new(), Vec::new())).collect(),
             }
         } else {
-            Self::device_store(blocks, block_size, layers, &slopes, head_dim, device)?
+            let shape = (blocks, block_size, layers, head_dim);
+            Self::device_store(shape, &slopes, dtype, device)?
         };
         Ok(Self {
             pool: BlockPool::new(blocks, block_size),
@@ -180,13 +196,12 @@ impl PagedKv {
         })
     }
 
+    /// Zeroed blocks of `(blocks, block_size, layers, head_dim)` in `dtype` on `device`.
     #[cfg(feature = "cuda")]
     fn device_store(
-        blocks: usize,
-        block_size: usize,
-        layers: usize,
+        (blocks, block_size, layers, head_dim): (usize, usize, usize, usize),
         slopes: &[f32],
-        head_dim: usize,
+        dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Store> {
         let heads = slopes.len();
@@ -196,27 +211,29 @@ impl PagedKv {
                  is {head_dim}"
             );
         }
-        let x = 16 / size_of::<f32>();
-        let f32 = candle_core::DType::F32;
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            candle_core::bail!("PagedAttention's kernels take f32, f16 or bf16, not {dtype:?}");
+        }
+        // The kernels read keys 16 bytes at a time.
+        let x = 16 / dtype.size_in_bytes();
         let layers = (0..layers)
             .map(|_| {
                 Ok((
-                    Tensor::zeros((blocks, heads, head_dim / x, block_size, x), f32, device)?,
-                    Tensor::zeros((blocks, heads, head_dim, block_size), f32, device)?,
+                    Tensor::zeros((blocks, heads, head_dim / x, block_size, x), dtype, device)?,
+                    Tensor::zeros((blocks, heads, head_dim, block_size), dtype, device)?,
                 ))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        // The kernels take the slopes in f32 whatever the cache's type.
         let slopes = Tensor::new(slopes, device)?;
         Ok(Store::Cuda { layers, slopes })
     }
 
     #[cfg(not(feature = "cuda"))]
     fn device_store(
-        _: usize,
-        _: usize,
-        _: usize,
+        _: (usize, usize, usize, usize),
         _: &[f32],
-        _: usize,
+        _: DType,
         device: &Device,
     ) -> candle_core::Result<Store> {
         candle_core::bail!("PagedAttention on {device:?} needs abridge built with `cuda`")
@@ -298,8 +315,8 @@ impl PagedKv {
             Store::Host { layers } => {
                 let width = self.heads * self.head_dim;
                 let (cache_k, cache_v) = &mut layers[layer];
-                let keys = keys.flatten_all()?.to_vec1::<f32>()?;
-                let values = values.flatten_all()?.to_vec1::<f32>()?;
+                let wide = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+                let (keys, values) = (wide(keys)?, wide(values)?);
                 for ((&slot, k), v) in slots
                     .host
                     .iter()
@@ -346,10 +363,14 @@ impl PagedKv {
         let (heads, head_dim) = (self.heads, self.head_dim);
         let width = heads * head_dim;
         let scale = 1.0 / (head_dim as f32).sqrt();
+        let queries_dtype = queries.dtype();
         match &self.store {
             Store::Host { layers } => {
                 let (cache_k, cache_v) = &layers[layer];
-                let queries = queries.flatten_all()?.to_vec1::<f32>()?;
+                let queries = queries
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
                 let slopes = &self.slopes;
                 let mut context = vec![0f32; step.lens.len() * width];
                 for (b, (table, &len)) in step.tables.iter().zip(&step.lens).enumerate() {
@@ -374,7 +395,9 @@ impl PagedKv {
                         );
                     }
                 }
-                Tensor::from_vec(context, (step.lens.len(), width), &self.device)
+                // Rounded to the queries' type, as a kernel's output is.
+                Tensor::from_vec(context, (step.lens.len(), width), &self.device)?
+                    .to_dtype(queries_dtype)
             }
             #[cfg(feature = "cuda")]
             Store::Cuda { layers, slopes } => {

@@ -30,7 +30,7 @@ use crate::engine::paged::{
     BlockTable, DEFAULT_BLOCK_SIZE, KERNEL_HEAD_SIZES, PagedKv, free_gpu_memory,
 };
 use crate::generator::{GeneratorError, PagedAttention};
-use crate::kernels;
+use crate::{Precision, kernels};
 
 /// What `config.json` says of a BLOOM checkpoint.
 #[derive(Debug, Clone, Deserialize)]
@@ -204,6 +204,11 @@ fn push_fused(kv: &mut HeadsKv, qkv: &[f32], dim: usize) {
     });
 }
 
+/// The values of `t` in f32 on the host, where the engine's own attention reads them.
+fn to_host(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}
+
 /// A loaded BLOOM model.
 pub struct Bloom {
     config: BloomConfig,
@@ -217,14 +222,30 @@ pub struct Bloom {
     slopes: Vec<f32>,
     /// The tied embeddings packed for decoding steps on CPU.
     embeddings_packed: Option<PackedRows>,
+    /// The type the model computes in ([`Precision::dtype`]). On a GPU its tensors are of
+    /// it. On the CPU they stay f32, holding values of it: the weights rounded to it at
+    /// load (exact for a checkpoint stored in it), the activations rounded to it wherever
+    /// transformers' half forward rounds ([`Bloom::round`]), so that the CPU checks the half
+    /// forward while its kernels keep computing in f32.
+    dtype: DType,
 }
 
 impl Bloom {
     /// Loads `config.json` and the weights from `dir`: `model.safetensors`, shards listed
     /// in `model.safetensors.index.json`, or `pytorch_model.bin` (single or sharded), read
     /// by candle's pickle reader, which builds tensors and never runs the file's code.
-    /// Weight names may carry the `transformer.` prefix or not.
+    /// Weight names may carry the `transformer.` prefix or not. Computes in f32 on the CPU
+    /// and in the checkpoint's type on a GPU ([`Precision::Auto`]).
     pub fn load(dir: &Path, device: &Device) -> Result<Self, GeneratorError> {
+        Self::load_in(dir, device, Precision::Auto)
+    }
+
+    /// [`Bloom::load`], computing in the type `precision` names.
+    pub fn load_in(
+        dir: &Path,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, GeneratorError> {
         let fail = |reason: String| GeneratorError::Load {
             model: dir.display().to_string(),
             reason,
@@ -239,24 +260,79 @@ impl Bloom {
                 config.hidden_size, config.n_head
             )));
         }
-        let weights = load_weights(dir).map_err(fail)?;
+        let mut weights = load_weights(dir).map_err(fail)?;
         let stored = weights
             .get("word_embeddings.weight")
             .map_or(DType::F32, Tensor::dtype);
-        let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-        let mut model = Self::from_weights(config, vb, device)
+        let dtype = precision.dtype(device, stored);
+        let half = dtype != DType::F32;
+        if device.is_cpu() && half {
+            for tensor in weights.values_mut() {
+                *tensor = tensor
+                    .to_dtype(dtype)
+                    .map_err(|e| fail(format!("weights in {dtype:?}: {e}")))?;
+            }
+        }
+        let tensors = if device.is_cpu() { DType::F32 } else { dtype };
+        let vb = VarBuilder::from_tensors(weights, tensors, device);
+        let mut model = Self::from_weights(config, vb, dtype, device)
             .map_err(|e| fail(format!("weights do not match config.json: {e}")))?;
         if device.is_cpu() {
+            // Packed in the narrowest type that holds the values exactly.
+            let packed = if half { dtype } else { stored };
             model
-                .pack_for_decoding(stored)
-                .map_err(|e| fail(format!("packing {stored:?} weights: {e}")))?;
+                .pack_for_decoding(packed)
+                .map_err(|e| fail(format!("packing {packed:?} weights: {e}")))?;
         }
         Ok(model)
+    }
+
+    /// `t` with its values rounded to the model's type: where transformers' forward in a
+    /// half type rounds (each product, norm, activation and sum), on the CPU, whose tensors
+    /// stay f32. Nothing on a GPU, whose tensors are of the type.
+    fn round(&self, t: Tensor) -> candle_core::Result<Tensor> {
+        if self.rounds() {
+            t.to_dtype(self.dtype)?.to_dtype(DType::F32)
+        } else {
+            Ok(t)
+        }
+    }
+
+    /// Whether [`Bloom::round`] rounds: a half type on the CPU.
+    fn rounds(&self) -> bool {
+        self.device.is_cpu() && self.dtype != DType::F32
+    }
+
+    /// The type of the model's tensors: its own on a GPU, f32 on the CPU.
+    fn tensor_dtype(&self) -> DType {
+        if self.device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
+    /// Attention of `q` over `k` and `v` (heads first) with an additive f32 `bias` (the
+    /// causal mask, padding and ALiBi): scores and softmax in f32, probabilities and
+    /// context in the model's type, as transformers computes a half forward.
+    fn attend_tensors(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        bias: &Tensor,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let scores = self
+            .round((q.matmul(&k.t()?)? * scale)?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.tensor_dtype())?;
+        self.round(probs)?.matmul(v)
     }
 
     fn from_weights(
         config: BloomConfig,
         vb: VarBuilder,
+        dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
         let (h, eps) = (config.hidden_size, config.layer_norm_epsilon);
@@ -284,12 +360,14 @@ impl Bloom {
             config,
             device: device.clone(),
             embeddings_packed: None,
+            dtype,
         })
     }
 
     /// Keeps a copy of every weight matrix packed for decoding steps, which read all of
-    /// them once per token, in the precision the checkpoint stored (`dtype`). Prefill keeps
-    /// the f32 tensors, where candle's GEMM wants them.
+    /// them once per token, in `dtype` (the checkpoint's or the model's half type, which
+    /// hold the values exactly). Prefill keeps the f32 tensors, where candle's GEMM wants
+    /// them.
     fn pack_for_decoding(&mut self, dtype: DType) -> candle_core::Result<()> {
         for block in &mut self.blocks {
             block.packed = Some([
@@ -354,7 +432,7 @@ impl Bloom {
 
         // ALiBi: slope × position, positions counted over real tokens only.
         let positions = ((mask.cumsum(1)? - 1.0)? * &mask)?;
-        let slopes = Tensor::new(alibi_slopes(heads), &self.device)?;
+        let slopes = Tensor::new(self.slopes.as_slice(), &self.device)?;
         let alibi = slopes
             .reshape((1, heads, 1, 1))?
             .broadcast_mul(&positions.reshape((batch, 1, 1, tokens))?)?;
@@ -368,9 +446,7 @@ impl Bloom {
             .clamp(f32::MIN, 0.0)?
             .broadcast_add(&alibi)?;
 
-        let mut hidden = self
-            .embeddings_norm
-            .forward(&self.embeddings.forward(ids)?)?;
+        let mut hidden = self.embed(ids)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         for (block, cached) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             hidden = self.block_forward(block, &hidden, |qkv| {
@@ -387,15 +463,20 @@ impl Bloom {
                     v = Tensor::cat(&[&past_v, &v], 2)?;
                 }
                 *cached = Some((k.clone(), v.clone()));
-                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                probs
-                    .matmul(&v)?
+                self.attend_tensors((&q, &k, &v), &bias, scale)?
                     .transpose(1, 2)?
                     .reshape((batch, new, self.config.hidden_size))
             })?;
         }
-        self.final_norm.forward(&hidden)
+        self.round(self.final_norm.forward(&hidden)?)
+    }
+
+    /// The normed embeddings of `ids`.
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.round(
+            self.embeddings_norm
+                .forward(&self.embeddings.forward(ids)?)?,
+        )
     }
 
     /// One block: LayerNorm → fused QKV → `attention` (from the QKV rows to the context
@@ -408,35 +489,42 @@ impl Bloom {
         attention: impl FnOnce(Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         let post = self.config.apply_residual_connection_post_layernorm;
-        let normed = block.input_norm.forward(hidden)?;
+        let normed = self.round(block.input_norm.forward(hidden)?)?;
         let residual = if post { &normed } else { hidden };
         let packed = |i: usize| block.packed.as_ref().map(|p| &p[i]);
-        let context = attention(self.project(&block.qkv, packed(0), &normed)?)?;
-        let attended = (self.project(&block.dense, packed(1), &context)? + residual)?;
-        let normed = block.post_norm.forward(&attended)?;
+        let context = self.round(attention(self.project(&block.qkv, packed(0), &normed)?)?)?;
+        let attended =
+            self.round((self.project(&block.dense, packed(1), &context)? + residual)?)?;
+        let normed = self.round(block.post_norm.forward(&attended)?)?;
         let residual = if post { &normed } else { &attended };
-        let up = kernels::gelu_tanh(self.project(&block.up, packed(2), &normed)?)?;
-        self.project(&block.down, packed(3), &up)? + residual
+        let up = self.round(kernels::gelu_tanh(self.project(
+            &block.up,
+            packed(2),
+            &normed,
+        )?)?)?;
+        self.round((self.project(&block.down, packed(3), &up)? + residual)?)
     }
 
-    /// Logits of the final hidden states `(…, hidden)`: the tied embedding matrix.
+    /// Logits of the final hidden states `(…, hidden)`: the tied embedding matrix. In f32
+    /// whatever the model's type, for the samplers.
     fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        product(
+        let logits = product(
             self.embeddings.embeddings(),
             self.embeddings_packed.as_ref(),
             None,
             hidden,
-        )
+        )?;
+        self.round(logits)?.to_dtype(DType::F32)
     }
 
-    /// `linear` applied to `x` `(…, in)`.
+    /// `linear` applied to `x` `(…, in)`, in the model's type.
     fn project(
         &self,
         linear: &Linear,
         packed: Option<&PackedRows>,
         x: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        product(linear.weight(), packed, linear.bias(), x)
+        self.round(product(linear.weight(), packed, linear.bias(), x)?)
     }
 
     /// Runs a group of new prompts through the model together, each with the room for
@@ -472,69 +560,73 @@ impl Bloom {
             spans.push((offset, prompt.len()));
             offset += prompt.len();
         }
-        // With paged attention, per prompt: its slots in the pool, and its causal mask
-        // plus ALiBi, shared by all blocks.
-        let paged_prompts = match &paged {
-            Some((kv, tables)) => {
-                let slopes =
-                    Tensor::new(alibi_slopes(heads), &self.device)?.reshape((heads, 1, 1))?;
-                let prompts = tables
-                    .iter()
-                    .zip(&spans)
-                    .map(|(table, &(_, len))| {
-                        let bias = causal_alibi(len, &slopes, &self.device)?;
-                        Ok((kv.prompt_slots(table, len)?, bias))
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Some(prompts)
-            }
-            None => None,
+        // Attention as tensor ops per prompt with a paged pool (its slots there), and in a
+        // half type on the CPU (whose scores and probabilities round as transformers' do);
+        // otherwise in Rust over caches of their own. Per prompt its causal mask plus
+        // ALiBi, shared by all blocks.
+        let by_tensors = paged.is_some() || self.rounds();
+        let biases = if by_tensors {
+            let slopes =
+                Tensor::new(self.slopes.as_slice(), &self.device)?.reshape((heads, 1, 1))?;
+            spans
+                .iter()
+                .map(|&(_, len)| causal_alibi(len, &slopes, &self.device))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let slots = match &paged {
+            Some((kv, tables)) => tables
+                .iter()
+                .zip(&spans)
+                .map(|(table, &(_, len))| kv.prompt_slots(table, len))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            None => Vec::new(),
         };
         let ids: Vec<u32> = prompts
             .iter()
             .flat_map(|(p, _)| p.iter().copied())
             .collect();
         let ids = Tensor::new(ids, &self.device)?;
-        let mut hidden = self
-            .embeddings_norm
-            .forward(&self.embeddings.forward(&ids)?)?;
+        let mut hidden = self.embed(&ids)?;
         let mut own: Vec<Vec<HeadsKv>> = prompts
             .iter()
             .map(|_| Vec::with_capacity(self.config.n_layer))
             .collect();
         for (layer, block) in self.blocks.iter().enumerate() {
-            hidden = self.block_forward(block, &hidden, |qkv| match &mut paged {
-                None => self.attend_prompts_own(&qkv, &spans, prompts, &mut own),
-                Some((kv, _)) => {
-                    let paged_prompts = paged_prompts.as_deref().unwrap_or_default();
-                    let mut contexts = Vec::with_capacity(spans.len());
-                    for (&(offset, len), (slots, bias)) in spans.iter().zip(paged_prompts) {
-                        let qkv = qkv
-                            .narrow(0, offset, len)?
-                            .reshape((len, heads, 3, head_dim))?;
-                        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
-                        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-                        kv.write(layer, &k, &v, slots)?;
-                        let heads_first = |t: Tensor| t.transpose(0, 1)?.contiguous();
-                        let (q, k, v) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
-                        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
-                        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                        contexts.push(
-                            probs
-                                .matmul(&v)?
-                                .transpose(0, 1)?
-                                .reshape((len, hidden_size))?,
-                        );
-                    }
-                    Tensor::cat(&contexts, 0)
+            hidden = self.block_forward(block, &hidden, |qkv| {
+                if !by_tensors {
+                    return self.attend_prompts_own(&qkv, &spans, prompts, &mut own);
                 }
+                if paged.is_none() {
+                    self.cache_prompts_own(&to_host(&qkv)?, &spans, prompts, &mut own);
+                }
+                let mut contexts = Vec::with_capacity(spans.len());
+                for (p, (&(offset, len), bias)) in spans.iter().zip(&biases).enumerate() {
+                    let qkv = qkv
+                        .narrow(0, offset, len)?
+                        .reshape((len, heads, 3, head_dim))?;
+                    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
+                    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                    if let Some((kv, _)) = &mut paged {
+                        kv.write(layer, &k, &v, &slots[p])?;
+                    }
+                    let heads_first = |t: Tensor| t.transpose(0, 1)?.contiguous();
+                    let (q, k, v) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
+                    contexts.push(
+                        self.attend_tensors((&q, &k, &v), bias, scale)?
+                            .transpose(0, 1)?
+                            .reshape((len, hidden_size))?,
+                    );
+                }
+                Tensor::cat(&contexts, 0)
             })?;
         }
         // Only the last position's logits: the LM head is the largest matrix of a small
         // model (250,880 × 1,024 in BLOOM-560m), not to be spent on every prompt token.
         let last: Vec<u32> = spans.iter().map(|&(o, len)| (o + len - 1) as u32).collect();
         let last = hidden.index_select(&Tensor::new(last, &self.device)?, 0)?;
-        let logits = self.lm_head(&self.final_norm.forward(&last)?)?;
+        let logits = self.lm_head(&self.round(self.final_norm.forward(&last)?)?)?;
         let kv: Vec<SequenceKv> = match paged {
             Some((_, tables)) => tables.iter().cloned().map(SequenceKv::Paged).collect(),
             None => own.into_iter().map(SequenceKv::Own).collect(),
@@ -569,9 +661,7 @@ impl Bloom {
             candle_core::bail!("{batch} tokens for {} caches", caches.len());
         }
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut hidden = self
-            .embeddings_norm
-            .forward(&self.embeddings.forward(&ids)?)?;
+        let mut hidden = self.embed(&ids)?;
         match paged {
             Some(kv) => {
                 let mut tables = Vec::with_capacity(batch);
@@ -608,7 +698,7 @@ impl Bloom {
         for cache in caches.iter_mut() {
             cache.len += 1;
         }
-        self.lm_head(&self.final_norm.forward(&hidden)?)
+        self.lm_head(&self.round(self.final_norm.forward(&hidden)?)?)
     }
 
     /// The context rows of `rows` (each a cache and the tokens it sees) for their queries
@@ -630,9 +720,9 @@ impl Bloom {
     }
 
     /// A prefill's attention over caches of their own: each prompt's keys and values
-    /// become its cache rows (with room for its answer), then every (token, head) attends
-    /// causally over its prompt ([`attend_rows`]), in parallel. In Rust rather than as
-    /// tensor ops per prompt, which spent their time copying and launching (narrow,
+    /// become its cache rows ([`Bloom::cache_prompts_own`]), then every (token, head)
+    /// attends causally over its prompt ([`attend_rows`]), in parallel. In Rust rather than
+    /// as tensor ops per prompt, which spent their time copying and launching (narrow,
     /// transpose, mask): 0.75 s of a 5.5 s prefill of eight 128-token prompts on the
     /// 560m shape that way, 0.5 s this way.
     fn attend_prompts_own(
@@ -642,18 +732,9 @@ impl Bloom {
         prompts: &[(&[u32], usize)],
         own: &mut [Vec<HeadsKv>],
     ) -> candle_core::Result<Tensor> {
-        let (hidden_size, heads) = (self.config.hidden_size, self.config.n_head);
-        let head_dim = hidden_size / heads;
-        // Per token: heads × [q, k, v] × head_dim.
-        let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
-        let token = |t: usize| &qkv[t * 3 * hidden_size..(t + 1) * 3 * hidden_size];
-        for ((&(offset, len), (_, answer)), layers) in spans.iter().zip(prompts).zip(&mut *own) {
-            let mut kv = HeadsKv::with_room(heads, head_dim, len + answer);
-            for t in offset..offset + len {
-                push_fused(&mut kv, token(t), head_dim);
-            }
-            layers.push(kv);
-        }
+        let hidden_size = self.config.hidden_size;
+        let qkv = to_host(qkv)?;
+        self.cache_prompts_own(&qkv, spans, prompts, own);
         // Each token sees its prompt's cache up to itself.
         let mut rows = Vec::with_capacity(qkv.len() / (3 * hidden_size));
         for (&(_, len), layers) in spans.iter().zip(own.iter()) {
@@ -663,7 +744,30 @@ impl Bloom {
             rows.extend((1..=len).map(|seen| (kv, seen)));
         }
         let context = self.attention(&qkv, &rows);
-        Tensor::from_vec(context, (rows.len(), hidden_size), &self.device)
+        Tensor::from_vec(context, (rows.len(), hidden_size), &self.device)?
+            .to_dtype(self.tensor_dtype())
+    }
+
+    /// Appends each prompt's keys and values of a layer, from the rows of the fused
+    /// projection `qkv` (per token: heads × `[q, k, v]` × head_dim), to its own cache,
+    /// with room for its answer.
+    fn cache_prompts_own(
+        &self,
+        qkv: &[f32],
+        spans: &[(usize, usize)],
+        prompts: &[(&[u32], usize)],
+        own: &mut [Vec<HeadsKv>],
+    ) {
+        let (hidden_size, heads) = (self.config.hidden_size, self.config.n_head);
+        let head_dim = hidden_size / heads;
+        let token = |t: usize| &qkv[t * 3 * hidden_size..(t + 1) * 3 * hidden_size];
+        for ((&(offset, len), (_, answer)), layers) in spans.iter().zip(prompts).zip(&mut *own) {
+            let mut kv = HeadsKv::with_room(heads, head_dim, len + answer);
+            for t in offset..offset + len {
+                push_fused(&mut kv, token(t), head_dim);
+            }
+            layers.push(kv);
+        }
     }
 
     /// A decoding step's attention over caches of their own: appends each sequence's new
@@ -678,7 +782,7 @@ impl Bloom {
         let (hidden_size, heads) = (self.config.hidden_size, self.config.n_head);
         let head_dim = hidden_size / heads;
         // Per sequence: heads × [q, k, v] × head_dim.
-        let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+        let qkv = to_host(qkv)?;
         for (cache, token) in caches.iter_mut().zip(qkv.chunks_exact(3 * hidden_size)) {
             let SequenceKv::Own(layers) = &mut cache.kv else {
                 candle_core::bail!("a sequence in blocks in a step without its pool");
@@ -693,7 +797,7 @@ impl Bloom {
             rows.push((&layers[layer], layers[layer].len()));
         }
         let context = self.attention(&qkv, &rows);
-        Tensor::from_vec(context, (batch, hidden_size), &self.device)
+        Tensor::from_vec(context, (batch, hidden_size), &self.device)?.to_dtype(self.tensor_dtype())
     }
 }
 
@@ -727,14 +831,16 @@ impl BatchModel for Bloom {
 impl BatchGenerator {
     /// Loads the BLOOM checkpoint in `dir` (config.json, tokenizer.json, weights) and
     /// starts its engine, which decodes up to `max_batch` sequences at a time, with its
-    /// keys and values in a paged pool as `paged` says (on CUDA by default).
+    /// keys and values in a paged pool as `paged` says (on CUDA by default), computing in
+    /// the type `precision` names.
     pub fn load_bloom(
         dir: &Path,
         device: &Device,
         max_batch: usize,
         paged: &PagedAttention,
+        precision: Precision,
     ) -> Result<Self, GeneratorError> {
-        let model = Bloom::load(dir, device)?;
+        let model = Bloom::load_in(dir, device, precision)?;
         let max_batch = max_batch.max(1);
         let paged = paged_cache(&model, device, paged, max_batch).map_err(|reason| {
             GeneratorError::Load {
@@ -777,7 +883,13 @@ fn paged_cache(
         return Ok(None);
     }
     let block_size = settings.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-    let block_bytes = PagedKv::block_bytes(config.n_layer, config.hidden_size, block_size);
+    let block_bytes = PagedKv::block_bytes(
+        config.n_layer,
+        config.hidden_size,
+        block_size,
+        model.dtype,
+        device,
+    );
     let budget = match settings.gpu_memory_mb {
         Some(mb) => mb << 20,
         None if device.is_cpu() => max_batch * 4096_usize.div_ceil(block_size) * block_bytes,
@@ -800,6 +912,7 @@ fn paged_cache(
         config.n_layer,
         head_dim,
         alibi_slopes(config.n_head),
+        model.dtype,
         device,
     )
     .map(Some)
@@ -892,6 +1005,7 @@ mod tests {
                 config.n_layer,
                 head_dim,
                 alibi_slopes(config.n_head),
+                DType::F32,
                 &Device::Cpu,
             )
             .expect("pool");
@@ -1154,6 +1268,129 @@ mod tests {
                 }
                 assert_eq!(cache.len(), prompt + 19, "every fed token cached");
                 assert_eq!(fresh, seq, "{name}: cached greedy decoding");
+            }
+        }
+    }
+
+    /// The largest difference of `ours` from `theirs`, and the largest magnitude of theirs.
+    fn worst(ours: &[f32], theirs: &[f32]) -> (f32, f32) {
+        assert_eq!(ours.len(), theirs.len());
+        let difference = ours
+            .iter()
+            .zip(theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        (
+            difference,
+            theirs.iter().map(|v| v.abs()).fold(0f32, f32::max),
+        )
+    }
+
+    #[test]
+    fn half_precision_forward_matches_transformers_in_the_same_type() {
+        for name in ["bloom-tiny-4h", "bloom-tiny-6h"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures")
+                .join(name);
+            let text = std::fs::read_to_string(dir.join("expected-half.json")).expect("fixture");
+            let expected: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+            let (_, full) = fixture(name);
+            for (key, precision) in [
+                ("float16", Precision::Float16),
+                ("bfloat16", Precision::Bfloat16),
+            ] {
+                let model = Bloom::load_in(&dir, &Device::Cpu, precision).expect("model");
+                for (case, f32_case) in expected[key]["single"]
+                    .as_array()
+                    .expect("single")
+                    .iter()
+                    .zip(full["single"].as_array().expect("single"))
+                {
+                    let t = one_row(ids(&case["ids"]).as_slice());
+                    let ours: Vec<f32> = model
+                        .forward(&t, &t.ones_like().unwrap())
+                        .and_then(|l| l.flatten_all())
+                        .and_then(|l| l.to_vec1())
+                        .unwrap();
+                    let theirs = floats(&case["logits"]);
+                    let (difference, scale) = worst(&ours, &theirs);
+                    // Logits up to `scale` (about 2 here) are rounded to 11 (f16) or 8
+                    // (bf16) significant bits at the end; a few units of the last place
+                    // of the largest logit allow for sums taken in another order inside.
+                    let ulp = scale
+                        * if key == "float16" {
+                            2f32.powi(-10)
+                        } else {
+                            2f32.powi(-7)
+                        };
+                    assert!(
+                        difference <= 4.0 * ulp,
+                        "{name} {key}: {difference} from transformers' {key} (ulp {ulp})"
+                    );
+                    // It is the half forward: logits of the type, on average closer to
+                    // transformers' in the type than to its f32 forward.
+                    let dtype = model.dtype;
+                    let representable = |v: &f32| {
+                        Tensor::new(&[*v], &Device::Cpu)
+                            .and_then(|t| t.to_dtype(dtype)?.to_dtype(DType::F32)?.to_vec1::<f32>())
+                            .is_ok_and(|back| back[0] == *v)
+                    };
+                    assert!(
+                        ours.iter().all(representable),
+                        "{name} {key}: logits of the type"
+                    );
+                    let mean = |other: &[f32]| {
+                        ours.iter()
+                            .zip(other)
+                            .map(|(a, b)| (a - b).abs())
+                            .sum::<f32>()
+                            / ours.len() as f32
+                    };
+                    let from_f32 = floats(&f32_case["logits"]);
+                    assert!(
+                        mean(&theirs) < mean(&from_f32),
+                        "{name} {key}: mean difference {} from transformers' {key}, {} from its f32",
+                        mean(&theirs),
+                        mean(&from_f32)
+                    );
+                }
+                // Greedy decoding through the engine's caches, where no step's margin is
+                // within rounding.
+                let mut compared = 0;
+                for case in expected[key]["greedy"].as_array().expect("greedy") {
+                    if case["smallest_margin"].as_f64().expect("margin") < 0.05 {
+                        continue;
+                    }
+                    let prompt = ids(&case["ids"]);
+                    let (logits, mut caches) =
+                        model.prefill(&[(prompt.as_slice(), 20)], None).unwrap();
+                    let mut next: u32 = logits
+                        .get(0)
+                        .unwrap()
+                        .argmax(D::Minus1)
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
+                    let mut tokens = vec![next];
+                    for _ in 1..20 {
+                        let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
+                        let logits = model.decode_step(&[next], &mut refs, None).unwrap();
+                        next = logits
+                            .get(0)
+                            .unwrap()
+                            .argmax(D::Minus1)
+                            .unwrap()
+                            .to_scalar()
+                            .unwrap();
+                        tokens.push(next);
+                    }
+                    assert_eq!(tokens, ids(&case["tokens"]), "{name} {key} greedy");
+                    compared += 1;
+                }
+                assert!(
+                    compared > 0,
+                    "{name} {key}: no greedy run with margins to compare"
+                );
             }
         }
     }

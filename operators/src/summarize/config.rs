@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use abridge_models::Precision;
 use abridge_models::engine::BatchGenerator;
 use abridge_models::generator::{
     GeneratorError, PagedAttention, PromptFormat, Sampling, SharedGenerator,
@@ -93,6 +94,15 @@ pub struct SummarizeConfig {
     /// `cpu` (default), `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// What the model computes in: `auto` (default: the checkpoint's type on CUDA, float32
+    /// on the CPU), `float32`, `float16` or `bfloat16`. With `seqgpt` the weights,
+    /// activations and the paged KV cache take it; on the CPU a half type is exact (values
+    /// rounded where transformers' half forward rounds them) and there for checking, not
+    /// speed. With `mistralrs`, safetensors models load in it (GGUF files keep mistral.rs's
+    /// own choice); `llama` computes in float32 only. Answers of another type differ, so it
+    /// keys reuse.
+    #[serde(default, skip_serializing_if = "Precision::is_auto")]
+    pub dtype: Precision,
     /// In-situ quantization of safetensors weights at load: `Q4K`, `Q8_0`, `4`, `8` ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isq: Option<String>,
@@ -212,6 +222,10 @@ impl SummarizeConfig {
             self.dequantize,
             abridge_models::fingerprint::device_class(&self.device),
         );
+        let numbers = match self.dtype {
+            Precision::Auto => numbers,
+            other => format!("{numbers} dtype={other:?}"),
+        };
         Ok(blake3::hash(numbers.as_bytes()).to_hex()[..32].to_string())
     }
 
@@ -328,6 +342,16 @@ impl SummarizeConfig {
         {
             return invalid("summarize.device", message);
         }
+        if !self.dtype.is_auto() {
+            // mistral.rs refuses a type for a GGUF file when it loads (it alone tells
+            // which files are GGUF).
+            if self.backend == Backend::Llama && self.dtype != Precision::Float32 {
+                return invalid(
+                    "summarize.dtype",
+                    "the `llama` backend computes in float32 only".into(),
+                );
+            }
+        }
         if !(self.stall_timeout_s.is_finite() && self.stall_timeout_s >= 0.0) {
             return invalid(
                 "summarize.stall_timeout_s",
@@ -405,6 +429,7 @@ impl SummarizeConfig {
                     max_num_seqs: self.in_flight(),
                     paged_attention,
                     prompt_format: self.prompt_format,
+                    dtype: self.dtype,
                 };
                 let generator = MistralRsGenerator::load(options)
                     .await
@@ -418,9 +443,10 @@ impl SummarizeConfig {
             }
             Backend::Seqgpt => {
                 let dir = PathBuf::from(&self.model);
+                let precision = self.dtype;
                 let batch = self.in_flight();
                 let generator = tokio::task::spawn_blocking(move || {
-                    BatchGenerator::load_bloom(&dir, &device, batch, &paged_attention)
+                    BatchGenerator::load_bloom(&dir, &device, batch, &paged_attention, precision)
                 })
                 .await
                 .map_err(|e| model_error(GeneratorError::EngineGone(e.to_string())))?
@@ -550,5 +576,50 @@ mod tests {
             assert!(template.contains("{text}"), "{name}");
             assert_eq!(preset(name), Some(template));
         }
+    }
+
+    fn section(fields: serde_json::Value) -> SummarizeConfig {
+        serde_json::from_value(fields).expect("a [summarize] section")
+    }
+
+    #[test]
+    fn dtype_keys_reuse_and_is_refused_where_it_cannot_apply() -> Result<(), OperatorError> {
+        let model = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/bloom-tiny-4h"
+        );
+        let auto = section(serde_json::json!({ "backend": "seqgpt", "model": model }));
+        let named = |dtype: &str| {
+            section(serde_json::json!({ "backend": "seqgpt", "model": model, "dtype": dtype }))
+        };
+        // Left out of the recorded section and of the identity unless set: jobs that never
+        // set it keep their fingerprints.
+        assert_eq!(auto, named("auto"));
+        assert!(serde_json::to_value(&auto).is_ok_and(|v| v.get("dtype").is_none()));
+        let (f16, bf16) = (named("float16"), named("bfloat16"));
+        assert_eq!(auto.model_identity()?, named("auto").model_identity()?);
+        assert_ne!(auto.model_identity()?, f16.model_identity()?);
+        assert_ne!(f16.model_identity()?, bf16.model_identity()?);
+        assert!(bf16.validate().is_ok());
+        // `llama` computes in f32 only.
+        let llama = |dtype: &str| {
+            section(serde_json::json!({ "backend": "llama", "model": model, "dtype": dtype }))
+        };
+        assert!(llama("float32").validate().is_ok());
+        let err = llama("bfloat16")
+            .validate()
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("summarize.dtype") && err.contains("float32"),
+            "{err}"
+        );
+        assert!(
+            serde_json::from_value::<SummarizeConfig>(
+                serde_json::json!({ "model": model, "dtype": "half" })
+            )
+            .is_err()
+        );
+        Ok(())
     }
 }

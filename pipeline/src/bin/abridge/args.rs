@@ -287,9 +287,18 @@ pub struct CheckKernelsArgs {
     /// Where the cache lives: `cuda`, `cuda:N`, or `cpu` (the host's own block gather).
     #[arg(long, default_value = "cuda")]
     pub device: String,
-    /// The largest difference allowed.
-    #[arg(long, default_value_t = 1e-4)]
-    pub tolerance: f32,
+    /// The cache's types to check (repeatable).
+    #[arg(
+        long = "dtype",
+        value_name = "TYPE",
+        value_parser = ["float32", "float16", "bfloat16"],
+        default_values = ["float32", "float16", "bfloat16"]
+    )]
+    pub dtypes: Vec<String>,
+    /// The largest difference allowed [default: 1e-4 in float32, 2e-3 in float16, 1e-2 in
+    /// bfloat16: the contexts are rounded to the type].
+    #[arg(long)]
+    pub tolerance: Option<f32>,
 }
 
 #[derive(Args)]
