@@ -1362,27 +1362,20 @@ mod tests {
                         continue;
                     }
                     let prompt = ids(&case["ids"]);
+                    let best = |logits: Tensor| -> u32 {
+                        logits
+                            .get(0)
+                            .and_then(|row| row.argmax(D::Minus1))
+                            .and_then(|id| id.to_scalar())
+                            .expect("the best token")
+                    };
                     let (logits, mut caches) =
                         model.prefill(&[(prompt.as_slice(), 20)], None).unwrap();
-                    let mut next: u32 = logits
-                        .get(0)
-                        .unwrap()
-                        .argmax(D::Minus1)
-                        .unwrap()
-                        .to_scalar()
-                        .unwrap();
-                    let mut tokens = vec![next];
+                    let mut tokens = vec![best(logits)];
                     for _ in 1..20 {
                         let mut refs: Vec<&mut SequenceCache> = caches.iter_mut().collect();
-                        let logits = model.decode_step(&[next], &mut refs, None).unwrap();
-                        next = logits
-                            .get(0)
-                            .unwrap()
-                            .argmax(D::Minus1)
-                            .unwrap()
-                            .to_scalar()
-                            .unwrap();
-                        tokens.push(next);
+                        let last = tokens[tokens.len() - 1];
+                        tokens.push(best(model.decode_step(&[last], &mut refs, None).unwrap()));
                     }
                     assert_eq!(tokens, ids(&case["tokens"]), "{name} {key} greedy");
                     compared += 1;

@@ -24,6 +24,7 @@
 //!   folder synced) and only then release the lock: the run's writer has been joined
 //!   before, so nothing is published after the run has ended.
 
+pub mod delta;
 pub mod index;
 pub mod lock;
 pub mod manifest;
