@@ -4,9 +4,12 @@
 //! meeting in tantivy's lock or interleaving their commits.
 //!
 //! The lock records its holder's pid, the pid's start time (so a recycled pid is not
-//! taken for the holder) and host, and the holder touches it every 5 s. A lock whose
-//! holder is gone (killed, machine rebooted) is stale: on the holder's host, told by the
-//! pid; from another host (shards sharing a volume, a pod rescheduled elsewhere), by 30 s
+//! taken for the holder), its host, and its process space (the machine's boot id and the
+//! pid namespace: where the pid means something; a replacement pod has the old one's
+//! hostname and is PID 1 too, on another machine or in another namespace), and the holder
+//! touches it every 5 s. A lock whose holder is gone (killed, machine rebooted) is stale:
+//! in the holder's host and process space, told by the pid; from anywhere else (shards
+//! sharing a volume, a pod rescheduled, a replacement pod of the same name), by 30 s
 //! without a heartbeat, judged by the lock's modification time against this host's clock
 //! (hosts' clocks must agree to a few seconds, as NTP keeps them). A run that finds another
 //! host's lock still beating waits up to that long for it to stop before it refuses, so a
@@ -62,6 +65,10 @@ struct Holder {
     /// The process's start time in clock ticks since boot (`/proc/PID/stat`), where known.
     start_ticks: Option<u64>,
     host: String,
+    /// Where `pid` names this process: the boot id and pid namespace
+    /// ([`process_space`]); absent in locks of older versions and where /proc is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    process_space: Option<String>,
     run_id: String,
     since: String,
 }
@@ -73,6 +80,7 @@ impl Holder {
             pid,
             start_ticks: start_ticks(pid),
             host: host(),
+            process_space: process_space(),
             run_id: run_id.to_string(),
             since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         }
@@ -85,12 +93,20 @@ impl Holder {
         )
     }
 
-    /// Whether the holder may still be running. On its own host, asked by pid and start
-    /// time; from another host (shards on a shared volume), by its heartbeat: a holder
+    /// Whether the holder runs where its pid cannot be asked: another host, or the same
+    /// hostname in another process space (a replacement pod).
+    fn elsewhere(&self) -> bool {
+        self.host != host()
+            || matches!((&self.process_space, process_space()), (Some(theirs), Some(ours)) if *theirs != ours)
+    }
+
+    /// Whether the holder may still be running. In its own process space, asked by pid
+    /// and start time; from elsewhere (shards on a shared volume, another pod), by its
+    /// heartbeat: a holder
     /// touches its lock every [`HEARTBEAT`], so a lock untouched for [`HEARTBEAT_MISSED`]
     /// is stale.
     fn alive(&self, lock: &Path) -> bool {
-        if self.host != host() {
+        if self.elsewhere() {
             let age = std::fs::metadata(lock)
                 .and_then(|m| m.modified())
                 .ok()
@@ -264,7 +280,7 @@ impl OutputLock {
                     match serde_json::from_str::<Holder>(&text) {
                         // Another host's holder may be a pod that just died: wait for its
                         // heartbeat to stop (or the lock to go) before refusing.
-                        Ok(holder) if holder.alive(path) && holder.host != host() && !waited => {
+                        Ok(holder) if holder.alive(path) && holder.elsewhere() && !waited => {
                             waited = true;
                             let deadline = Instant::now() + CROSS_HOST_WAIT;
                             while Instant::now() < deadline
@@ -469,6 +485,14 @@ fn start_ticks(pid: u32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The machine's boot id and this process's pid namespace (`pid:[inode]`): two processes
+/// with the same pid are the same one only where these agree.
+fn process_space() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}", boot.trim(), namespace.display()))
+}
+
 fn host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
@@ -553,6 +577,31 @@ mod tests {
             .expect("age the lock");
         let (lock, note) = OutputLock::acquire(dir.path(), "next", None).expect("stale");
         assert!(note.is_some_and(|n| n.contains("shard-run")));
+        drop(lock);
+
+        // A replacement pod of the same name (a Job's pod: same hostname, PID 1 in both) in
+        // another process space: its pid says nothing here (it would look recycled), so it
+        // lives while it heartbeats.
+        let me = Holder::this_process("old-pod");
+        assert!(
+            me.process_space.is_some(),
+            "Linux has a boot id and pid namespace"
+        );
+        let twin = Holder {
+            start_ticks: me.start_ticks.map(|t| t + 1),
+            process_space: Some("another-boot/pid:[1]".into()),
+            ..me
+        };
+        std::fs::write(&path, serde_json::to_string(&twin).expect("json")).expect("write");
+        let refused = OutputLock::acquire(dir.path(), "next", None).expect_err("alive");
+        assert!(refused.to_string().contains("old-pod"), "{refused}");
+        std::fs::File::options()
+            .append(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(silent))
+            .expect("age the lock");
+        let (lock, note) = OutputLock::acquire(dir.path(), "next", None).expect("stale");
+        assert!(note.is_some_and(|n| n.contains("old-pod")));
         drop(lock);
 
         // A replacement pod: the other host's heartbeat stopped just short of staleness;
