@@ -22,7 +22,7 @@
 //! writer before it commits.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -310,20 +310,21 @@ impl DeltaOutput {
     }
 }
 
-/// The `file://` URL of a local folder (made absolute).
-pub fn local_url(dir: &Path) -> Result<Url, String> {
-    let absolute = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Url::from_directory_path(&absolute)
-        .map_err(|()| format!("{} is not a usable folder path", absolute.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     use arrow::array::{ArrayRef, Int64Array};
     use arrow::datatypes::{DataType, Field, Schema};
     use arrow::record_batch::RecordBatch;
+
+    /// The `file://` URL of a local folder (made absolute).
+    fn local_url(dir: &Path) -> Result<Url, String> {
+        let absolute = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Url::from_directory_path(&absolute)
+            .map_err(|()| format!("{} is not a usable folder path", absolute.display()))
+    }
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![

@@ -569,12 +569,15 @@ mod tests {
         };
         std::fs::write(&path, serde_json::to_string(&elsewhere).expect("json")).expect("write");
         assert!(OutputLock::acquire(dir.path(), "next", None).is_err());
+        let age = |when: SystemTime| {
+            std::fs::File::options()
+                .append(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(when))
+                .expect("age the lock")
+        };
         let silent = SystemTime::now() - HEARTBEAT_MISSED - Duration::from_secs(1);
-        std::fs::File::options()
-            .append(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(silent))
-            .expect("age the lock");
+        age(silent);
         let (lock, note) = OutputLock::acquire(dir.path(), "next", None).expect("stale");
         assert!(note.is_some_and(|n| n.contains("shard-run")));
         drop(lock);
@@ -595,11 +598,7 @@ mod tests {
         std::fs::write(&path, serde_json::to_string(&twin).expect("json")).expect("write");
         let refused = OutputLock::acquire(dir.path(), "next", None).expect_err("alive");
         assert!(refused.to_string().contains("old-pod"), "{refused}");
-        std::fs::File::options()
-            .append(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(silent))
-            .expect("age the lock");
+        age(silent);
         let (lock, note) = OutputLock::acquire(dir.path(), "next", None).expect("stale");
         assert!(note.is_some_and(|n| n.contains("old-pod")));
         drop(lock);
@@ -608,11 +607,7 @@ mod tests {
         // the run waits for it to go stale and takes over instead of refusing.
         std::fs::write(&path, serde_json::to_string(&elsewhere).expect("json")).expect("write");
         let almost = SystemTime::now() - HEARTBEAT_MISSED + Duration::from_millis(300);
-        std::fs::File::options()
-            .append(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(almost))
-            .expect("age the lock");
+        age(almost);
         let started = Instant::now();
         let (_lock, note) = OutputLock::acquire(dir.path(), "next", None).expect("taken over");
         assert!(note.is_some_and(|n| n.contains("shard-run")));
